@@ -10,10 +10,12 @@ OUT ?= outputs/demo
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the versions the suite was last run with: pip resolves it at once
+# instead of backtracking for minutes through botocore/aiobotocore/boto3 releases.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,s3]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,s3]'
 	touch $(STAMP)
 
 demo: $(STAMP)
