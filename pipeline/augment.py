@@ -1,0 +1,193 @@
+"""Replayable augmentation views (DESIGN section 5).
+
+A view is (sample id i, view index s). A spec turns (spec seed, i, s) into plain
+integer parameters with a counter-based hash (splitmix64), the same on every machine
+and in every process, with no state: ``params[k] = (x0, y0, w, h, flip)``, the crop box
+in source pixels (x0/y0 may be negative: CIFAR padding) and the flip bit. Applying
+parameters is deterministic, so a student replaying the parameters stored in the cache
+sees exactly the image the teacher saw.
+
+Nothing random happens outside the parameters: colour jitter or mixing would make the
+cached teacher targets wrong for what the student sees, so specs offer none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+NUM_PARAMS = 5  # x0, y0, w, h, flip
+SpecName = Literal["cifar", "imagenet"]
+MEAN_STD = {
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    name: SpecName = "cifar"
+    seed: int = 0
+    size: int = 32  # output side: 32 for cifar, 224 for imagenet
+    pad: int = 4  # cifar: zero padding before the random crop
+    scale: tuple[float, float] = (0.08, 1.0)  # imagenet: random-resized-crop area range
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: aspect ratio range
+    eval_resize: int = 256  # imagenet eval: shorter side before the centre crop
+
+    @classmethod
+    def preset(cls, name: SpecName, seed: int = 0) -> AugmentSpec:
+        if name == "cifar":
+            return cls("cifar", seed, size=32)
+        if name == "imagenet":
+            return cls("imagenet", seed, size=224)
+        raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- counter-based generator
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = x + _GOLDEN
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniforms(seed: int, ids: np.ndarray, view: int, count: int) -> np.ndarray:
+    """(n, count) floats in [0, 1), a pure function of (seed, id, view, column)."""
+    h = _splitmix(np.full(len(ids), seed, np.uint64))
+    h = _splitmix(h ^ np.asarray(ids, np.uint64))
+    h = _splitmix(h ^ np.uint64(view))
+    cols = _splitmix(h[:, None] ^ np.arange(count, dtype=np.uint64)[None, :])
+    return (cols >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def view_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray) -> np.ndarray:
+    """(n, 5) int64 parameters of view ``view`` of samples ``ids``; ``image_hw`` (n, 2)."""
+    ids = np.asarray(ids, np.int64)
+    image_hw = np.broadcast_to(np.asarray(image_hw, np.int64), (len(ids), 2))
+    if spec.name == "cifar":
+        u = uniforms(spec.seed, ids, view, 3)
+        h, w = image_hw[:, 0], image_hw[:, 1]
+        x0 = np.floor(u[:, 0] * (w - spec.size + 2 * spec.pad + 1)).astype(np.int64) - spec.pad
+        y0 = np.floor(u[:, 1] * (h - spec.size + 2 * spec.pad + 1)).astype(np.int64) - spec.pad
+        side = np.full(len(ids), spec.size, np.int64)
+        return np.stack([x0, y0, side, side, (u[:, 2] < 0.5).astype(np.int64)], axis=1)
+    u = uniforms(spec.seed, ids, view, 41)
+    return np.array([_resized_crop_box(spec, row, int(hw[0]), int(hw[1])) for row, hw in zip(u, image_hw)], np.int64).reshape(-1, NUM_PARAMS)
+
+
+def _resized_crop_box(spec: AugmentSpec, u: np.ndarray, height: int, width: int) -> tuple[int, int, int, int, int]:
+    """Random-resized crop as torchvision samples it (10 tries, then a centre crop)."""
+    area = height * width
+    log_lo, log_hi = math.log(spec.ratio[0]), math.log(spec.ratio[1])
+    flip = int(u[40] < 0.5)
+    for attempt in range(10):
+        a, r, px, py = u[4 * attempt : 4 * attempt + 4]
+        target = area * (spec.scale[0] + a * (spec.scale[1] - spec.scale[0]))
+        ratio = math.exp(log_lo + r * (log_hi - log_lo))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(px * (width - w + 1)), int(py * (height - h + 1)), w, h, flip
+    in_ratio = width / height
+    if in_ratio < spec.ratio[0]:
+        w, h = width, int(round(width / spec.ratio[0]))
+    elif in_ratio > spec.ratio[1]:
+        h, w = height, int(round(height * spec.ratio[1]))
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h, flip
+
+
+class ViewMismatchError(ValueError):
+    """Stored view parameters differ from what the spec gives now: the spec changed."""
+
+
+def check_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray, source: str) -> None:
+    expected = view_params(spec, ids, view, image_hw)
+    bad = np.nonzero((expected != np.asarray(stored)).any(axis=1))[0]
+    if len(bad):
+        k = int(bad[0])
+        raise ViewMismatchError(
+            f"{source}: sample {int(ids[k])} view {view}: stored parameters {stored[k].tolist()} but spec "
+            f"{spec.name} (fingerprint {spec.fingerprint()}) gives {expected[k].tolist()}: the augmentation spec changed"
+        )
+
+
+# ---------------------------------------------------------------- applying views
+
+
+def crop_flip_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Fixed-size crops of a batch of same-size images (the cifar spec): (n, H, W, 3) uint8
+    -> (n, h, w, 3); parts of the box outside the image are zero (the padding).
+
+    The batch is padded once; each crop is then one slice copy (faster than one
+    fancy-indexing gather over the whole batch, measured).
+    """
+    n, height, width, _ = images.shape
+    out_h, out_w = int(params[0, 3]), int(params[0, 2])
+    pad = int(max(0, -params[:, 0].min(), -params[:, 1].min(), (params[:, 0] + out_w - width).max(), (params[:, 1] + out_h - height).max()))
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
+    out = np.empty((n, out_h, out_w, 3), np.uint8)
+    for k, (x0, y0, _, _, flip) in enumerate(params.tolist()):
+        patch = padded[k, y0 + pad : y0 + pad + out_h, x0 + pad : x0 + pad + out_w]
+        out[k] = patch[:, ::-1] if flip else patch
+    return out
+
+
+def resized_crop(image: np.ndarray, param: np.ndarray, size: int) -> torch.Tensor:
+    """One image (H, W, 3) uint8 -> (3, size, size) uint8: crop box, resize, flip."""
+    x0, y0, w, h, flip = (int(v) for v in param)
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    out = TF.resized_crop(tensor, y0, x0, h, w, [size, size], antialias=True)
+    return out.flip(-1) if flip else out
+
+
+def apply_views(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
+    """Decoded images + their parameters -> (n, 3, size, size) uint8 batch."""
+    if spec.name == "cifar" and len({im.shape for im in images}) == 1:
+        return torch.from_numpy(crop_flip_batch(np.stack(images), params)).permute(0, 3, 1, 2)
+    if spec.name == "cifar":
+        return torch.stack([torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1) for im, p in zip(images, params)])
+    return torch.stack([resized_crop(im, p, spec.size) for im, p in zip(images, params)])
+
+
+def eval_transform(spec: AugmentSpec, images: list[np.ndarray]) -> torch.Tensor:
+    """Evaluation views: identity for cifar; resize shorter side to 256, centre crop 224 for imagenet."""
+    if spec.name == "cifar":
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+    out = []
+    for im in images:
+        tensor = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+        tensor = TF.resize(tensor, spec.eval_resize, antialias=True)
+        out.append(TF.center_crop(tensor, [spec.size, spec.size]))
+    return torch.stack(out)
+
+
+def normalize_batch(spec: AugmentSpec, batch_uint8: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) uint8 -> float, the spec's mean/std (also right on the GPU)."""
+    mean, std = (torch.tensor(v, device=batch_uint8.device).view(1, 3, 1, 1) for v in MEAN_STD[spec.name])
+    # (x / 255 - mean) / std as one scale and one shift, in place on a contiguous copy.
+    return batch_uint8.contiguous().float().mul_(1 / (255 * std)).sub_(mean / std)
+
+

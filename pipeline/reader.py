@@ -1,0 +1,144 @@
+"""Streaming reader over WebDataset shards for one rank and its DataLoader workers.
+
+Each DataLoader worker builds whole batches (decode, view, collate) so per-sample
+Python work stays small; the DataLoader runs with ``batch_size=None``. A training
+batch is a dict: ``ids`` (B,), ``image`` (B, 3, H, W), ``label`` (B,), ``params``
+(B, 5) the view parameters, ``view`` the view index of this epoch; targets cached for
+the teacher are joined to these ids by the trainer, one read per shard and view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.augment import AugmentSpec, apply_views, eval_transform, normalize_batch, view_params
+from pipeline.order import WorkerPlan, epoch_plan, eval_plan
+from pipeline.shards import Sample, ShardIndex, decode_image, load_shard, read_index
+from pipeline.storage import join
+
+
+@dataclass
+class ReaderConfig:
+    data: str  # URL of the shards folder
+    split: str = "train"
+    batch_size: int = 128
+    train: bool = True  # False: evaluation views, natural order, no padding
+    spec: AugmentSpec = field(default_factory=AugmentSpec)
+    num_views: int = 1  # S: epoch e uses view (e + view_offset) mod S
+    view_offset: int = 0
+    seed: int = 0  # run seed: shard order and shuffling
+    shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
+    normalize: bool = True  # float with the spec's mean/std; False: uint8 (normalise on device)
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, cfg: ReaderConfig, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.index: ShardIndex = read_index(cfg.data, cfg.split)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def view(self) -> int:
+        return (self.epoch + self.cfg.view_offset) % self.cfg.num_views
+
+    def plan(self, num_workers: int) -> list[list[WorkerPlan]]:
+        sizes = [s.count for s in self.index.shards]
+        return epoch_plan(sizes, self.world_size, num_workers, self.cfg.batch_size, self.cfg.seed, self.epoch)
+
+    def steps_per_epoch(self, num_workers: int) -> int:
+        """Training batches every rank yields this epoch (the same for all ranks)."""
+        return sum(w.batches for w in self.plan(max(num_workers, 1))[self.rank])
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info:
+            torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe
+        if not self.cfg.train:
+            yield from self._eval_batches(eval_plan(len(self.index.shards), self.world_size, num_workers)[self.rank][worker])
+            return
+        plan = self.plan(num_workers)[self.rank][worker]
+        needed = plan.batches * self.cfg.batch_size
+        batch: list[Sample] = []
+        emitted = 0
+        while emitted < needed:  # a second pass over the stream supplies the repeats
+            for sample in self._shuffled(plan.shards, worker):
+                batch.append(sample)
+                emitted += 1
+                if len(batch) == self.cfg.batch_size:
+                    yield self._train_batch(batch)
+                    batch = []
+                if emitted == needed:
+                    break
+
+    def _samples(self, shards: tuple[int, ...]) -> Iterator[Sample]:
+        for j in shards:
+            yield from load_shard(self.cfg.data, self.index, self.index.shards[j])
+
+    def _shuffled(self, shards: tuple[int, ...], worker: int) -> Iterator[Sample]:
+        """A shuffle buffer across consecutive shards, seeded by (seed, epoch, rank, worker)."""
+        rng = np.random.default_rng([self.cfg.seed, self.epoch, self.rank, worker])
+        pool: list[Sample] = []
+        for sample in self._samples(shards):
+            pool.append(sample)
+            if len(pool) >= self.cfg.shuffle_buffer:
+                k = int(rng.integers(len(pool)))
+                pool[k], pool[-1] = pool[-1], pool[k]
+                yield pool.pop()
+        rng.shuffle(pool)
+        yield from pool
+
+    def _decode(self, samples: list[Sample]) -> list[np.ndarray]:
+        source = join(self.cfg.data, f"{self.cfg.split} shards")
+        return [decode_image(s, self.index.image_shape, source) for s in samples]
+
+    def _train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
+        images = self._decode(samples)
+        ids = np.array([s.id for s in samples], np.int64)
+        hw = np.array([im.shape[:2] for im in images], np.int64)
+        params = view_params(self.cfg.spec, ids, self.view, hw)
+        return self._collate(samples, apply_views(self.cfg.spec, images, params), params)
+
+    def _eval_batches(self, shards: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        batch: list[Sample] = []
+        for sample in self._samples(shards):
+            batch.append(sample)
+            if len(batch) == self.cfg.batch_size:
+                yield self._collate(batch, eval_transform(self.cfg.spec, self._decode(batch)), None)
+                batch = []
+        if batch:
+            yield self._collate(batch, eval_transform(self.cfg.spec, self._decode(batch)), None)
+
+    def _collate(self, samples: list[Sample], images: torch.Tensor, params: np.ndarray | None) -> dict[str, torch.Tensor]:
+        out = {
+            "ids": torch.tensor([s.id for s in samples], dtype=torch.int64),
+            "image": normalize_batch(self.cfg.spec, images) if self.cfg.normalize else images,
+            "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
+            "view": torch.tensor(self.view if params is not None else -1),
+        }
+        if params is not None:
+            out["params"] = torch.from_numpy(params)
+        if self.index.has_boxes:
+            out["box"] = torch.tensor([s.box for s in samples], dtype=torch.int64)
+        return out
+
+
+def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,92 @@
+"""Shared fixtures: one local Ray for the session, and small real datasets on disk."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    from pipeline.ray_setup import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+
+
+def _save(img: Image.Image, path: str, fmt: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    img.save(path, format=fmt)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """train/test splits, 3 classes, mixed JPEG/PNG, one grayscale and one RGBA image."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "folder"
+    for split, per_class in (("train", 5), ("test", 2)):
+        for c, cls in enumerate(["cat", "dog", "emu"]):
+            for k in range(per_class):
+                pixels = rng.integers(0, 255, (20 + c, 24, 3), dtype=np.uint8)
+                img = Image.fromarray(pixels)
+                fmt = "PNG" if k % 2 else "JPEG"
+                if split == "train" and c == 0 and k == 0:
+                    img = img.convert("L")
+                if split == "train" and c == 1 and k == 1:
+                    img = img.convert("RGBA")
+                _save(img, str(root / split / cls / f"{k:03d}.{'png' if fmt == 'PNG' else 'jpg'}"), fmt)
+    return root
+
+
+@pytest.fixture
+def image_folder_tar(image_folder, tmp_path):
+    path = tmp_path / "folder.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(image_folder, arcname=".")
+    return path
+
+
+def write_cifar(root, num_classes: int, train: int = 30, test: int = 10, bad_label: int | None = None) -> str:
+    """The python-pickle layout torchvision reads, with random pixels."""
+    rng = np.random.default_rng(num_classes)
+    folder = os.path.join(root, "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    label_key = "labels" if num_classes == 10 else "fine_labels"
+
+    def dump(name, n, offset):
+        labels = [(i + offset) % num_classes for i in range(n)]
+        if bad_label is not None and name in ("data_batch_2", "train"):
+            labels[3] = bad_label
+        batch = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), label_key: labels}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(batch, f)
+
+    names = [f"class{i}" for i in range(num_classes)]
+    if num_classes == 10:
+        for b in range(1, 6):
+            dump(f"data_batch_{b}", train // 5, b)
+        dump("test_batch", test, 0)
+        meta = ("batches.meta", {"label_names": names})
+    else:
+        dump("train", train, 0)
+        dump("test", test, 0)
+        meta = ("meta", {"fine_label_names": names})
+    with open(os.path.join(folder, meta[0]), "wb") as f:
+        pickle.dump(meta[1], f)
+    return str(root)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()

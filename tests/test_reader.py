@@ -1,0 +1,94 @@
+"""The streaming reader with several simulated ranks and DataLoader workers."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.augment import AugmentSpec, view_params
+from pipeline.reader import ReaderConfig, ShardStream, make_loader
+from pipeline.shard_job import ShardConfig, shard_dataset
+
+SPEC = AugmentSpec.preset("cifar", seed=11)
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reader") / "shapes"
+    synthetic = {"train_samples": 103, "test_samples": 25, "image_size": 32, "seed": 2}
+    shard_dataset(ShardConfig("synthetic:shapes", str(out), samples_per_shard=10, synthetic=synthetic, progress=False))
+    return str(out)
+
+
+def _epoch(data, world, workers, epoch=0, batch=8, **kw):
+    """Batches of every rank for one epoch, each rank through its own DataLoader."""
+    per_rank = []
+    for rank in range(world):
+        stream = ShardStream(ReaderConfig(data=data, batch_size=batch, spec=SPEC, **kw), rank, world)
+        stream.set_epoch(epoch)
+        per_rank.append(list(make_loader(stream, workers)))
+    return per_rank
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 0), (2, 2), (3, 1), (4, 2)])
+def test_every_sample_once_per_epoch_and_equal_steps(shards, world, workers):
+    per_rank = _epoch(shards, world, workers)
+    assert len({len(batches) for batches in per_rank}) == 1
+    stream = ShardStream(ReaderConfig(data=shards, batch_size=8, spec=SPEC), 0, world)
+    assert len(per_rank[0]) == stream.steps_per_epoch(workers)
+    ids = Counter(int(i) for batches in per_rank for b in batches for i in b["ids"])
+    assert set(ids) == set(range(103))
+    total = sum(ids.values())
+    assert total - 103 < world * max(workers, 1) * 8 + 10  # repeats only pad the last batches
+    for batches in per_rank:
+        for b in batches:
+            assert b["image"].shape == (8, 3, 32, 32) and b["image"].dtype == torch.float32
+            assert b["label"].max() < 10 and b["box"].shape == (8, 4)
+
+
+def test_two_ranks_see_the_same_samples_as_one(shards):
+    one = {int(i) for b in _epoch(shards, 1, 0)[0] for i in b["ids"]}
+    two = {int(i) for rank in _epoch(shards, 2, 0) for b in rank for i in b["ids"]}
+    assert one == two == set(range(103))
+
+
+def test_order_is_deterministic_and_changes_with_epoch(shards):
+    first = [b["ids"].tolist() for b in _epoch(shards, 2, 2, epoch=1)[1]]
+    again = [b["ids"].tolist() for b in _epoch(shards, 2, 2, epoch=1)[1]]
+    other = [b["ids"].tolist() for b in _epoch(shards, 2, 2, epoch=2)[1]]
+    assert first == again and first != other
+
+
+def test_views_follow_the_epoch_and_parameters_replay(shards):
+    for epoch in range(3):
+        batch = _epoch(shards, 1, 0, epoch=epoch, num_views=2, view_offset=1)[0][0]
+        view = (epoch + 1) % 2
+        assert int(batch["view"]) == view
+        expected = view_params(SPEC, batch["ids"].numpy(), view, (32, 32))
+        assert np.array_equal(batch["params"].numpy(), expected)
+
+
+def test_fewer_shards_than_ranks_times_workers(ray_local, tmp_path):
+    out = tmp_path / "tiny"
+    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=50, synthetic={"train_samples": 20, "test_samples": 1}, progress=False))
+    per_rank = _epoch(str(out), 3, 2, batch=4)
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) >= 5
+    assert {int(i) for rank in per_rank for b in rank for i in b["ids"]} == set(range(20))
+
+
+def test_eval_reader_reads_each_test_sample_once(shards):
+    ids = []
+    for rank in range(2):
+        stream = ShardStream(ReaderConfig(data=shards, split="test", batch_size=8, train=False, spec=SPEC), rank, 2)
+        for b in make_loader(stream, 2):
+            assert "params" not in b and int(b["view"]) == -1
+            ids += b["ids"].tolist()
+    assert sorted(ids) == list(range(25))
+
+
+def test_uint8_output_for_normalising_on_device(shards):
+    batch = _epoch(shards, 1, 0, normalize=False)[0][0]
+    assert batch["image"].dtype == torch.uint8
