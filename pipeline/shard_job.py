@@ -35,7 +35,7 @@ from pipeline.shards import (
     shard_name,
     write_index,
 )
-from pipeline.sources import Record, Source, SourceError, open_source
+from pipeline.sources import Record, Source, SourceError, SubsetSource, open_source
 from pipeline.storage import filesystem, join, write_atomic
 
 Encoding = Literal["keep", "raw"]
@@ -49,12 +49,15 @@ class ShardConfig:
     splits: list[str] | None = None  # default: every split the source has
     samples_per_shard: int = 1000
     encoding: Encoding = "keep"  # keep the source's encoding, or store raw RGB pixels
+    subset: int | None = None  # keep this many samples per split, evenly spaced (SubsetSource)
     synthetic: dict[str, Any] = field(default_factory=dict)  # options of synthetic:shapes
     progress: bool = True
 
 
 def shard_dataset(cfg: ShardConfig) -> dict[str, ShardIndex]:
     source = open_source(cfg.source, **cfg.synthetic)
+    if cfg.subset is not None:
+        source = SubsetSource(source, cfg.subset)
     splits = cfg.splits or source.splits()
     unknown = sorted(set(splits) - set(source.splits()))
     if unknown:

@@ -281,6 +281,37 @@ class ShapesSource(Source):
         return out
 
 
+@dataclass
+class SubsetSource(Source):
+    """``limit`` samples per split, evenly spaced over the sorted order of ``inner``, so a
+    subset of a class-sorted folder keeps every class. Ids are renumbered 0..limit-1."""
+
+    inner: Source
+    limit: int
+
+    def __post_init__(self) -> None:
+        self.spec = self.inner.spec
+
+    def settings(self) -> dict[str, Any]:
+        return {**self.inner.settings(), "subset": self.limit}
+
+    def splits(self) -> list[str]:
+        return self.inner.splits()
+
+    def classes(self, split: str) -> list[str]:
+        return self.inner.classes(split)
+
+    def _positions(self, split: str) -> np.ndarray:
+        total = self.inner.size(split)
+        return np.floor(np.arange(min(self.limit, total)) * total / min(self.limit, total)).astype(np.int64)
+
+    def size(self, split: str) -> int:
+        return len(self._positions(split))
+
+    def read(self, split: str, start: int, count: int) -> list[Record]:
+        return [self.inner.read(split, int(p), 1)[0] for p in self._positions(split)[start : start + count]]
+
+
 def open_source(spec: str, **options: Any) -> Source:
     """Parse ``kind:PATH`` (``imagefolder:``, ``cifar10:``, ``cifar100:``, ``synthetic:shapes``)."""
     kind, sep, rest = spec.partition(":")

@@ -110,3 +110,11 @@ def test_shapes_are_reproducible_per_id():
     images, labels, boxes = make_arrays(7, 10, 5)
     single = make_sample(7, 12)
     assert np.array_equal(images[2], single.image) and labels[2] == single.label and tuple(boxes[2]) == single.box
+
+
+def test_subset_is_evenly_spaced_and_keeps_every_class(ray_local, tmp_path, image_folder):
+    out = tmp_path / "subset"
+    shard_dataset(ShardConfig(f"imagefolder:{image_folder}", str(out), splits=["train"], subset=6, progress=False))
+    index, samples = _all_samples(out, "train")
+    assert index.num_samples == 6 and index.settings["subset"] == 6
+    assert [s.label for s in samples] == [0, 0, 1, 1, 2, 2]

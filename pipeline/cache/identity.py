@@ -1,0 +1,60 @@
+"""What makes a teacher-target cache what it is (DESIGN section 6).
+
+``cache_id`` is a short hash of the canonical JSON of the identity fields. A reader
+compares the identity a run expects with the manifest's and names the first field
+that differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+FORMAT_VERSION = 1
+TargetKind = Literal["cam", "binarized_cam"]
+StorageForm = Literal["float16", "float32", "int8", "features"]
+
+
+class CacheMismatchError(ValueError):
+    """A cache that is not the one a run needs (or is partial, or foreign)."""
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    teacher_arch: str
+    teacher_sha256: str  # of the teacher weights file
+    dataset_fingerprint: str
+    split: str
+    spec: dict[str, Any]  # AugmentSpec.to_dict()
+    num_views: int
+    resolution: int
+    num_classes: int
+    target_kind: TargetKind = "cam"
+    storage: StorageForm = "float16"
+    format_version: int = FORMAT_VERSION
+
+    def canonical(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def cache_id(self) -> str:
+        return hashlib.sha256(self.canonical().encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheIdentity:
+        return cls(**data)
+
+
+def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: tuple[str, ...] = ()) -> str | None:
+    """The first identity field (in declaration order) whose values differ, as a message."""
+    want, have = asdict(expected), asdict(found)
+    for name in want:
+        if name not in ignore and want[name] != have[name]:
+            return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"
+    return None
+
+
+def file_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

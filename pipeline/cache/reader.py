@@ -1,0 +1,58 @@
+"""Reading a teacher-target cache: identity checks, then one read per shard and view."""
+
+from __future__ import annotations
+
+import io
+import json
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.cache.builder import DONE_DIR, MANIFEST
+from pipeline.cache.identity import CacheIdentity, CacheMismatchError, first_difference
+from pipeline.cache.layout import read_view
+from pipeline.storage import filesystem, join, zarr_store
+
+
+class TargetCache:
+    """An opened, complete cache. ``read(j, view)`` returns that data shard's targets:
+    ``ids`` (n,), ``params`` (n, 5), ``cam`` (n, C, r, r) float32, ``logits`` (n, C)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        fs, root = filesystem(url)
+        path = join(root, MANIFEST)
+        if not fs.exists(path):
+            done = len(fs.ls(join(root, DONE_DIR))) if fs.exists(join(root, DONE_DIR)) else 0
+            what = f"a partial cache ({done} data shards done, no manifest)" if fs.exists(join(root, "identity.json")) else "not a catkd cache"
+            raise CacheMismatchError(f"{url}: {what}; rerun `catkd cache build` with the same arguments to finish it")
+        self.manifest: dict[str, Any] = json.loads(fs.cat_file(path))
+        if not self.manifest.get("complete"):
+            raise CacheMismatchError(f"{path}: manifest is not marked complete")
+        self.identity = CacheIdentity.from_dict(self.manifest["identity"])
+        self.records = {r["shard"]: r for r in self.manifest["shards"]}
+
+    def check(self, expected: CacheIdentity, *, ignore: tuple[str, ...] = ()) -> None:
+        """Refuse a cache made for another teacher, dataset, split, spec, S, r or classes."""
+        difference = first_difference(expected, self.identity, ignore=ignore)
+        if difference:
+            raise CacheMismatchError(f"{self.url}: cache does not match this run: {difference}")
+
+    @cached_property
+    def head_weight(self) -> np.ndarray | None:
+        if self.identity.storage != "features":
+            return None
+        fs, root = filesystem(self.url)
+        return np.load(io.BytesIO(fs.cat_file(join(root, "head.npy"))))
+
+    def group(self, j: int) -> zarr.Group:
+        if j not in self.records:
+            raise CacheMismatchError(f"{self.url}: no targets for data shard {j}")
+        return zarr.open_group(store=zarr_store(join(self.url, self.records[j]["path"]), read_only=True), mode="r")
+
+    def read(self, j: int, view: int) -> dict[str, np.ndarray]:
+        if not 0 <= view < self.identity.num_views:
+            raise ValueError(f"{self.url}: view {view} outside 0..{self.identity.num_views - 1}")
+        return read_view(self.group(j), self.identity.storage, view, self.head_weight)

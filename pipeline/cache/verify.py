@@ -1,0 +1,98 @@
+"""``catkd cache info`` and ``catkd cache verify``."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+import torch
+
+from catkd.losses import teacher_cam_targets
+from catkd.models import load_checkpoint
+from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.cache.builder import array_checksums
+from pipeline.cache.identity import file_sha256
+from pipeline.cache.reader import TargetCache
+from pipeline.shards import decode_image, load_shard, read_index, sample_key
+from pipeline.storage import filesystem, join
+
+# Tolerances for recomputed targets, relative to the largest |value| of the sample's maps.
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "features": 4e-3, "int8": 1.2e-2}
+
+
+def cache_info(url: str) -> dict[str, Any]:
+    cache = TargetCache(url)
+    fs, root = filesystem(url)
+    stored = fs.du(join(root, "data"), total=True)
+    views = cache.manifest["num_samples"] * cache.identity.num_views
+    return {
+        "url": url,
+        "cache_id": cache.manifest["cache_id"],
+        "identity": cache.manifest["identity"],
+        "arrays": cache.manifest["arrays"],
+        "codecs": cache.manifest["codecs"],
+        "shards_complete": f"{len(cache.records)}/{len(cache.records)}",
+        "bytes_on_storage": stored,
+        "bytes_per_view": stored / views,
+        "created": cache.manifest["created"],
+        "versions": cache.manifest["versions"],
+    }
+
+
+def verify_cache(url: str, *, sample_views: int = 16, weights: str | None = None, seed: int = 0) -> list[str]:
+    """Problems found (empty when the cache is sound): completeness, checksums, finite
+    values, and ``sample_views`` random (sample, view) pairs recomputed with the teacher."""
+    cache = TargetCache(url)
+    problems: list[str] = []
+    for j, record in sorted(cache.records.items()):
+        try:
+            group = cache.group(j)
+            arrays = {name: group[name][:] for name in record["checksums"]}
+        except Exception as exc:  # zarr's own shard-index checksums, codec errors, missing objects
+            problems.append(f"{url}: data shard {j} (samples from {sample_key(record['first_id'])}): unreadable ({exc})")
+            continue
+        for name, digest in array_checksums(arrays).items():
+            if digest != record["checksums"][name]:
+                problems.append(f"{url}: data shard {j}: array {name} does not match its checksum")
+        for name, values in arrays.items():
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                k = int(np.argwhere(~np.isfinite(values))[0][0])
+                problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
+    if sample_views and not problems:
+        problems += _recompute(cache, sample_views, weights or cache.manifest["teacher_weights"], seed)
+    return problems
+
+
+def _recompute(cache: TargetCache, count: int, weights_url: str, seed: int) -> list[str]:
+    ident = cache.identity
+    wfs, wpath = filesystem(weights_url)
+    weights = wfs.cat_file(wpath)
+    if file_sha256(weights) != ident.teacher_sha256:
+        return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
+    index = read_index(cache.manifest["data"], ident.split)
+    teacher = load_checkpoint(io.BytesIO(weights), ident.teacher_arch, ident.num_classes).eval()
+    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in ident.spec.items()})
+    rng = np.random.default_rng(seed)
+    problems = []
+    for _ in range(count):
+        j = int(rng.integers(len(index.shards)))
+        view = int(rng.integers(ident.num_views))
+        stored = cache.read(j, view)
+        k = int(rng.integers(len(stored["ids"])))
+        sample = load_shard(cache.manifest["data"], index, index.shards[j])[k]
+        image = decode_image(sample, index.image_shape, index.shards[j].name)
+        params = view_params(spec, np.array([sample.id]), view, np.array([image.shape[:2]]))
+        if not np.array_equal(params[0], stored["params"][k]):
+            problems.append(f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored view parameters differ from the spec's")
+            continue
+        with torch.no_grad():
+            logits, cam = teacher(normalize_batch(spec, apply_views(spec, [image], params)))
+        expected = teacher_cam_targets(cam, ident.resolution, binarize=ident.target_kind == "binarized_cam")[0].numpy()
+        scale = max(float(np.abs(expected).max()), 1e-6)
+        error = float(np.abs(expected - stored["cam"][k]).max()) / scale
+        logits = logits[0].numpy()
+        logit_error = float(np.abs(logits - stored["logits"][k]).max()) / max(float(np.abs(logits).max()), 1e-6)
+        if error > TOLERANCE[ident.storage] or logit_error > TOLERANCE["float16"]:
+            problems.append(f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the teacher's (relative error {error:.2e})")
+    return problems

@@ -1,0 +1,200 @@
+"""Teacher target cache: values, storage forms, resume after a kill, concurrent builds,
+identity checks and bad teacher output, on a local Ray with a small teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from catkd.losses import cat_loss, teacher_cam_targets
+from catkd.models import build_model, checkpoint_payload
+from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.cache import CacheBuildConfig, CacheBuildError, CacheMismatchError, TargetCache, build_cache, expected_identity
+from pipeline.cache.identity import file_sha256
+from pipeline.cache.verify import cache_info, verify_cache
+from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.shards import decode_image, load_shard, read_index
+
+
+@pytest.fixture(scope="module")
+def setup(ray_local, tmp_path_factory):
+    base = tmp_path_factory.mktemp("cache")
+    data = str(base / "shapes")
+    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=25, synthetic={"train_samples": 75, "test_samples": 10, "seed": 4}, progress=False))
+    torch.manual_seed(0)
+    teacher = build_model("resnet8", 10, bias=True)
+    with torch.no_grad():
+        teacher.bias.normal_()
+    weights = str(base / "teacher.pth")
+    torch.save(checkpoint_payload(teacher, "resnet8"), weights)
+    return {"data": data, "weights": weights, "teacher": teacher.eval(), "base": base}
+
+
+def _cfg(setup, root, **kw):
+    return CacheBuildConfig(data=setup["data"], teacher="resnet8", weights=setup["weights"], root=str(root), num_views=3, batch_size=32, progress=False, **kw)
+
+
+def _direct(setup, j, view, binarize=False):
+    """The teacher's targets for one data shard and view, computed here without the cache."""
+    index = read_index(setup["data"], "train")
+    samples = load_shard(setup["data"], index, index.shards[j])
+    images = [decode_image(s, index.image_shape, "t") for s in samples]
+    ids = np.array([s.id for s in samples])
+    spec = AugmentSpec.preset("cifar")
+    params = view_params(spec, ids, view, (32, 32))
+    with torch.no_grad():
+        logits, cam = setup["teacher"](normalize_batch(spec, apply_views(spec, images, params)))
+    return ids, params, teacher_cam_targets(cam, 2, binarize=binarize).numpy(), logits.numpy()
+
+
+@pytest.fixture(scope="module")
+def float16_cache(setup):
+    return build_cache(_cfg(setup, setup["base"] / "root16"))
+
+
+def test_stored_targets_equal_direct_computation(setup, float16_cache):
+    cache = TargetCache(float16_cache)
+    for j, view in [(0, 0), (1, 2), (2, 1)]:
+        ids, params, cam, logits = _direct(setup, j, view)
+        got = cache.read(j, view)
+        assert np.array_equal(got["ids"], ids) and np.array_equal(got["params"], params)
+        np.testing.assert_allclose(got["cam"], cam, rtol=2e-3, atol=2e-3 * np.abs(cam).max())
+        np.testing.assert_allclose(got["logits"], logits, rtol=2e-3, atol=2e-3 * np.abs(logits).max())
+    assert cache.manifest["arrays"]["cam"] == {"shape": [25, 3, 10, 2, 2], "dtype": "float16"}
+
+
+@pytest.mark.parametrize("storage, tolerance", [("float32", 1e-5), ("int8", 1e-2), ("features", 2e-3)])
+def test_storage_forms(setup, storage, tolerance):
+    url = build_cache(_cfg(setup, setup["base"] / f"root-{storage}", storage=storage))
+    got = TargetCache(url).read(1, 1)
+    _, _, cam, _ = _direct(setup, 1, 1)
+    error = np.abs(got["cam"] - cam).max() / np.abs(cam).max()
+    assert error < tolerance
+    loss_error = abs(float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(got["cam"]))) / float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(cam))) - 1)
+    assert loss_error < 0.01
+
+
+def test_binarized_targets(setup):
+    url = build_cache(_cfg(setup, setup["base"] / "root-bin", binarize=True))
+    cache = TargetCache(url)
+    assert cache.identity.target_kind == "binarized_cam"
+    _, _, cam, _ = _direct(setup, 0, 2, binarize=True)
+    np.testing.assert_allclose(cache.read(0, 2)["cam"], cam, atol=1e-3)
+
+
+def test_rerun_of_complete_cache_is_a_no_op(setup, float16_cache):
+    before = os.stat(os.path.join(float16_cache, "manifest.json")).st_mtime_ns
+    assert build_cache(_cfg(setup, setup["base"] / "root16")) == float16_cache
+    assert os.stat(os.path.join(float16_cache, "manifest.json")).st_mtime_ns == before
+
+
+def _cli_build(setup, root):
+    args = [sys.executable, "-m", "pipeline.cli", "cache", "build", "--data", setup["data"], "--teacher", "resnet8",
+            "--weights", setup["weights"], "--root", str(root), "--views", "3", "--batch-size", "32"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+def _arrays(url):
+    cache = TargetCache(url)
+    return {(j, v): cache.read(j, v) for j in cache.records for v in range(cache.identity.num_views)}
+
+
+def _assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        for name in a[key]:
+            assert np.array_equal(a[key][name], b[key][name]), (key, name)
+
+
+def test_killed_build_resumes_to_the_same_values(setup, float16_cache):
+    root = setup["base"] / "root-killed"
+    proc = _cli_build(setup, root)
+    cache_dir = root / os.path.basename(float16_cache)
+    deadline = time.time() + 120
+    while not (cache_dir / "done" / "shard-000000.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "build ended before it could be interrupted"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    assert not (cache_dir / "manifest.json").exists()
+    with pytest.raises(CacheMismatchError, match="partial cache"):
+        TargetCache(str(cache_dir))
+    url = build_cache(_cfg(setup, root))
+    _assert_same(_arrays(url), _arrays(float16_cache))
+    assert verify_cache(url, sample_views=2) == []
+
+
+def test_two_concurrent_builds_do_not_corrupt_the_cache(setup, float16_cache):
+    root = setup["base"] / "root-concurrent"
+    procs = [_cli_build(setup, root) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    url = str(root / os.path.basename(float16_cache))
+    _assert_same(_arrays(url), _arrays(float16_cache))
+    committed = {json.loads((root / os.path.basename(url) / "done" / f).read_text())["path"].split("/")[1] for f in os.listdir(os.path.join(url, "done"))}
+    assert set(os.listdir(os.path.join(url, "data"))) == committed  # the losers' copies are gone
+    assert verify_cache(url, sample_views=2) == []
+
+
+def test_identity_mismatch_names_the_field(setup, float16_cache):
+    cache = TargetCache(float16_cache)
+    index = read_index(setup["data"], "train")
+    cfg = _cfg(setup, "unused")
+    right = expected_identity(cfg, index, file_sha256(open(setup["weights"], "rb").read()))
+    cache.check(right)
+    with pytest.raises(CacheMismatchError, match="teacher_sha256"):
+        cache.check(expected_identity(cfg, index, "0" * 64))
+    with pytest.raises(CacheMismatchError, match="spec: the run needs"):
+        cache.check(expected_identity(_cfg(setup, "unused", spec_seed=9), index, right.teacher_sha256))
+    with pytest.raises(CacheMismatchError, match="dataset_fingerprint"):
+        index.fingerprint = "f" * 64
+        cache.check(expected_identity(cfg, index, right.teacher_sha256))
+    with pytest.raises(CacheMismatchError, match="resolution: the run needs 4"):
+        cache.check(expected_identity(_cfg(setup, "unused", resolution=4), read_index(setup["data"], "train"), right.teacher_sha256))
+
+
+def test_foreign_folder_is_not_a_cache(tmp_path):
+    with pytest.raises(CacheMismatchError, match="not a catkd cache"):
+        TargetCache(str(tmp_path))
+
+
+def test_non_finite_teacher_output_is_an_error(setup):
+    teacher = build_model("resnet8", 10, bias=True)
+    with torch.no_grad():
+        teacher.head.weight[3].fill_(float("nan"))
+    weights = str(setup["base"] / "nan-teacher.pth")
+    torch.save(checkpoint_payload(teacher, "resnet8"), weights)
+    cfg = _cfg(setup, setup["base"] / "root-nan")
+    cfg.weights = weights
+    with pytest.raises(CacheBuildError, match=r"train-00000\d\.tar: sample 0000000\d\d view 0: non-finite teacher output"):
+        build_cache(cfg)
+    done = [p for p in (setup["base"] / "root-nan").rglob("done/*.json")]
+    assert done == []
+
+
+def test_info_and_verify_cli(setup, float16_cache):
+    info = cache_info(float16_cache)
+    assert info["bytes_per_view"] > 0 and info["shards_complete"] == "3/3"
+    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", float16_cache, "--samples", "3"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
+
+
+def test_verify_detects_corruption(setup):
+    url = build_cache(_cfg(setup, setup["base"] / "root-corrupt", storage="float32"))
+    record = TargetCache(url).records[1]
+    chunk = next(p for p in (setup["base"] / "root-corrupt").rglob("*") if p.is_file() and "/cam/c/" in str(p) and record["path"] in str(p))
+    data = bytearray(chunk.read_bytes())
+    data[-20] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", url, "--samples", "0"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "data shard 1" in result.stderr
