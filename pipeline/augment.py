@@ -158,7 +158,7 @@ def crop_flip_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
 def resized_crop(image: np.ndarray, param: np.ndarray, size: int) -> torch.Tensor:
     """One image (H, W, 3) uint8 -> (3, size, size) uint8: crop box, resize, flip."""
     x0, y0, w, h, flip = (int(v) for v in param)
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy (raw shards are read-only buffers)
     out = TF.resized_crop(tensor, y0, x0, h, w, [size, size], antialias=True)
     return out.flip(-1) if flip else out
 
@@ -178,7 +178,7 @@ def eval_transform(spec: AugmentSpec, images: list[np.ndarray]) -> torch.Tensor:
         return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
     out = []
     for im in images:
-        tensor = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)
+        tensor = torch.from_numpy(np.array(im)).permute(2, 0, 1)
         tensor = TF.resize(tensor, spec.eval_resize, antialias=True)
         out.append(TF.center_crop(tensor, [spec.size, spec.size]))
     return torch.stack(out)

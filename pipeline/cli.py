@@ -45,9 +45,68 @@ def cmd_shard(args: argparse.Namespace) -> int:
         splits=args.split or None,
         samples_per_shard=args.samples_per_shard,
         encoding=args.encoding,
+        subset=args.subset,
         synthetic=synthetic if args.source.startswith("synthetic:") else {},
     )
     shard_dataset(cfg)
+    return 0
+
+
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    from pipeline.cache import CacheBuildConfig, build_cache
+
+    cfg = CacheBuildConfig(
+        data=args.data, teacher=args.teacher, weights=args.weights, root=args.root, split=args.split,
+        num_views=args.views, resolution=args.resolution, spec=args.spec, spec_seed=args.spec_seed,
+        storage=args.storage, binarize=args.binarize, actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size, bf16=args.bf16, channels_last=args.channels_last,
+    )
+    url = build_cache(cfg)
+    print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.cache.verify import cache_info
+
+    print(json.dumps(cache_info(args.url), indent=1))
+    return 0
+
+
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from pipeline.cache.verify import verify_cache
+
+    problems = verify_cache(args.url, sample_views=args.samples, weights=args.weights)
+    for problem in problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    print(f"{args.url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.config import load_config
+    from pipeline.train.run import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # no YAML file, only overrides
+        config, overrides = None, [config, *overrides]
+    cfg = load_config(config, overrides)
+    result = train(cfg)
+    last = result["history"][-1]
+    print(f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder {result['run']}")
+    for name, path in result["exported"].items():
+        print(f"[train] exported {name}: {path}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.train.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, arch=args.arch, spec=args.spec, device=args.device)
+    print(f"{args.checkpoint}: {metrics['arch']} on {args.data} [{args.split}], {metrics['samples']} samples, {metrics['device']}: "
+          f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")  # fmt: skip
     return 0
 
 
@@ -66,11 +125,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", action="append", help="split to shard (repeatable; default: all)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--encoding", choices=["keep", "raw"], default="keep", help="keep the source encoding or store raw RGB pixels")
+    p.add_argument("--subset", type=int, help="keep N samples per split, evenly spaced over the sorted source (class-balanced)")
     p.add_argument("--image-size", type=int, default=32, help="synthetic:shapes image side")
     p.add_argument("--train-samples", type=int, default=5000, help="synthetic:shapes training samples")
     p.add_argument("--test-samples", type=int, default=1000, help="synthetic:shapes test samples")
     p.add_argument("--seed", type=int, default=0, help="synthetic:shapes seed")
     p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("cache", help="teacher target caches: build, info, verify")
+    cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    b = cache.add_parser("build", help="run the teacher once over every (sample, view); write zarr targets")
+    b.add_argument("--data", required=True, help="shards URL (from catkd shard)")
+    b.add_argument("--split", default="train")
+    b.add_argument("--teacher", required=True, help="teacher architecture (catkd models)")
+    b.add_argument("--weights", required=True, help="teacher checkpoint URL (ours, torchvision, or the reference code base's)")
+    b.add_argument("--root", required=True, help="cache root URL; the cache goes to ROOT/<cache_id>")
+    b.add_argument("--views", type=int, default=4, help="augmentation views per sample (S)")
+    b.add_argument("--resolution", type=int, default=2, help="CAM pooling resolution r")
+    b.add_argument("--spec", choices=["cifar", "imagenet"], default="cifar")
+    b.add_argument("--spec-seed", type=int, default=0)
+    b.add_argument("--storage", choices=["float16", "float32", "int8", "features"], default="float16")
+    b.add_argument("--binarize", action="store_true", help="store binarised CAMs (the paper's variant)")
+    b.add_argument("--actors", type=int, default=1)
+    b.add_argument("--gpus-per-actor", type=float, default=0.0)
+    b.add_argument("--cpus-per-actor", type=int, default=1)
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
+    b.add_argument("--channels-last", action="store_true")
+    b.set_defaults(func=cmd_cache_build)
+    i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
+    i.add_argument("url")
+    i.set_defaults(func=cmd_cache_info)
+    v = cache.add_parser("verify", help="completeness, checksums, finite values, recomputed samples")
+    v.add_argument("url")
+    v.add_argument("--samples", type=int, default=16, help="random (sample, view) pairs to recompute with the teacher")
+    v.add_argument("--weights", help="teacher checkpoint URL (default: the one recorded at build time)")
+    v.set_defaults(func=cmd_cache_verify)
+
+    p = sub.add_parser("train", help="train a teacher or a student on Ray Train (ce, kd, catkd, cat, online-catkd)")
+    p.add_argument("config", nargs="?", help="YAML config (jobs/configs/...); optional when overrides say everything")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of any config field")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")
+    p.add_argument("checkpoint", help="model checkpoint URL (student_cam.pt, or any form load_checkpoint reads with --arch)")
+    p.add_argument("--data", required=True, help="shards URL")
+    p.add_argument("--split", default="test")
+    p.add_argument("--arch", help="architecture, when the checkpoint does not name it")
+    p.add_argument("--spec", choices=["cifar", "imagenet"], default="cifar")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="teacher, vanilla and CAT-KD students on the embedded synthetic data")
     p.add_argument("--out", default="outputs/demo", help="folder for results, checkpoints and pictures")
@@ -80,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from catkd.models import ConversionError
+    from pipeline.augment import ViewMismatchError
+    from pipeline.cache import CacheBuildError, CacheMismatchError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError
 
@@ -87,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ShardError, SourceError) as exc:
+    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError) as exc:
         # Bad input: one clear line naming the file and sample, and a non-zero exit.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import AugmentSpec, apply_views, eval_transform, normalize_batch, view_params
+from pipeline.augment import AugmentSpec, apply_views, check_params, eval_transform, normalize_batch, view_params
 from pipeline.order import WorkerPlan, epoch_plan, eval_plan
-from pipeline.shards import Sample, ShardIndex, decode_image, load_shard, read_index
+from pipeline.shards import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.storage import join
 
 
@@ -34,6 +34,7 @@ class ReaderConfig:
     seed: int = 0  # run seed: shard order and shuffling
     shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
     normalize: bool = True  # float with the spec's mean/std; False: uint8 (normalise on device)
+    cache: str | None = None  # teacher-target cache URL: join its targets to the samples
 
 
 class ShardStream(IterableDataset):
@@ -83,7 +84,24 @@ class ShardStream(IterableDataset):
 
     def _samples(self, shards: tuple[int, ...]) -> Iterator[Sample]:
         for j in shards:
-            yield from load_shard(self.cfg.data, self.index, self.index.shards[j])
+            samples = load_shard(self.cfg.data, self.index, self.index.shards[j])
+            if self.cfg.cache and self.cfg.train:
+                self._join_targets(j, samples)
+            yield from samples
+
+    def _join_targets(self, j: int, samples: list[Sample]) -> None:
+        """One read of shard j's targets for this epoch's view, joined by id."""
+        if not hasattr(self, "_targets"):
+            from pipeline.cache.reader import TargetCache
+
+            self._targets = TargetCache(self.cfg.cache)
+        stored = self._targets.read(j, self.view)
+        ids = np.array([s.id for s in samples])
+        if not np.array_equal(stored["ids"], ids):
+            bad = int(np.argmax(stored["ids"] != ids)) if len(ids) == len(stored["ids"]) else 0
+            raise ShardError(f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at position {bad})")
+        for k, sample in enumerate(samples):
+            sample.target = {"params": stored["params"][k], "cam": stored["cam"][k], "logits": stored["logits"][k]}
 
     def _shuffled(self, shards: tuple[int, ...], worker: int) -> Iterator[Sample]:
         """A shuffle buffer across consecutive shards, seeded by (seed, epoch, rank, worker)."""
@@ -106,8 +124,17 @@ class ShardStream(IterableDataset):
         images = self._decode(samples)
         ids = np.array([s.id for s in samples], np.int64)
         hw = np.array([im.shape[:2] for im in images], np.int64)
-        params = view_params(self.cfg.spec, ids, self.view, hw)
-        return self._collate(samples, apply_views(self.cfg.spec, images, params), params)
+        if samples[0].target is None:
+            params = view_params(self.cfg.spec, ids, self.view, hw)
+            return self._collate(samples, apply_views(self.cfg.spec, images, params), params)
+        # Cached views: the stored parameters are authoritative; recomputing them only
+        # detects a spec that changed since the cache was built.
+        params = np.stack([s.target["params"] for s in samples]).astype(np.int64)
+        check_params(self.cfg.spec, ids, self.view, hw, params, self.cfg.cache)
+        batch = self._collate(samples, apply_views(self.cfg.spec, images, params), params)
+        batch["t_cam"] = torch.from_numpy(np.stack([s.target["cam"] for s in samples]))
+        batch["t_logits"] = torch.from_numpy(np.stack([s.target["logits"] for s in samples]))
+        return batch
 
     def _eval_batches(self, shards: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:
         batch: list[Sample] = []

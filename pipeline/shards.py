@@ -58,6 +58,8 @@ class Sample:
     image: bytes  # encoded bytes, or raw HxWx3 uint8 bytes when fmt == "rgb"
     fmt: str
     box: tuple[int, int, int, int] | None = None
+    # Cached teacher targets joined by the reader: {"params", "cam", "logits"} rows.
+    target: dict[str, np.ndarray] | None = None
 
 
 def encode_shard(samples: list[Sample]) -> bytes:

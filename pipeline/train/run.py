@@ -1,0 +1,105 @@
+"""``catkd train``: validate inputs on the driver, then run the loop on Ray Train.
+
+Everything that can be refused is refused before any worker starts: a missing
+dataset, a cache made for another teacher, dataset, split, spec, view count,
+resolution or class count, or a partial cache. Rerunning the same command (same
+``storage_path`` and ``name``) resumes after the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from catkd.models import build_model
+from pipeline.augment import AugmentSpec
+from pipeline.cache.identity import CacheIdentity, file_sha256
+from pipeline.cache.reader import TargetCache
+from pipeline.ray_setup import init_ray
+from pipeline.shards import read_index
+from pipeline.storage import filesystem, join, write_atomic
+from pipeline.train.checkpoint import load_training_state
+from pipeline.train.config import TrainConfig
+from pipeline.train.loop import train_loop
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """Check the inputs and fill what the cache decides (S; the teacher's name)."""
+    index = read_index(cfg.data, cfg.train_split)
+    read_index(cfg.data, cfg.test_split)
+    if cfg.mode not in ("kd", "catkd", "cat"):
+        return dataclasses.replace(cfg, num_views=cfg.num_views or 1)
+    cache = TargetCache(cfg.cache)
+    found = cache.identity
+    ignore = ["storage"]  # any storage form serves
+    weights_sha = found.teacher_sha256
+    if cfg.teacher_weights:
+        fs, path = filesystem(cfg.teacher_weights)
+        weights_sha = file_sha256(fs.cat_file(path))
+    expected = CacheIdentity(
+        teacher_arch=cfg.teacher or found.teacher_arch,
+        teacher_sha256=weights_sha,
+        dataset_fingerprint=index.fingerprint,
+        split=cfg.train_split,
+        spec=AugmentSpec.preset(cfg.spec, cfg.spec_seed).to_dict(),
+        num_views=cfg.num_views if cfg.num_views > 0 else found.num_views,
+        resolution=cfg.resolution,
+        num_classes=index.num_classes,
+        target_kind="binarized_cam" if cfg.binarize else "cam",
+        storage=found.storage,
+    )
+    cache.check(expected, ignore=tuple(ignore))
+    return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
+
+
+def _storage_path(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    cfg = resolve(cfg)
+    init_ray()
+    storage = _storage_path(cfg.storage_path)
+    cfg = dataclasses.replace(cfg, storage_path=storage)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": asdict(cfg)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    with result.checkpoint.as_directory() as folder:
+        state = load_training_state(folder)
+    exported = export_student(cfg, state)
+    return {"history": state["history"], "exported": exported, "run": join(storage, cfg.name)}
+
+
+def export_student(cfg: TrainConfig, state: dict[str, Any]) -> dict[str, str]:
+    """The final student as plain state dicts, loadable without Ray: CAM form (our
+    checkpoint format) and classifier form (a Linear head with zero bias)."""
+    payload = state["model"]
+    model = build_model(payload["arch"], payload["num_classes"])
+    model.load_state_dict(payload["state_dict"])
+    fs, root = filesystem(cfg.storage_path)
+    out = {}
+    for name, obj in (("student_cam.pt", payload), ("student_classifier.pt", model.classifier_state_dict())):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        path = join(root, cfg.name, name)
+        write_atomic(fs, path, buf.getvalue())
+        out[name] = path
+    return out

@@ -1,0 +1,49 @@
+"""Loss terms of one training step for every mode; the same code for cached and live
+teacher targets (the parity tests call it directly)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from catkd.losses import CATKDConfig, catkd_loss, kd_loss, teacher_cam_targets
+from catkd.models import CAMClassifier
+from pipeline.train.config import TrainConfig
+
+
+def catkd_config(cfg: TrainConfig) -> CATKDConfig:
+    return CATKDConfig(
+        ce_weight=cfg.ce_weight,
+        beta=cfg.beta,
+        resolution=cfg.resolution,
+        normalize=cfg.normalize,
+        binarize=cfg.binarize,
+        select_n=cfg.select_n,
+        select_strategy=cfg.select_strategy,
+    )
+
+
+def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled CAM targets, logits) of a live teacher: the same function the cache uses."""
+    with torch.no_grad():
+        logits, cam = teacher(x)
+    return teacher_cam_targets(cam.float(), cfg.resolution, binarize=cfg.binarize), logits.float()
+
+
+def loss_terms(
+    cfg: TrainConfig,
+    logits: torch.Tensor,
+    cam: torch.Tensor,
+    labels: torch.Tensor,
+    t_cam: torch.Tensor | None = None,
+    t_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """{"loss", and each term}; ``t_cam``/``t_logits`` from the cache or ``live_targets``."""
+    if cfg.mode == "ce":
+        ce = F.cross_entropy(logits.float(), labels)
+        return {"loss": ce, "ce": ce}
+    if cfg.mode == "kd":
+        ce = F.cross_entropy(logits.float(), labels)
+        kd = kd_loss(logits, t_logits, cfg.kd_temperature)
+        return {"loss": cfg.ce_weight * ce + cfg.kd_weight * kd, "ce": ce, "kd": kd}
+    return catkd_loss(catkd_config(cfg), logits, cam, t_cam, labels=labels if cfg.ce_weight > 0 else None, teacher_logits=t_logits)

@@ -1,0 +1,109 @@
+"""Ray Train runs end to end: every mode trains, wrong caches are refused before any
+worker starts, the final student is exported, and a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from catkd.models import build_model, checkpoint_payload, load_checkpoint
+from pipeline.cache import CacheBuildConfig, CacheMismatchError, build_cache
+from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.train.config import TrainConfig, load_config
+from pipeline.train.evaluate import evaluate_checkpoint
+from pipeline.train.run import resolve, train
+
+
+@pytest.fixture(scope="module")
+def env(ray_local, tmp_path_factory):
+    base = tmp_path_factory.mktemp("train")
+    data = str(base / "shapes")
+    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=24, synthetic={"train_samples": 96, "test_samples": 32, "seed": 8}, progress=False))
+    torch.manual_seed(2)
+    weights = str(base / "teacher.pth")
+    torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), weights)
+    cache = build_cache(CacheBuildConfig(data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False))
+    return {"base": base, "data": data, "weights": weights, "cache": cache}
+
+
+def _cfg(env, name, **kw):
+    values = dict(data=env["data"], cache=env["cache"], student="resnet8", epochs=2, batch_size=16, lr_decay_epochs=[1],
+                  num_workers=2, loader_workers=1, storage_path=str(env["base"] / "runs"), name=name, beta=0.5)  # fmt: skip
+    return TrainConfig(**(values | kw))
+
+
+def test_catkd_two_workers_trains_exports_and_evaluates(env):
+    result = train(_cfg(env, "catkd"))
+    history = result["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    for key in ("train_loss", "train_cat", "train_ce", "train_top1", "train_top5", "test_top1", "test_top5", "images_per_s", "data_wait_fraction"):
+        assert key in history[-1]
+    assert 0 <= history[-1]["data_wait_fraction"] <= 1
+    lines = (env["base"] / "runs" / "catkd" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert any((env["base"] / "runs" / "catkd" / "tensorboard").iterdir())
+    # The export loads without Ray, in CAM form and in classifier form.
+    cam_model = load_checkpoint(result["exported"]["student_cam.pt"], "resnet8", 10)
+    classifier_state = torch.load(result["exported"]["student_classifier.pt"], weights_only=True)
+    assert torch.count_nonzero(classifier_state["fc.bias"]) == 0
+    assert "head.weight" in cam_model.state_dict()
+    metrics = evaluate_checkpoint(result["exported"]["student_cam.pt"], env["data"], device="cpu", loader_workers=0)
+    assert metrics["samples"] == 32
+    assert metrics["top1"] == pytest.approx(history[-1]["test_top1"], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ce", "kd", "cat", "online-catkd"])
+def test_every_mode_runs(env, mode):
+    extra = {"teacher": "resnet8", "teacher_weights": env["weights"]} if mode == "online-catkd" else {}
+    if mode in ("ce", "online-catkd"):
+        extra["cache"] = None
+    history = train(_cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra))["history"]
+    terms = {k for k in history[0] if k.startswith("train_")}
+    expected = {"ce": {"train_ce"}, "kd": {"train_ce", "train_kd"}, "cat": {"train_cat"}, "online-catkd": {"train_ce", "train_cat"}}[mode]
+    assert expected <= terms and ("train_ce" not in terms if mode == "cat" else True)
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [({"spec_seed": 3}, "spec"), ({"resolution": 4}, "resolution"), ({"num_views": 3}, "num_views"),
+     ({"teacher": "resnet20"}, "teacher_arch"), ({"binarize": True}, "target_kind")],
+)  # fmt: skip
+def test_wrong_cache_is_refused_before_training(env, override, field):
+    with pytest.raises(CacheMismatchError, match=field):
+        resolve(_cfg(env, "refused", **override))
+
+
+def test_foreign_teacher_weights_are_refused(env):
+    other = str(env["base"] / "other.pth")
+    torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), other)
+    with pytest.raises(CacheMismatchError, match="teacher_sha256"):
+        resolve(_cfg(env, "refused", teacher_weights=other))
+
+
+def test_partial_cache_is_refused(env, tmp_path):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "identity.json").write_text("{}")
+    with pytest.raises(CacheMismatchError, match="partial cache"):
+        resolve(_cfg(env, "refused", cache=str(partial)))
+
+
+def test_rerun_resumes_after_last_epoch(env):
+    first = train(_cfg(env, "resume", epochs=1, num_workers=1))
+    assert [h["epoch"] for h in first["history"]] == [1]
+    second = train(_cfg(env, "resume", epochs=3, num_workers=1))
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
+    assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
+
+
+def test_yaml_config_and_overrides(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo_catkd.yaml")
+    cfg = load_config(path, ["data=/d", "cache=/c", "beta=2", "normalize=true", "lr_decay_epochs=[1, 2]"])
+    assert cfg.beta == 2.0 and cfg.normalize is True and cfg.lr_decay_epochs == [1, 2] and cfg.student == "resnet8"
+    with pytest.raises(ValueError, match="unknown"):
+        load_config(None, ["data=/d", "nonsense=1"])
+    with pytest.raises(ValueError, match="needs|cache"):
+        load_config(None, ["data=/d", "mode=catkd"])
