@@ -1,0 +1,59 @@
+"""Run by tests/test_faults.py in its own process: a multi-node Ray cluster on this
+machine, a training run, and the loss of the node that hosts the training worker.
+
+    python tests/helpers/node_loss.py DATA CACHE STORAGE
+
+Prints one JSON line: the epochs of the final history and whether a node was removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+
+os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.util.state import list_actors  # noqa: E402
+
+from pipeline.train.config import TrainConfig  # noqa: E402
+from pipeline.train.run import train  # noqa: E402
+
+
+def main() -> None:
+    data, cache, storage = sys.argv[1:4]
+    # The head has no CPUs, so the training worker lands on a node we can remove.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    cfg = TrainConfig(mode="catkd", data=data, cache=cache, student="resnet8", epochs=4, batch_size=8, lr_decay_epochs=[3],
+                      num_workers=1, loader_workers=0, storage_path=storage, name="node-loss", max_failures=3)  # fmt: skip
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(train(cfg)))
+    runner.start()
+    metrics = os.path.join(storage, "node-loss", "metrics.jsonl")
+    removed = False
+    deadline = time.time() + 240
+    while runner.is_alive() and time.time() < deadline and not removed:
+        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 1:
+            time.sleep(0.3)  # into the second epoch
+            busy = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name}
+            victim = next((n for n in workers if n.node_id in busy), None)
+            if victim is not None:
+                cluster.remove_node(victim)
+                removed = True
+        time.sleep(0.05)
+    runner.join(timeout=300)
+    epochs = [h["epoch"] for h in outcome.get("history", [])]
+    print(json.dumps({"epochs": epochs, "removed": removed}), flush=True)
+    ray.shutdown()
+    cluster.shutdown()
+
+
+if __name__ == "__main__":
+    main()
