@@ -35,6 +35,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from pipeline.viz import render_cam_report
+
+    checkpoints = dict(item.split("=", 1) if "=" in item else (item.rsplit("/", 1)[-1], item) for item in args.models)
+    rates = render_cam_report(args.data, checkpoints, args.out, split=args.split, shown=args.count, spec=args.spec)
+    print(f"wrote {args.out}")
+    for label, rate in rates.items():
+        print(f"{label}: CAM peak inside the object box for {100 * rate:.1f}% of {args.split} images")
+    return 0
+
+
 def cmd_shard(args: argparse.Namespace) -> int:
     from pipeline.shard_job import ShardConfig, shard_dataset
 
@@ -98,6 +109,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder {result['run']}")
     for name, path in result["exported"].items():
         print(f"[train] exported {name}: {path}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.train.config import load_config
+    from pipeline.train.sweep import SweepGrid, run_sweep
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:
+        config, overrides = None, [config, *overrides]
+    grid = SweepGrid(students=args.students, betas=args.betas, resolutions=args.resolutions, seeds=args.seeds)
+    run_sweep(load_config(config, overrides), grid, max_concurrent=args.concurrent)
     return 0
 
 
@@ -167,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of any config field")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("sweep", help="a grid of student runs reading one cache concurrently, with a results table")
+    p.add_argument("config", nargs="?", help="base YAML config (the run name becomes the sweep's folder)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
+    p.add_argument("--students", nargs="+", default=["resnet8"])
+    p.add_argument("--betas", nargs="+", type=float, default=[1.0])
+    p.add_argument("--resolutions", nargs="+", type=int, default=[2])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--concurrent", type=int, default=2, help="runs at the same time")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")
     p.add_argument("checkpoint", help="model checkpoint URL (student_cam.pt, or any form load_checkpoint reads with --arch)")
     p.add_argument("--data", required=True, help="shards URL")
@@ -175,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", choices=["cifar", "imagenet"], default="cifar")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("viz", help="PNG grid of test images with each model's CAM for the true class")
+    p.add_argument("models", nargs="+", help="LABEL=CHECKPOINT_URL (or just a URL) per model, teacher first")
+    p.add_argument("--data", required=True, help="shards URL")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", default="cams.png", help="PNG path or URL")
+    p.add_argument("--count", type=int, default=8, help="images shown")
+    p.add_argument("--spec", choices=["cifar", "imagenet"], default="cifar")
+    p.set_defaults(func=cmd_viz)
 
     p = sub.add_parser("demo", help="teacher, vanilla and CAT-KD students on the embedded synthetic data")
     p.add_argument("--out", default="outputs/demo", help="folder for results, checkpoints and pictures")
@@ -189,12 +231,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.cache import CacheBuildError, CacheMismatchError
     from pipeline.shards import ShardError
     from pipeline.sources import SourceError
+    from pipeline.storage import StorageError
 
     args = build_parser().parse_args(argv)
     func: Command = args.func
     try:
         return func(args)
-    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError) as exc:
+    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError) as exc:
         # Bad input: one clear line naming the file and sample, and a non-zero exit.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

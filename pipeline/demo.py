@@ -1,8 +1,10 @@
-"""``catkd demo``: teacher -> vanilla student and CAT-KD student, on the embedded
-synthetic dataset, in one process on the CPU; prints a table and writes a CAM picture.
+"""``catkd demo`` (the README's main command): the whole pipeline on the embedded
+synthetic dataset, on a local Ray (or ``RAY_ADDRESS``):
 
-The Ray pipeline (shards, cached teacher targets, Ray Train) replaces the in-memory
-steps here as it lands; the table and the outputs folder keep their shape.
+    shard -> train a teacher -> build its cache -> distill a CAT-KD student from the
+    cache and a vanilla student -> evaluate -> table + CAM picture
+
+Everything lands in one folder, named at the end.
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
-from catkd.losses import CATKDConfig
-from catkd.models import build_model, checkpoint_payload
-from pipeline.local_train import LocalTrainConfig, evaluate, normalize, train_local
-from pipeline.synthetic import CLASSES, make_arrays
-from pipeline.viz import peak_in_box_rate, save_cam_grid, true_class_cams
+from pipeline.cache import CacheBuildConfig, build_cache
+from pipeline.cache.verify import cache_info
+from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.train.config import TrainConfig
+from pipeline.train.run import train
+from pipeline.viz import render_cam_report
 
 
 @dataclass
@@ -26,65 +27,78 @@ class DemoConfig:
     out: str = "outputs/demo"
     train_samples: int = 2000
     test_samples: int = 500
-    image_size: int = 32
     teacher: str = "resnet20"
     student: str = "resnet8"
     teacher_epochs: int = 8
     student_epochs: int = 6
     beta: float = 0.5
+    num_workers: int = 2  # Ray Train workers
     seed: int = 0
 
 
+def _stage(title: str) -> float:
+    print(f"\n[demo] === {title} ===", flush=True)
+    return time.perf_counter()
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    out = Path(cfg.out)
+    out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    num_classes = len(CLASSES)
-    print(f"[demo] making synthetic:shapes ({cfg.train_samples} train, {cfg.test_samples} test, {cfg.image_size}px)")
-    train = [torch.from_numpy(a) for a in make_arrays(cfg.seed, 0, cfg.train_samples, cfg.image_size)]
-    test = [torch.from_numpy(a) for a in make_arrays(cfg.seed + 1, 0, cfg.test_samples, cfg.image_size)]
+    data, runs = str(out / "data"), str(out / "runs")
+    started = time.perf_counter()
 
-    runs = {
-        "teacher": (cfg.teacher, LocalTrainConfig(mode="ce", epochs=cfg.teacher_epochs, seed=cfg.seed), True),
-        "vanilla student": (cfg.student, LocalTrainConfig(mode="ce", epochs=cfg.student_epochs, seed=cfg.seed), False),
-        "CAT-KD student": (
-            cfg.student,
-            LocalTrainConfig(mode="catkd", epochs=cfg.student_epochs, seed=cfg.seed, catkd=CATKDConfig(beta=cfg.beta)),
-            False,
-        ),
-    }
-    models, results = {}, {}
-    teacher = None
-    for label, (arch, train_cfg, is_teacher) in runs.items():
-        print(f"[demo] training {label} ({arch}, mode {train_cfg.mode}, {train_cfg.epochs} epochs)")
-        model = build_model(arch, num_classes, bias=is_teacher)
-        start = time.perf_counter()
-        history = train_local(model, train[0], train[1], train_cfg, teacher=teacher)
-        if is_teacher:
-            teacher = model
-        models[label] = model
-        torch.save(checkpoint_payload(model, arch), out / f"{label.replace(' ', '_')}.pth")
+    _stage("1/5 shard synthetic:shapes")
+    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=250,
+                              synthetic={"train_samples": cfg.train_samples, "test_samples": cfg.test_samples, "seed": cfg.seed}))  # fmt: skip
+
+    common = dict(data=data, epochs=cfg.student_epochs, batch_size=64, lr=0.05, lr_decay_epochs=[cfg.student_epochs - 2],
+                  num_workers=cfg.num_workers, loader_workers=1, storage_path=runs, seed=cfg.seed)  # fmt: skip
+    t = _stage(f"2/5 train the teacher ({cfg.teacher}, cross-entropy)")
+    teacher_run = train(TrainConfig(**(common | dict(mode="ce", student=cfg.teacher, name="teacher", epochs=cfg.teacher_epochs,
+                                                      lr_decay_epochs=[cfg.teacher_epochs - 2]))))  # fmt: skip
+    teacher_weights = teacher_run["exported"]["student_cam.pt"]
+    teacher_seconds = time.perf_counter() - t
+
+    t = _stage(f"3/5 build the teacher's CAM cache ({cfg.student_epochs} views per sample)")
+    cache = build_cache(CacheBuildConfig(data=data, teacher=cfg.teacher, weights=teacher_weights, root=str(out / "caches"),
+                                         num_views=cfg.student_epochs, resolution=2, batch_size=250))  # fmt: skip
+    cache_seconds = time.perf_counter() - t
+    info = cache_info(cache)
+
+    _stage(f"4/5 distill students ({cfg.student}): vanilla and CAT-KD from the cache")
+    vanilla = train(TrainConfig(**(common | dict(mode="ce", student=cfg.student, name="vanilla"))))
+    catkd = train(TrainConfig(**(common | dict(mode="catkd", student=cfg.student, cache=cache, beta=cfg.beta, name="catkd"))))
+
+    _stage("5/5 evaluate and draw CAMs")
+    models = {"teacher": teacher_weights, "vanilla student": vanilla["exported"]["student_cam.pt"], "CAT-KD student": catkd["exported"]["student_cam.pt"]}
+    peak_rates = render_cam_report(data, models, str(out / "cams.png"))
+    results = {}
+    for label, run in (("teacher", teacher_run), ("vanilla student", vanilla), ("CAT-KD student", catkd)):
+        last = run["history"][-1]
         results[label] = {
-            "arch": arch,
-            "top1": evaluate(model, test[0], test[1]),
-            "train_images_per_s": sum(h["images_per_s"] for h in history) / len(history),
-            "train_seconds": time.perf_counter() - start,
-            "history": history,
+            "arch": cfg.teacher if label == "teacher" else cfg.student,
+            "top1": last["test_top1"],
+            "images_per_s": last["images_per_s"],
+            "cam_peak_in_box": peak_rates[label],
+            "checkpoint": models[label],
         }
+    summary = {
+        "config": asdict(cfg),
+        "results": results,
+        "cache": {"url": cache, "bytes": info["bytes_on_storage"], "bytes_per_view": info["bytes_per_view"], "build_seconds": cache_seconds},
+        "teacher_train_seconds": teacher_seconds,
+        "total_seconds": time.perf_counter() - started,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+    print(f"\n[demo] finished in {summary['total_seconds']:.0f} s; everything is in {out}")
+    print(f"[demo]   results.json, cams.png, data/ (shards), caches/ (teacher targets), runs/ (checkpoints, metrics, TensorBoard)")
+    return summary
 
-    inputs = normalize(test[0])
-    cams = {label: true_class_cams(m, inputs, test[1]) for label, m in models.items()}
-    for label in models:
-        results[label]["cam_peak_in_box"] = peak_in_box_rate(cams[label], test[2])
-    shown = slice(0, 6)
-    save_cam_grid(out / "cams.png", test[0][shown].numpy(), {k: v[shown] for k, v in cams.items()}, list(CLASSES), test[1][shown].numpy())
-    (out / "results.json").write_text(json.dumps({"config": asdict(cfg), "results": results}, indent=2))
-    print_table(results)
-    print(f"[demo] outputs in {out.resolve()} (results.json, cams.png, checkpoints)")
-    return results
 
-
-def print_table(results: dict) -> None:
-    print(f"\n{'model':<18}{'arch':<11}{'top-1 %':>9}{'train img/s':>13}{'CAM peak in box':>17}")
-    for label, r in results.items():
-        print(f"{label:<18}{r['arch']:<11}{r['top1']:>9.1f}{r['train_images_per_s']:>13.0f}{100 * r['cam_peak_in_box']:>16.1f}%")
+def print_table(summary: dict) -> None:
+    cache = summary["cache"]
+    print(f"\n{'model':<17}{'arch':<10}{'top-1 %':>9}{'train img/s':>13}{'CAM peak in box':>17}")
+    for label, r in summary["results"].items():
+        print(f"{label:<17}{r['arch']:<10}{r['top1']:>9.1f}{r['images_per_s']:>13.0f}{100 * r['cam_peak_in_box']:>16.1f}%")
+    print(f"teacher cache: {cache['bytes'] / 1e6:.2f} MB ({cache['bytes_per_view']:.0f} bytes per view), built in {cache['build_seconds']:.0f} s")

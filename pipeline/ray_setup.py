@@ -15,4 +15,5 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS") or "local"
     kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
-    ray.init(address=address, logging_level=logging.WARNING, include_dashboard=False if address == "local" else None, **kwargs)
+    # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
+    ray.init(address=address, logging_level=logging.WARNING, **kwargs)

@@ -36,7 +36,7 @@ from pipeline.shards import (
     write_index,
 )
 from pipeline.sources import Record, Source, SourceError, SubsetSource, open_source
-from pipeline.storage import filesystem, join, write_atomic
+from pipeline.storage import check_location, filesystem, join, write_atomic
 
 Encoding = Literal["keep", "raw"]
 PROGRESS_DIR = "_progress"
@@ -64,6 +64,7 @@ def shard_dataset(cfg: ShardConfig) -> dict[str, ShardIndex]:
         raise SourceError(f"{cfg.source}: no split {unknown[0]!r} (has {', '.join(source.splits())})")
     if cfg.samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
+    check_location(cfg.out)
     init_ray()
     source_ref = ray.put(source)
     return {split: _shard_split(cfg, source, source_ref, split) for split in splits}

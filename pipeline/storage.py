@@ -67,19 +67,34 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
 
 
 def zarr_store(url: str, *, read_only: bool = False):
-    """A zarr v3 store for ``url``: a LocalStore for local paths, else an fsspec store."""
+    """A zarr v3 store for ``url``: a LocalStore for local paths, else an fsspec store
+    whose async filesystem zarr creates on its own event loop (a filesystem instance
+    cached by fsspec belongs to another loop and cannot be shared)."""
     import zarr
 
     fs, path = filesystem(url)
     if "file" in fs.protocol or fs.protocol == "local":
         return zarr.storage.LocalStore(path, read_only=read_only)
-    return zarr.storage.FsspecStore(fs=_async_fs(fs), path=path, read_only=read_only)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options={"skip_instance_cache": True})
 
 
-def _async_fs(fs: AbstractFileSystem) -> AbstractFileSystem:
-    """zarr's FsspecStore needs an async filesystem (s3fs is one)."""
-    if getattr(fs, "async_impl", False):
-        return fs
-    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+class StorageError(OSError):
+    """A location that cannot be used: missing bucket, refused credentials, ..."""
 
-    return AsyncFileSystemWrapper(fs)
+
+def check_location(url: str) -> None:
+    """Fail early and clearly on object stores: the bucket must exist and be reachable
+    with the credentials in the environment (they are never printed). Writing into a
+    missing bucket would otherwise create it, or fail deep inside a task."""
+    fs, path = filesystem(url)
+    if "file" in fs.protocol or fs.protocol == "local":
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        exists = fs.exists(bucket)
+    except PermissionError as exc:
+        raise StorageError(f"{url}: access denied to bucket {bucket!r}; check the credentials in the environment ({type(exc).__name__})") from None
+    except Exception as exc:  # botocore and aiohttp raise many types
+        raise StorageError(f"{url}: cannot reach the object store ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not exists:
+        raise StorageError(f"{url}: bucket {bucket!r} does not exist (or these credentials cannot see it)")

@@ -1,8 +1,9 @@
-"""Pictures of CAMs: test images with each model's CAM for the true class overlaid."""
+"""Pictures of CAMs (``catkd viz``): test images with each model's CAM for the true class
+overlaid, and how often each CAM's peak falls inside the object's box."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import matplotlib
 
@@ -12,7 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from catkd.models import CAMClassifier
+from catkd.models import CAMClassifier, load_checkpoint, read_checkpoint
+from pipeline.augment import AugmentSpec, normalize_batch
+from pipeline.reader import ReaderConfig, ShardStream
+from pipeline.storage import filesystem
 
 
 @torch.no_grad()
@@ -29,26 +33,20 @@ def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Te
 
 def peak_in_box_rate(cams: torch.Tensor, boxes: torch.Tensor) -> float:
     """Fraction of samples whose CAM maximum lies inside the object's box (x0, y0, x1, y1)."""
-    n, _, w = cams.shape
+    width = cams.shape[2]
     flat = cams.flatten(1).argmax(1)
-    ys, xs = flat // w, flat % w
+    ys, xs = flat // width, flat % width
     inside = (xs >= boxes[:, 0]) & (xs < boxes[:, 2]) & (ys >= boxes[:, 1]) & (ys < boxes[:, 3])
     return float(inside.float().mean())
 
 
-def save_cam_grid(
-    path: str | Path,
-    images: np.ndarray,
-    cams_by_model: dict[str, torch.Tensor],
-    class_names: list[str],
-    labels: np.ndarray,
-) -> None:
+def save_cam_grid(path: str, images: np.ndarray, cams_by_model: dict[str, torch.Tensor], titles: list[str]) -> None:
     """One row per image: the image, then each model's overlaid CAM."""
     rows, cols = len(images), 1 + len(cams_by_model)
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.8 * rows), squeeze=False)
     for r in range(rows):
         axes[r, 0].imshow(images[r])
-        axes[r, 0].set_title(class_names[labels[r]], fontsize=7)
+        axes[r, 0].set_title(titles[r], fontsize=7)
         for c, (name, cams) in enumerate(cams_by_model.items(), start=1):
             axes[r, c].imshow(images[r])
             axes[r, c].imshow(cams[r].numpy(), cmap="jet", alpha=0.45)
@@ -57,5 +55,28 @@ def save_cam_grid(
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
+    fs, target = filesystem(path)
+    with fs.open(target, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def render_cam_report(data: str, checkpoints: dict[str, str], out: str, *, split: str = "test", shown: int = 6, spec: str = "cifar") -> dict[str, float]:
+    """Draw ``shown`` test images with every model's CAM into ``out`` (PNG); return each
+    model's CAM-peak-in-box rate over the whole split (needs a dataset with boxes)."""
+    stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False))
+    batch = next(iter(stream))
+    inputs = normalize_batch(stream.cfg.spec, batch["image"])
+    cams = {}
+    for label, url in checkpoints.items():
+        fs, path = filesystem(url)
+        raw = fs.cat_file(path)
+        arch = read_checkpoint(io.BytesIO(raw))["arch"]
+        cams[label] = true_class_cams(load_checkpoint(io.BytesIO(raw), arch, stream.index.num_classes), inputs, batch["label"])
+    titles = [stream.index.classes[int(k)] for k in batch["label"][:shown]]
+    save_cam_grid(out, batch["image"][:shown].permute(0, 2, 3, 1).numpy(), {k: v[:shown] for k, v in cams.items()}, titles)
+    if "box" not in batch:
+        return {}
+    return {label: peak_in_box_rate(c, batch["box"]) for label, c in cams.items()}

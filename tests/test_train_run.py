@@ -107,3 +107,12 @@ def test_yaml_config_and_overrides(tmp_path):
         load_config(None, ["data=/d", "nonsense=1"])
     with pytest.raises(ValueError, match="needs|cache"):
         load_config(None, ["data=/d", "mode=catkd"])
+
+
+def test_sweep_reads_one_cache_concurrently(env):
+    from pipeline.train.sweep import SweepGrid, run_sweep
+
+    results = run_sweep(_cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0]), max_concurrent=2)
+    assert sorted(r["beta"] for r in results) == [0.5, 2.0]
+    table = json.loads((env["base"] / "runs" / "sweep" / "sweep.json").read_text())
+    assert len(table) == 2 and all(0 <= r["test_top1"] <= 100 for r in table)

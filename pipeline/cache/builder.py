@@ -41,7 +41,7 @@ from pipeline.cache.identity import CacheIdentity, StorageForm, file_sha256
 from pipeline.cache.layout import encode_targets, write_group
 from pipeline.ray_setup import init_ray
 from pipeline.shards import ShardIndex, decode_image, load_shard, read_index, sample_key
-from pipeline.storage import create_exclusive, filesystem, join, write_atomic, zarr_store
+from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic, zarr_store
 
 MANIFEST = "manifest.json"
 DONE_DIR = "done"
@@ -91,6 +91,7 @@ def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str
 
 def build_cache(cfg: CacheBuildConfig) -> str:
     """Build (or resume) the cache; returns its URL."""
+    check_location(cfg.root)
     index = read_index(cfg.data, cfg.split)
     wfs, wpath = filesystem(cfg.weights)
     weights = wfs.cat_file(wpath)

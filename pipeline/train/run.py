@@ -24,7 +24,7 @@ from pipeline.cache.identity import CacheIdentity, file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.ray_setup import init_ray
 from pipeline.shards import read_index
-from pipeline.storage import filesystem, join, write_atomic
+from pipeline.storage import check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_loop
@@ -64,6 +64,7 @@ def _storage_path(path: str) -> str:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
+    check_location(cfg.storage_path)
     cfg = resolve(cfg)
     init_ray()
     storage = _storage_path(cfg.storage_path)
