@@ -19,6 +19,13 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+def absolute(url: str) -> str:
+    """A local relative path made absolute (Ray workers run in other folders); URLs as they are."""
+    import os
+
+    return url if "://" in url or os.path.isabs(url) else os.path.abspath(url)
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 

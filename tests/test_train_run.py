@@ -3,6 +3,7 @@ worker starts, the final student is exported, and a rerun resumes."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -116,3 +117,24 @@ def test_sweep_reads_one_cache_concurrently(env):
     assert sorted(r["beta"] for r in results) == [0.5, 2.0]
     table = json.loads((env["base"] / "runs" / "sweep" / "sweep.json").read_text())
     assert len(table) == 2 and all(0 <= r["test_top1"] <= 100 for r in table)
+
+
+PAPER_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "paper", "*.yaml")))
+
+
+def test_paper_configs_cover_the_papers_pairs():
+    names = {os.path.basename(p)[: -len(".yaml")] for p in PAPER_CONFIGS}
+    assert len(names) == 13
+    assert {"cifar100_resnet56_resnet20", "cifar100_wrn_40_2_shufflev1", "imagenet_tv_resnet34_tv_resnet18"} <= names
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: os.path.basename(p))
+def test_paper_config_loads_and_validates(path):
+    from catkd.models import list_models
+
+    cfg = load_config(path, ["data=/data", "cache=/cache"])
+    assert cfg.mode == "catkd" and cfg.teacher in list_models() and cfg.student in list_models()
+    assert cfg.beta > 0 and cfg.resolution in (2, 4) and cfg.lr in (0.01, 0.05, 0.2)
+    imagenet = cfg.spec == "imagenet"
+    assert (cfg.epochs, cfg.lr_decay_epochs) == ((100, [30, 60, 90]) if imagenet else (240, [150, 180, 210]))
+    assert cfg.batch_size * cfg.num_workers == (512 if imagenet else 64)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from dataclasses import asdict
 from typing import Any
 
@@ -24,7 +23,7 @@ from pipeline.cache.identity import CacheIdentity, file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.ray_setup import init_ray
 from pipeline.shards import read_index
-from pipeline.storage import check_location, filesystem, join, write_atomic
+from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig
 from pipeline.train.loop import train_loop
@@ -32,6 +31,13 @@ from pipeline.train.loop import train_loop
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
     """Check the inputs and fill what the cache decides (S; the teacher's name)."""
+    cfg = dataclasses.replace(
+        cfg,
+        data=absolute(cfg.data),
+        cache=cfg.cache and absolute(cfg.cache),
+        teacher_weights=cfg.teacher_weights and absolute(cfg.teacher_weights),
+        storage_path=absolute(cfg.storage_path),
+    )
     index = read_index(cfg.data, cfg.train_split)
     read_index(cfg.data, cfg.test_split)
     if cfg.mode not in ("kd", "catkd", "cat"):
@@ -59,16 +65,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
 
 
-def _storage_path(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
-
-
 def train(cfg: TrainConfig) -> dict[str, Any]:
     check_location(cfg.storage_path)
     cfg = resolve(cfg)
     init_ray()
-    storage = _storage_path(cfg.storage_path)
-    cfg = dataclasses.replace(cfg, storage_path=storage)
+    storage = cfg.storage_path
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": asdict(cfg)},

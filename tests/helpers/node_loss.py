@@ -18,7 +18,7 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
-from ray.util.state import list_actors  # noqa: E402
+from ray._private.state import available_resources_per_node  # noqa: E402
 
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
@@ -42,8 +42,11 @@ def main() -> None:
     while runner.is_alive() and time.time() < deadline and not removed:
         if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 1:
             time.sleep(0.3)  # into the second epoch
-            busy = {a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name}
-            victim = next((n for n in workers if n.node_id in busy), None)
+            # The node whose only CPU is taken hosts the training worker. (Read from the GCS:
+            # the state API needs this cluster's dashboard, whose ports the test session's
+            # own Ray may already hold.)
+            free = available_resources_per_node()
+            victim = next((n for n in workers if free.get(n.node_id, {}).get("CPU", 0) == 0), None)
             if victim is not None:
                 cluster.remove_node(victim)
                 removed = True
