@@ -3,6 +3,8 @@ teacher targets (the parity tests call it directly)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -12,15 +14,8 @@ from pipeline.train.config import TrainConfig
 
 
 def catkd_config(cfg: TrainConfig) -> CATKDConfig:
-    return CATKDConfig(
-        ce_weight=cfg.ce_weight,
-        beta=cfg.beta,
-        resolution=cfg.resolution,
-        normalize=cfg.normalize,
-        binarize=cfg.binarize,
-        select_n=cfg.select_n,
-        select_strategy=cfg.select_strategy,
-    )
+    """The loss settings of a run: TrainConfig carries every CATKDConfig field by name."""
+    return CATKDConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(CATKDConfig)})
 
 
 def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
