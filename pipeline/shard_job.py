@@ -106,19 +106,23 @@ def _shard_split(cfg: ShardConfig, source: Source, source_ref: ray.ObjectRef, sp
         _write_shard.remote(source_ref, split, j, first, count, cfg.out, cfg.encoding, len(classes), digest): j
         for j, first, count in todo
     }
+    failure: Exception | None = None
     try:
+        # On a failure the other shards still finish, so that complete shards are kept
+        # and a rerun after fixing the input has less to do; the first error is raised.
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             j = pending.pop(ready[0])
-            done[j] = ray.get(ready[0])
-            bar.update(done[j]["info"]["count"])
-    except ray.exceptions.RayTaskError as exc:
-        for ref in pending:
-            ray.cancel(ref)
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
-        raise type(cause)(str(cause)) if isinstance(cause, (ShardError, SourceError)) else cause from None
+            try:
+                done[j] = ray.get(ready[0])
+                bar.update(done[j]["info"]["count"])
+            except ray.exceptions.RayTaskError as exc:
+                cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                failure = failure or (type(cause)(str(cause)) if isinstance(cause, (ShardError, SourceError)) else cause)
     finally:
         bar.close()
+    if failure is not None:
+        raise failure
     records = [done[j] for j, _, _ in plan]
     index = ShardIndex(
         split=split,
