@@ -19,6 +19,12 @@ def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     return fs, path.rstrip("/") or path
 
 
+def is_local(fs: AbstractFileSystem) -> bool:
+    """True for the local disk (fsspec names its protocol "file" or "local")."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return any(p in ("file", "local") for p in protocols)
+
+
 def absolute(url: str) -> str:
     """A local relative path made absolute (Ray workers run in other folders); URLs as they are."""
     import os
@@ -54,7 +60,7 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     """
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
-    if fs.protocol in ("file", "local") or "file" in fs.protocol:
+    if is_local(fs):
         import os
 
         tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}")
@@ -80,7 +86,7 @@ def zarr_store(url: str, *, read_only: bool = False):
     import zarr
 
     fs, path = filesystem(url)
-    if "file" in fs.protocol or fs.protocol == "local":
+    if is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options={"skip_instance_cache": True})
 
@@ -94,7 +100,7 @@ def check_location(url: str) -> None:
     with the credentials in the environment (they are never printed). Writing into a
     missing bucket would otherwise create it, or fail deep inside a task."""
     fs, path = filesystem(url)
-    if "file" in fs.protocol or fs.protocol == "local":
+    if is_local(fs):
         return
     bucket = path.split("/", 1)[0]
     try:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from catkd.models import CAMClassifier, build_model, load_checkpoint
 from pipeline.augment import AugmentSpec, normalize_batch
 from pipeline.reader import ReaderConfig, ShardStream, make_loader
-from pipeline.storage import filesystem, join, write_atomic
+from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import live_targets, loss_terms
@@ -176,7 +176,7 @@ def _write_run_logs(cfg: TrainConfig, history: list[dict[str, float]]) -> None:
     fs, root = filesystem(cfg.storage_path)
     run = join(root, cfg.name)
     write_atomic(fs, join(run, "metrics.jsonl"), "".join(json.dumps(m) + "\n" for m in history).encode())
-    if "file" in fs.protocol or fs.protocol == "local":
+    if is_local(fs):
         from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(join(run, "tensorboard")) as writer:
