@@ -20,15 +20,21 @@ from pipeline.storage import filesystem
 
 
 @torch.no_grad()
-def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) CAM of each sample's true class, upsampled to the input size, in [0, 1]."""
+def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) CAM of each sample's true class, upsampled to the input size, in [0, 1],
+    and (N,) the model's predicted classes."""
     model.eval()
-    _, cam = model(inputs)
-    cam = cam[torch.arange(len(labels)), labels].unsqueeze(1)
-    cam = F.interpolate(cam, size=inputs.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    cams, preds = [], []
+    for first in range(0, len(inputs), batch_size):
+        x, y = inputs[first : first + batch_size], labels[first : first + batch_size]
+        logits, cam = model(x)
+        cam = cam[torch.arange(len(y)), y].unsqueeze(1)
+        cams.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1))
+        preds.append(logits.argmax(1))
+    cam = torch.cat(cams)
     low = cam.amin(dim=(1, 2), keepdim=True)
     high = cam.amax(dim=(1, 2), keepdim=True)
-    return (cam - low) / (high - low).clamp_min(1e-8)
+    return (cam - low) / (high - low).clamp_min(1e-8), torch.cat(preds)
 
 
 def peak_in_box_rate(cams: torch.Tensor, boxes: torch.Tensor) -> float:
@@ -40,8 +46,11 @@ def peak_in_box_rate(cams: torch.Tensor, boxes: torch.Tensor) -> float:
     return float(inside.float().mean())
 
 
-def save_cam_grid(path: str, images: np.ndarray, cams_by_model: dict[str, torch.Tensor], titles: list[str]) -> None:
-    """One row per image: the image, then each model's overlaid CAM."""
+def save_cam_grid(
+    path: str, images: np.ndarray, cams_by_model: dict[str, torch.Tensor], titles: list[str], captions: dict[str, list[str]] | None = None
+) -> None:
+    """One row per image: the image, then each model's overlaid CAM (captioned, e.g. with
+    the model's prediction, when ``captions`` gives a line per image for that model)."""
     rows, cols = len(images), 1 + len(cams_by_model)
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 1.8 * rows), squeeze=False)
     for r in range(rows):
@@ -50,8 +59,10 @@ def save_cam_grid(path: str, images: np.ndarray, cams_by_model: dict[str, torch.
         for c, (name, cams) in enumerate(cams_by_model.items(), start=1):
             axes[r, c].imshow(images[r])
             axes[r, c].imshow(cams[r].numpy(), cmap="jet", alpha=0.45)
-            if r == 0:
-                axes[r, c].set_title(name, fontsize=8)
+            heading = f"{name}\n" if r == 0 else ""
+            caption = captions[name][r] if captions and name in captions else ""
+            if heading or caption:
+                axes[r, c].set_title(heading + caption, fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -64,19 +75,25 @@ def save_cam_grid(path: str, images: np.ndarray, cams_by_model: dict[str, torch.
 
 
 def render_cam_report(data: str, checkpoints: dict[str, str], out: str, *, split: str = "test", shown: int = 6, spec: str = "cifar") -> dict[str, float]:
-    """Draw ``shown`` test images with every model's CAM into ``out`` (PNG); return each
-    model's CAM-peak-in-box rate over the whole split (needs a dataset with boxes)."""
+    """Draw ``shown`` test images, evenly spaced over the split (folder datasets are
+    class-sorted), with every model's CAM for the true class and its prediction, into
+    ``out`` (PNG); return each model's CAM-peak-in-box rate over the whole split (needs a
+    dataset with boxes)."""
     stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False))
     batch = next(iter(stream))
     inputs = normalize_batch(stream.cfg.spec, batch["image"])
-    cams = {}
+    classes = stream.index.classes
+    picked = torch.linspace(0, len(inputs) - 1, min(shown, len(inputs))).round().long()
+    cams, captions = {}, {}
     for label, url in checkpoints.items():
         fs, path = filesystem(url)
         raw = fs.cat_file(path)
         arch = read_checkpoint(io.BytesIO(raw))["arch"]
-        cams[label] = true_class_cams(load_checkpoint(io.BytesIO(raw), arch, stream.index.num_classes), inputs, batch["label"])
-    titles = [stream.index.classes[int(k)] for k in batch["label"][:shown]]
-    save_cam_grid(out, batch["image"][:shown].permute(0, 2, 3, 1).numpy(), {k: v[:shown] for k, v in cams.items()}, titles)
+        cams[label], preds = true_class_cams(load_checkpoint(io.BytesIO(raw), arch, stream.index.num_classes), inputs, batch["label"])
+        captions[label] = [f"says {classes[int(p)]}" for p in preds[picked]]
+    titles = [classes[int(k)] for k in batch["label"][picked]]
+    images = batch["image"][picked].permute(0, 2, 3, 1).numpy()
+    save_cam_grid(out, images, {k: v[picked] for k, v in cams.items()}, titles, captions)
     if "box" not in batch:
         return {}
     return {label: peak_in_box_rate(c, batch["box"]) for label, c in cams.items()}
