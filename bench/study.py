@@ -141,7 +141,7 @@ def forward_rate(model: torch.nn.Module, x: torch.Tensor, rounds: int = 20) -> f
         torch.set_num_threads(previous)
 
 
-def summarize(histories: dict[str, list[dict]], cfg: StudyConfig) -> list[dict]:
+def summarize(histories: dict[str, list[dict]]) -> list[dict]:
     """One row per (mode, S): final test top-1 over seeds (mean, sample std, values)."""
     groups: dict[tuple[str, int], list[float]] = {}
     for name, history in histories.items():
@@ -150,7 +150,7 @@ def summarize(histories: dict[str, list[dict]], cfg: StudyConfig) -> list[dict]:
     rows = []
     for (mode, views), values in groups.items():
         spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        rows.append({"mode": mode, "views": views if mode in ("catkd", "cat", "kd", "online-catkd") else None,
+        rows.append({"mode": mode, "views": None if mode == "ce" else views,  # ce reads no teacher views
                      "top1_mean": statistics.mean(values), "top1_std": spread, "top1": values})  # fmt: skip
     return rows
 
@@ -282,7 +282,7 @@ def run_study(cfg: StudyConfig) -> dict:
                     "gpu": torch.cuda.get_device_name(0) if cfg.use_gpu and torch.cuda.is_available() else None},  # fmt: skip
         "data": data_info,
         "teacher": {"top1": teacher_run["history"][-1]["test_top1"], "history": teacher_run["history"], "weights": teacher_weights},
-        "students": summarize(histories, cfg),
+        "students": summarize(histories),
         "cached_minus_online": {"per_seed": per_seed, "mean": statistics.mean(per_seed)},
         "throughput": throughput,
         "forward_images_per_s": forward,
