@@ -21,12 +21,12 @@ import torch
 
 from catkd.losses import cat_loss
 from catkd.models import build_model, checkpoint_payload
-from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
-from pipeline.shard_job import ShardConfig, shard_dataset
-from pipeline.shards import decode_image, load_shard, read_index
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_format import decode_image, load_shard, read_index
 
 
 def prepared_views(data: str, views: int, spec: AugmentSpec) -> list[tuple[int, int, torch.Tensor]]:

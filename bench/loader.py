@@ -21,9 +21,9 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from pipeline.augment import MEAN_STD, AugmentSpec
-from pipeline.reader import ReaderConfig, ShardStream, make_loader
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.views import MEAN_STD, AugmentSpec
+from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 
 
 def images_per_second(loader, limit: int) -> float:

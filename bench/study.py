@@ -33,13 +33,13 @@ import matplotlib.pyplot as plt
 import torch
 
 from catkd.models import build_model, load_checkpoint
-from pipeline.augment import AugmentSpec, normalize_batch
+from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.cache import CacheBuildConfig, build_cache
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
-from pipeline.reader import ReaderConfig, ShardStream
-from pipeline.shard_job import ShardConfig, shard_dataset
-from pipeline.shards import read_index
+from pipeline.data.loader import ReaderConfig, ShardStream
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_format import read_index
 from pipeline.train.config import MODES, TrainConfig
 from pipeline.train.run import train
 from pipeline.viz import render_cam_report

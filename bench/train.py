@@ -18,8 +18,8 @@ import torch
 from catkd.models import build_model, checkpoint_payload
 from pipeline.cache import CacheBuildConfig, build_cache
 from pipeline.ray_setup import init_ray
-from pipeline.shard_job import ShardConfig, shard_dataset
-from pipeline.shards import read_index
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_format import read_index
 from pipeline.train.config import TrainConfig
 from pipeline.train.run import train
 

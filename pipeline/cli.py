@@ -47,7 +47,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.shard_job import ShardConfig, shard_dataset
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
 
     synthetic = {"image_size": args.image_size, "train_samples": args.train_samples, "test_samples": args.test_samples, "seed": args.seed}
     cfg = ShardConfig(
@@ -227,10 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from catkd.models import ConversionError
-    from pipeline.augment import ViewMismatchError
+    from pipeline.data.views import ViewMismatchError
     from pipeline.cache import CacheBuildError, CacheMismatchError
-    from pipeline.shards import ShardError
-    from pipeline.sources import SourceError
+    from pipeline.data.shard_format import ShardError
+    from pipeline.data.sources import SourceError
     from pipeline.storage import StorageError
 
     args = build_parser().parse_args(argv)

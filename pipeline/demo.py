@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.cache import CacheBuildConfig, build_cache
 from pipeline.cache.verify import cache_info
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.train.config import TrainConfig
 from pipeline.train.run import train
 from pipeline.viz import render_cam_report

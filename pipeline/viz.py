@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from catkd.models import CAMClassifier, load_checkpoint, read_checkpoint
-from pipeline.augment import AugmentSpec, normalize_batch
-from pipeline.reader import ReaderConfig, ShardStream
+from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.data.loader import ReaderConfig, ShardStream
 from pipeline.storage import filesystem
 
 

@@ -10,9 +10,9 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.shard_job import ShardConfig, shard_dataset
-from pipeline.shards import ShardError, load_shard, read_index
-from pipeline.sources import SourceError
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_format import ShardError, load_shard, read_index
+from pipeline.data.sources import SourceError
 from tests.conftest import write_cifar
 
 SHAPES = {"train_samples": 40, "test_samples": 8, "image_size": 32, "seed": 1}

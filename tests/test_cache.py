@@ -16,12 +16,12 @@ import torch
 
 from catkd.losses import cat_loss, teacher_cam_targets
 from catkd.models import build_model, checkpoint_payload
-from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
 from pipeline.cache import CacheBuildConfig, CacheBuildError, CacheMismatchError, TargetCache, build_cache, expected_identity
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.verify import cache_info, verify_cache
-from pipeline.shard_job import ShardConfig, shard_dataset
-from pipeline.shards import decode_image, load_shard, read_index
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_format import decode_image, load_shard, read_index
 
 
 @pytest.fixture(scope="module")

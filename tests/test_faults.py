@@ -14,7 +14,7 @@ import torch
 
 from catkd.models import build_model, checkpoint_payload
 from pipeline.cache import CacheBuildConfig, build_cache
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from catkd.models import build_model
-from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
-from pipeline.synthetic import make_arrays
+from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.synthetic import make_arrays
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import live_targets, loss_terms
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from pipeline.order import epoch_plan, eval_plan, shard_order
+from pipeline.data.order import epoch_plan, eval_plan, shard_order
 
 SIZES = {
     "even": [100] * 8,

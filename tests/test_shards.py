@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.shard_job import PROGRESS_DIR, ShardConfig, shard_dataset
-from pipeline.shards import ShardError, decode_image, load_shard, read_index
+from pipeline.data.shard_writer import PROGRESS_DIR, ShardConfig, shard_dataset
+from pipeline.data.shard_format import ShardError, decode_image, load_shard, read_index
 from tests.conftest import write_cifar
 
 SHAPES = {"train_samples": 50, "test_samples": 20, "image_size": 32, "seed": 5}
@@ -105,7 +105,7 @@ def test_rerun_with_other_settings_is_refused(ray_local, tmp_path):
 
 
 def test_shapes_are_reproducible_per_id():
-    from pipeline.synthetic import make_arrays, make_sample
+    from pipeline.data.synthetic import make_arrays, make_sample
 
     images, labels, boxes = make_arrays(7, 10, 5)
     single = make_sample(7, 12)

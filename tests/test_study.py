@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.synthetic import CLASSES, make_sample
+from pipeline.data.synthetic import CLASSES, make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
 

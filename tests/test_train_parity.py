@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from catkd.models import build_model, checkpoint_payload, load_checkpoint
-from pipeline.augment import AugmentSpec, normalize_batch
+from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.cache import CacheBuildConfig, build_cache
-from pipeline.reader import ReaderConfig, ShardStream
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.loader import ReaderConfig, ShardStream
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import live_targets, loss_terms
 

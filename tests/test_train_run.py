@@ -12,7 +12,7 @@ import torch
 
 from catkd.models import build_model, checkpoint_payload, load_checkpoint
 from pipeline.cache import CacheBuildConfig, CacheMismatchError, build_cache
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.train.config import TrainConfig, load_config
 from pipeline.train.evaluate import evaluate_checkpoint
 from pipeline.train.run import resolve, train

@@ -36,11 +36,11 @@ from tqdm import tqdm
 
 from catkd.losses import teacher_cam_targets
 from catkd.models import load_checkpoint
-from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
 from pipeline.cache.identity import CacheIdentity, StorageForm, file_sha256
 from pipeline.cache.layout import encode_targets, write_group
 from pipeline.ray_setup import init_ray
-from pipeline.shards import ShardIndex, decode_image, load_shard, read_index, sample_key
+from pipeline.data.shard_format import ShardIndex, decode_image, load_shard, read_index, sample_key
 from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic, zarr_store
 
 MANIFEST = "manifest.json"

@@ -10,11 +10,11 @@ import torch
 
 from catkd.losses import teacher_cam_targets
 from catkd.models import load_checkpoint
-from pipeline.augment import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
 from pipeline.cache.builder import array_checksums
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.reader import TargetCache
-from pipeline.shards import decode_image, load_shard, read_index, sample_key
+from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
 from pipeline.storage import filesystem, join
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's maps.

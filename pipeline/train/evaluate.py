@@ -7,8 +7,8 @@ import io
 import torch
 
 from catkd.models import load_checkpoint, read_checkpoint
-from pipeline.augment import AugmentSpec, normalize_batch
-from pipeline.reader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.storage import filesystem
 
 

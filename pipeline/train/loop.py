@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from catkd.models import CAMClassifier, build_model, load_checkpoint
-from pipeline.augment import AugmentSpec, normalize_batch
-from pipeline.reader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig

@@ -18,11 +18,11 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from catkd.models import build_model
-from pipeline.augment import AugmentSpec
+from pipeline.data.views import AugmentSpec
 from pipeline.cache.identity import CacheIdentity, file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.ray_setup import init_ray
-from pipeline.shards import read_index
+from pipeline.data.shard_format import read_index
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import synthetic
-from pipeline.shards import sample_key
+from pipeline.data import synthetic
+from pipeline.data.shard_format import sample_key
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".gif": "gif", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".ppm": "ppm"}
 
@@ -249,7 +249,7 @@ class CifarSource(Source):
 
 @dataclass
 class ShapesSource(Source):
-    """``synthetic:shapes``: generated from (seed, id); see ``pipeline.synthetic``."""
+    """``synthetic:shapes``: generated from (seed, id); see ``pipeline.data.synthetic``."""
 
     image_size: int = 32
     train_samples: int = 5000

@@ -21,7 +21,7 @@ import ray
 from tqdm import tqdm
 
 from pipeline.ray_setup import init_ray
-from pipeline.shards import (
+from pipeline.data.shard_format import (
     RAW_FORMAT,
     Sample,
     ShardError,
@@ -35,7 +35,7 @@ from pipeline.shards import (
     shard_name,
     write_index,
 )
-from pipeline.sources import Record, Source, SourceError, SubsetSource, open_source
+from pipeline.data.sources import Record, Source, SourceError, SubsetSource, open_source
 from pipeline.storage import check_location, filesystem, join, write_atomic
 
 Encoding = Literal["keep", "raw"]

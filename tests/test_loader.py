@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentSpec, view_params
-from pipeline.reader import ReaderConfig, ShardStream, make_loader
-from pipeline.shard_job import ShardConfig, shard_dataset
+from pipeline.data.views import AugmentSpec, view_params
+from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
 
 SPEC = AugmentSpec.preset("cifar", seed=11)
 

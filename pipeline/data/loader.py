@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.augment import AugmentSpec, apply_views, check_params, eval_transform, normalize_batch, view_params
-from pipeline.order import WorkerPlan, epoch_plan, eval_plan
-from pipeline.shards import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
+from pipeline.data.views import AugmentSpec, apply_views, check_params, eval_transform, normalize_batch, view_params
+from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
+from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.storage import join
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import AugmentSpec, ViewMismatchError, apply_views, check_params, eval_transform, view_params
+from pipeline.data.views import AugmentSpec, ViewMismatchError, apply_views, check_params, eval_transform, view_params
 
 CIFAR = AugmentSpec.preset("cifar", seed=3)
 IMAGENET = AugmentSpec.preset("imagenet", seed=3)
@@ -18,7 +18,7 @@ IMAGENET = AugmentSpec.preset("imagenet", seed=3)
 def test_params_are_the_same_in_another_process():
     here = view_params(CIFAR, np.arange(20), 2, (32, 32)).tolist()
     code = (
-        "import numpy as np; from pipeline.augment import AugmentSpec, view_params; "
+        "import numpy as np; from pipeline.data.views import AugmentSpec, view_params; "
         "print(view_params(AugmentSpec.preset('cifar', seed=3), np.arange(20), 2, (32, 32)).tolist())"
     )
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
