@@ -21,7 +21,7 @@ import torch
 
 from catkd.losses import cat_loss
 from catkd.models import build_model, checkpoint_payload
-from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
@@ -38,8 +38,7 @@ def prepared_views(data: str, views: int, spec: AugmentSpec) -> list[tuple[int, 
         images = [decode_image(s, index.image_shape, info.name) for s in samples]
         ids = np.array([s.id for s in samples])
         for view in range(views):
-            params = view_params(spec, ids, view, np.array([im.shape[:2] for im in images]))
-            out.append((j, view, normalize_batch(spec, apply_views(spec, images, params))))
+            out.append((j, view, normalize_batch(spec, render_views(spec, images, ids, view)[1])))
     return out
 
 

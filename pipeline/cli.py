@@ -47,17 +47,31 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
-    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset, verify_shards
 
+    if args.verify:
+        if len(args.paths) != 1:
+            raise SystemExit("catkd shard --verify takes one argument: the shards folder OUT")
+        problems = verify_shards(args.paths[0], args.split or None)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.paths[0]}: {'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}")
+        return 1 if problems else 0
+    if len(args.paths) != 2:
+        raise SystemExit("catkd shard takes SOURCE OUT (or --verify OUT)")
+    source, out = args.paths
     synthetic = {"image_size": args.image_size, "train_samples": args.train_samples, "test_samples": args.test_samples, "seed": args.seed}
     cfg = ShardConfig(
-        source=args.source,
-        out=args.out,
+        source=source,
+        out=out,
         splits=args.split or None,
         samples_per_shard=args.samples_per_shard,
         encoding=args.encoding,
         subset=args.subset,
-        synthetic=synthetic if args.source.startswith("synthetic:") else {},
+        order_seed=args.order_seed,
+        max_short_side=args.max_short_side,
+        jpeg_quality=args.jpeg_quality,
+        synthetic=synthetic if source.startswith("synthetic:") else {},
     )
     shard_dataset(cfg)
     return 0
@@ -142,9 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="class count (default 100 for CIFAR, 1000 for ImageNet)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("shard", help="dataset -> WebDataset shards + index (Ray tasks)")
-    p.add_argument("source", help="imagefolder:PATH (dir or .tar/.tar.gz), cifar10:PATH, cifar100:PATH or synthetic:shapes")
-    p.add_argument("out", help="output URL (path, file://, s3://, ...)")
+    p = sub.add_parser("shard", help="dataset -> class-mixed WebDataset shards + index (Ray tasks)", usage="catkd shard SOURCE OUT [options] | catkd shard --verify OUT")
+    p.add_argument("paths", nargs="+", metavar="SOURCE OUT",
+                   help="SOURCE: imagefolder:URL (a folder or a .tar/.tar.gz, local or fsspec), cifar10:PATH, cifar100:PATH or "
+                   "synthetic:shapes; OUT: output URL (path, file://, s3://, ...)")  # fmt: skip
+    p.add_argument("--verify", action="store_true", help="re-hash every shard in OUT against its index (no SOURCE)")
+    p.add_argument("--order-seed", type=int, default=0, help="seed of the permutation that mixes classes across shards")
+    p.add_argument("--max-short-side", type=int, help="store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet")
+    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of images resized by --max-short-side")
     p.add_argument("--split", action="append", help="split to shard (repeatable; default: all)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--encoding", choices=["keep", "raw"], default="keep", help="keep the source encoding or store raw RGB pixels")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.shard_writer import ShardConfig, id_order, shard_dataset
 from pipeline.data.shard_format import ShardError, load_shard, read_index
 from pipeline.data.sources import SourceError
 from tests.conftest import write_cifar
@@ -33,7 +33,8 @@ def _load_all(out):
 def test_truncated_shard_names_file_and_sample(shapes_out):
     path = shapes_out / "train-000001.tar"
     data = path.read_bytes()
-    path.write_bytes(data[: 512 * 4 + 100])  # cut inside the first sample's pixels
+    # Members per sample: box, cls, rgb (each a header block, then data blocks).
+    path.write_bytes(data[: 512 * 6 + 100])  # cut inside the first sample's pixels
     with pytest.raises(ShardError, match=r"train-000001\.tar: truncated in member 000000010\.rgb"):
         _load_all(shapes_out)
 
@@ -50,7 +51,7 @@ def test_corrupt_shard_bytes_name_file_and_samples(shapes_out):
 def test_corrupt_tar_header_names_file(shapes_out):
     path = shapes_out / "train-000003.tar"
     data = bytearray(path.read_bytes())
-    data[512 * 7 + 10] ^= 0xFF  # header of the second member (after 1 + 6 blocks)
+    data[512 * 11 + 10] ^= 0xFF  # header of the second sample's first member (after 2 + 2 + 7 blocks)
     path.write_bytes(bytes(data))
     with pytest.raises(ShardError, match=r"train-000003\.tar: corrupt tar header after member 000000030\.rgb"):
         _load_all(shapes_out)
@@ -72,22 +73,28 @@ def test_missing_shard_is_named(shapes_out):
         _load_all(shapes_out)
 
 
+def _id_of(position: int, total: int) -> int:
+    """The sample id of a sorted-source position (ids follow a seeded permutation)."""
+    return int(np.argsort(id_order(total, 0))[position])
+
+
 def test_undecodable_image_names_file_and_key_and_keeps_complete_shards(ray_local, tmp_path, image_folder):
     bad = image_folder / "train" / "emu" / "003.png"
     bad.write_bytes(b"\x89PNG not really")
     out = tmp_path / "out"
-    with pytest.raises(SourceError, match=r"emu/003\.png: sample 000000013: undecodable png image"):
+    with pytest.raises(SourceError, match=rf"emu/003\.png: sample {_id_of(13, 15):09d}: undecodable png image"):
         shard_dataset(ShardConfig(f"imagefolder:{image_folder}", str(out), splits=["train"], samples_per_shard=5, progress=False))
     assert not (out / "train.index.json").exists()
-    # Complete shards written before the failure stay intact and verified.
-    for name in ("train-000000.tar", "train-000001.tar"):
+    # The shards without the bad sample are complete, intact and verified.
+    bad_shard = _id_of(13, 15) // 5
+    for name in (f"train-{j:06d}.tar" for j in range(3) if j != bad_shard):
         record = json.loads((out / "_progress" / f"{name}.json").read_text())
         assert os.path.getsize(out / name) == record["info"]["bytes"]
 
 
 def test_label_out_of_range(ray_local, tmp_path):
     root = write_cifar(tmp_path / "cifar", 10, bad_label=12)
-    with pytest.raises(SourceError, match=r"data_batch_2\[3\]: sample 000000009: label 12 outside 0\.\.9"):
+    with pytest.raises(SourceError, match=rf"data_batch_2\[3\]: sample {_id_of(9, 30):09d}: label 12 outside 0\.\.9"):
         shard_dataset(ShardConfig(f"cifar10:{root}", str(tmp_path / "out"), splits=["train"], progress=False))
 
 

@@ -16,7 +16,7 @@ import torch
 
 from catkd.losses import cat_loss, teacher_cam_targets
 from catkd.models import build_model, checkpoint_payload
-from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, CacheBuildError, CacheMismatchError, TargetCache, build_cache, expected_identity
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.verify import cache_info, verify_cache
@@ -49,9 +49,9 @@ def _direct(setup, j, view, binarize=False):
     images = [decode_image(s, index.image_shape, "t") for s in samples]
     ids = np.array([s.id for s in samples])
     spec = AugmentSpec.preset("cifar")
-    params = view_params(spec, ids, view, (32, 32))
+    params, views = render_views(spec, images, ids, view)
     with torch.no_grad():
-        logits, cam = setup["teacher"](normalize_batch(spec, apply_views(spec, images, params)))
+        logits, cam = setup["teacher"](normalize_batch(spec, views))
     return ids, params, teacher_cam_targets(cam, 2, binarize=binarize).numpy(), logits.numpy()
 
 

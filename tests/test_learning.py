@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from catkd.models import build_model
-from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.data.synthetic import make_arrays
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import live_targets, loss_terms
@@ -26,7 +26,7 @@ def test_catkd_loss_goes_down_against_fixed_random_teacher():
         totals = []
         for first in range(0, 128, 32):
             ids = np.arange(first, first + 32)
-            x = normalize_batch(spec, apply_views(spec, list(images[ids]), view_params(spec, ids, epoch, (32, 32))))
+            x = normalize_batch(spec, render_views(spec, list(images[ids]), ids, epoch)[1])
             t_cam, t_logits = live_targets(cfg, teacher, x)
             logits, cam = student(x)
             terms = loss_terms(cfg, logits, cam, torch.from_numpy(labels[ids]), t_cam, t_logits)

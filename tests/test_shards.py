@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tarfile
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
+from PIL import Image
 
-from pipeline.data.shard_writer import PROGRESS_DIR, ShardConfig, shard_dataset
+from pipeline.data.shard_writer import PROGRESS_DIR, ShardConfig, id_order, shard_dataset, verify_shards
 from pipeline.data.shard_format import ShardError, decode_image, load_shard, read_index
 from tests.conftest import write_cifar
 
@@ -54,7 +59,10 @@ def test_imagefolder_directory_and_archive(ray_local, tmp_path, image_folder, im
     shard_dataset(ShardConfig(f"imagefolder:{source}", str(out), samples_per_shard=4, progress=False))
     index, samples = _all_samples(out, "train")
     assert index.classes == ["cat", "dog", "emu"] and index.num_samples == 15
-    assert [s.label for s in samples] == [0] * 5 + [1] * 5 + [2] * 5  # sorted source order
+    sorted_labels = [0] * 5 + [1] * 5 + [2] * 5
+    # Id i is sorted-source position id_order[i]: a seeded permutation that mixes classes.
+    assert [s.label for s in samples] == [sorted_labels[p] for p in id_order(15, 0)]
+    assert index.order_seed == 0 and index.version == 2
     assert {s.fmt for s in samples} == {"jpg", "png"} and index.image_format == "mixed"
     assert index.image_shape is None  # heights differ by class
     for s in samples:
@@ -117,4 +125,147 @@ def test_subset_is_evenly_spaced_and_keeps_every_class(ray_local, tmp_path, imag
     shard_dataset(ShardConfig(f"imagefolder:{image_folder}", str(out), splits=["train"], subset=6, progress=False))
     index, samples = _all_samples(out, "train")
     assert index.num_samples == 6 and index.settings["subset"] == 6
-    assert [s.label for s in samples] == [0, 0, 1, 1, 2, 2]
+    assert sorted(s.label for s in samples) == [0, 0, 1, 1, 2, 2]
+
+
+# ---------------------------------------------------------------- class-mixed shards, scale
+
+
+def _folder(root, classes: int, per_class: int, size=(12, 16), extra: dict | None = None):
+    """A <split>/<class>/<image> folder of small JPEGs; ``extra`` adds files by relative path."""
+    rng = np.random.default_rng(classes)
+    for c in range(classes):
+        for k in range(per_class):
+            path = root / "train" / f"class{c:02d}" / f"{k:04d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(path, quality=90)
+    for rel, payload in (extra or {}).items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(payload)
+    return root
+
+
+def _classes_per_shard(out):
+    index = read_index(str(out), "train")
+    return [len({s.label for s in load_shard(str(out), index, info)}) for info in index.shards]
+
+
+def test_every_shard_mixes_the_classes(ray_local, tmp_path):
+    folder = _folder(tmp_path / "folder", classes=10, per_class=50)
+    out = tmp_path / "out"
+    shard_dataset(ShardConfig(f"imagefolder:{folder}", str(out), samples_per_shard=100, progress=False))
+    assert min(_classes_per_shard(out)) >= 8  # sorted order gave 2 classes per shard
+
+
+def test_subset_stays_class_balanced_and_mixed(ray_local, tmp_path):
+    folder = _folder(tmp_path / "folder", classes=10, per_class=50)
+    out = tmp_path / "out"
+    shard_dataset(ShardConfig(f"imagefolder:{folder}", str(out), samples_per_shard=50, subset=200, progress=False))
+    index, samples = _all_samples(out, "train")
+    assert np.bincount([s.label for s in samples]).tolist() == [20] * 10
+    assert min(_classes_per_shard(out)) >= 8
+
+
+def test_other_order_seed_gives_other_ids(ray_local, tmp_path):
+    folder = _folder(tmp_path / "folder", classes=3, per_class=4)
+    labels = {}
+    for seed in (0, 1):
+        out = tmp_path / f"seed{seed}"
+        shard_dataset(ShardConfig(f"imagefolder:{folder}", str(out), order_seed=seed, progress=False))
+        index, samples = _all_samples(out, "train")
+        assert index.order_seed == seed
+        labels[seed] = [s.label for s in samples]
+    assert labels[0] != labels[1] and sorted(labels[0]) == sorted(labels[1])
+
+
+def test_plain_tar_archive_is_read_by_range_and_non_images_are_counted(ray_local, tmp_path, capfd):
+    folder = _folder(tmp_path / "folder", classes=3, per_class=4, extra={"train/README.txt": b"notes", "train/class00/notes.txt": b"x"})
+    archive = tmp_path / "folder.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(folder, arcname=".")
+    shard_dataset(ShardConfig(f"imagefolder:{archive}", str(tmp_path / "from_tar"), progress=False))
+    shard_dataset(ShardConfig(f"imagefolder:{folder}", str(tmp_path / "from_dir"), progress=False))
+    assert "skipped 2 files that are not images" in capfd.readouterr().err
+    from_tar, from_dir = read_index(str(tmp_path / "from_tar"), "train"), read_index(str(tmp_path / "from_dir"), "train")
+    assert from_tar.fingerprint == from_dir.fingerprint and from_tar.num_samples == 12
+
+
+def test_compressed_archive_is_staged_then_removed(ray_local, tmp_path, image_folder_tar):
+    out = tmp_path / "out"
+    shard_dataset(ShardConfig(f"imagefolder:{image_folder_tar}", str(out), progress=False))
+    assert not (out / "_staging").exists()
+
+
+def test_old_index_version_is_refused_with_reshard_advice(ray_local, tmp_path):
+    out = tmp_path / "shapes"
+    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], synthetic=SHAPES, progress=False))
+    meta = json.loads((out / "test.index.json").read_text())
+    meta["version"] = 1
+    (out / "test.index.json").write_text(json.dumps(meta))
+    with pytest.raises(ShardError, match="index version 1.*reshard the source with `catkd shard`"):
+        read_index(str(out), "test")
+
+
+def test_rerun_trusts_recorded_size_and_verify_rehashes(ray_local, tmp_path):
+    out = tmp_path / "shapes"
+    cfg = ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=16, synthetic=SHAPES, progress=False)
+    shard_dataset(cfg)
+    os.remove(out / "train.index.json")
+    # Same size, other bytes: a rerun does not read shards again, so it keeps this one...
+    damaged = out / "train-000001.tar"
+    data = bytearray(damaged.read_bytes())
+    data[3000] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    # ...but a shard whose size changed is written again.
+    (out / "train-000002.tar").write_bytes(b"short")
+    shard_dataset(cfg)
+    assert damaged.read_bytes() == bytes(data)
+    assert os.path.getsize(out / "train-000002.tar") > 5
+    problems = verify_shards(str(out))
+    assert len(problems) == 1 and "train-000001.tar: size or sha256 does not match the index" in problems[0]
+
+
+def test_verify_cli_exit_codes(ray_local, tmp_path):
+    out = tmp_path / "shapes"
+    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False))
+    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--verify", str(out)], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "every shard matches its index" in ok.stdout
+    (out / "test-000001.tar").write_bytes(b"gone")
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--verify", str(out)], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "test-000001.tar: size or sha256" in bad.stderr
+
+
+def test_changed_listing_is_refused_complete_or_partial(ray_local, tmp_path):
+    folder = _folder(tmp_path / "folder", classes=3, per_class=4)
+    out = tmp_path / "out"
+    cfg = ShardConfig(f"imagefolder:{folder}", str(out), splits=["train"], samples_per_shard=4, progress=False)
+    shard_dataset(cfg)
+    before = (out / "train.index.json").read_bytes()
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(folder / "train" / "class01" / "9999.jpg")
+    with pytest.raises(ShardError, match=r"from the source listing changed since \((listing|num_samples): "):
+        shard_dataset(cfg)
+    assert (out / "train.index.json").read_bytes() == before
+    # A partial run (no index yet) is refused the same way, and its shards stay.
+    os.remove(out / "train.index.json")
+    kept = (out / "train-000000.tar").read_bytes()
+    with pytest.raises(ShardError, match="source listing changed since"):
+        shard_dataset(cfg)
+    assert (out / "train-000000.tar").read_bytes() == kept
+
+
+def test_max_short_side_resizes_records_and_replays(ray_local, tmp_path):
+    from pipeline.data.views import AugmentSpec, render_views
+
+    folder = _folder(tmp_path / "folder", classes=2, per_class=3, size=(48, 64))
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        shard_dataset(ShardConfig(f"imagefolder:{folder}", str(out), max_short_side=24, progress=False))
+    index, samples = _all_samples(outs[0], "train")
+    assert index.settings["max_short_side"] == 24 and index.image_shape == [24, 32]
+    assert read_index(str(outs[1]), "train").fingerprint == index.fingerprint  # resizing is deterministic
+    spec = AugmentSpec("imagenet", 0, size=16)
+    images = [decode_image(s, index.image_shape, "test") for s in samples]
+    params, first = render_views(spec, images, np.array([s.id for s in samples]), view=3)
+    assert (params[:, 0] + params[:, 2] <= 32).all() and (params[:, 1] + params[:, 3] <= 24).all()
+    _, again = render_views(spec, images, np.array([s.id for s in samples]), view=3, stored_params=params, source="test")
+    assert torch.equal(first, again)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.views import AugmentSpec, ViewMismatchError, apply_views, check_params, eval_transform, view_params
+from pipeline.data.views import RENDERER_VERSION, AugmentSpec, ViewMismatchError, check_params, eval_transform, normalize_batch, render_views, view_params
 
 CIFAR = AugmentSpec.preset("cifar", seed=3)
 IMAGENET = AugmentSpec.preset("imagenet", seed=3)
@@ -56,20 +56,29 @@ def test_imagenet_boxes_fit_the_image_and_follow_scale_and_ratio():
 def test_applying_stored_params_equals_an_independent_crop():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(16)]
-    params = view_params(CIFAR, np.arange(16), 0, (32, 32))
-    batch = apply_views(CIFAR, images, params)
+    params, batch = render_views(CIFAR, images, np.arange(16), 0)
+    assert np.array_equal(params, view_params(CIFAR, np.arange(16), 0, (32, 32)))
     for k, (image, (x0, y0, w, h, flip)) in enumerate(zip(images, params.tolist())):
         padded = torch.nn.functional.pad(torch.from_numpy(image).permute(2, 0, 1), (4, 4, 4, 4))
         expected = padded[:, y0 + 4 : y0 + 4 + h, x0 + 4 : x0 + 4 + w]
         assert torch.equal(batch[k], expected.flip(-1) if flip else expected)
-    assert torch.equal(apply_views(CIFAR, images, params), batch)  # deterministic
+    _, replayed = render_views(CIFAR, images, np.arange(16), 0, stored_params=params, source="cache")
+    assert torch.equal(replayed, batch)  # deterministic
+    with pytest.raises(ViewMismatchError, match="cache: sample 0 view 1"):
+        render_views(CIFAR, images, np.arange(16), 1, stored_params=params, source="cache")
 
 
 def test_imagenet_views_and_eval_transform_shapes():
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (300, 400, 3), dtype=np.uint8), rng.integers(0, 255, (500, 260, 3), dtype=np.uint8)]
-    params = view_params(IMAGENET, np.arange(2), 0, np.array([im.shape[:2] for im in images]))
-    assert apply_views(IMAGENET, images, params).shape == (2, 3, 224, 224)
+    params, views = render_views(IMAGENET, images, np.arange(2), 0)
+    assert views.shape == (2, 3, 224, 224) and views.dtype == torch.uint8
+    # The renderer equals torchvision's own crop, resize and flip of each image.
+    from torchvision.transforms.v2 import functional as TF
+
+    for k, (x0, y0, w, h, flip) in enumerate(params.tolist()):
+        expected = TF.resized_crop(torch.from_numpy(images[k]).permute(2, 0, 1), y0, x0, h, w, [224, 224], antialias=True)
+        assert torch.equal(views[k], expected.flip(-1) if flip else expected)
     assert eval_transform(IMAGENET, images).shape == (2, 3, 224, 224)
     assert torch.equal(eval_transform(CIFAR, [images[0][:32, :32]])[0], torch.from_numpy(images[0][:32, :32]).permute(2, 0, 1))
 
@@ -82,3 +91,24 @@ def test_changed_spec_is_detected():
     assert changed.fingerprint() != CIFAR.fingerprint()
     with pytest.raises(ViewMismatchError, match="cache: sample .* view 1: .*the augmentation spec changed"):
         check_params(changed, ids, 1, (32, 32), stored, "cache")
+
+
+def test_spec_identity_holds_normalisation_and_renderer_version():
+    d = IMAGENET.to_dict()
+    assert d["mean"] == [0.485, 0.456, 0.406] and d["std"] == [0.229, 0.224, 0.225] and d["renderer"] == RENDERER_VERSION
+    assert AugmentSpec.from_dict(d) == IMAGENET
+    batch = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    assert torch.allclose(normalize_batch(IMAGENET, batch)[0, :, 0, 0], (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std))
+
+
+def test_cache_of_another_renderer_is_refused_with_a_clear_message():
+    from pipeline.cache.identity import CacheIdentity, first_difference
+
+    def identity(spec):
+        return CacheIdentity("resnet8", "w", "f", "train", spec, 2, 2, 10)
+
+    old = {k: v for k, v in CIFAR.to_dict().items() if k not in ("renderer", "mean", "std")}
+    message = first_difference(identity(CIFAR.to_dict()), identity(old))
+    assert message.startswith("spec.mean:")
+    message = first_difference(identity(CIFAR.to_dict()), identity(CIFAR.to_dict() | {"renderer": 1}))
+    assert "spec.renderer: the run needs 2, the cache holds 1" in message and "rebuild the cache" in message

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from catkd.losses import teacher_cam_targets
 from catkd.models import load_checkpoint
-from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache.identity import CacheIdentity, StorageForm, file_sha256
 from pipeline.cache.layout import encode_targets, write_group
 from pipeline.ray_setup import init_ray
@@ -221,12 +221,10 @@ class TeacherActor:
         samples = load_shard(self.cfg.data, self.index, info)
         images = [decode_image(s, self.index.image_shape, shard_path) for s in samples]
         ids = np.array([s.id for s in samples], np.int64)
-        hw = np.array([im.shape[:2] for im in images], np.int64)
         n, views = len(samples), self.cfg.num_views
 
         def prepare(view: int) -> tuple[np.ndarray, torch.Tensor]:
-            params = view_params(self.spec, ids, view, hw)
-            return params, apply_views(self.spec, images, params)
+            return render_views(self.spec, images, ids, view)
 
         params_all = np.zeros((n, views, 5), np.int32)
         cams, logits, features = [], [], []

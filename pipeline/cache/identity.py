@@ -51,8 +51,15 @@ def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: t
     """The first identity field (in declaration order) whose values differ, as a message."""
     want, have = asdict(expected), asdict(found)
     for name in want:
-        if name not in ignore and want[name] != have[name]:
-            return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"
+        if name in ignore or want[name] == have[name]:
+            continue
+        if isinstance(want[name], dict) and isinstance(have[name], dict):  # name the key inside (spec)
+            key = next(k for k in sorted(set(want[name]) | set(have[name])) if want[name].get(k) != have[name].get(k))
+            message = f"{name}.{key}: the run needs {want[name].get(key)!r}, the cache holds {have[name].get(key, '(absent)')!r}"
+            if key == "renderer":
+                message += "; the view renderer changed since this cache was built, so its targets were computed on other pixels: rebuild the cache"
+            return message
+        return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"
     return None
 
 

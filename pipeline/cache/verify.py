@@ -10,7 +10,7 @@ import torch
 
 from catkd.losses import teacher_cam_targets
 from catkd.models import load_checkpoint
-from pipeline.data.views import AugmentSpec, apply_views, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, ViewMismatchError, normalize_batch, render_views
 from pipeline.cache.builder import array_checksums
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.reader import TargetCache
@@ -72,7 +72,7 @@ def _recompute(cache: TargetCache, count: int, weights_url: str, seed: int) -> l
         return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     index = read_index(cache.manifest["data"], ident.split)
     teacher = load_checkpoint(io.BytesIO(weights), ident.teacher_arch, ident.num_classes).eval()
-    spec = AugmentSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in ident.spec.items()})
+    spec = AugmentSpec.from_dict(ident.spec)
     rng = np.random.default_rng(seed)
     problems = []
     for _ in range(count):
@@ -82,12 +82,13 @@ def _recompute(cache: TargetCache, count: int, weights_url: str, seed: int) -> l
         k = int(rng.integers(len(stored["ids"])))
         sample = load_shard(cache.manifest["data"], index, index.shards[j])[k]
         image = decode_image(sample, index.image_shape, index.shards[j].name)
-        params = view_params(spec, np.array([sample.id]), view, np.array([image.shape[:2]]))
-        if not np.array_equal(params[0], stored["params"][k]):
-            problems.append(f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored view parameters differ from the spec's")
+        try:
+            _, views = render_views(spec, [image], np.array([sample.id]), view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
+        except ViewMismatchError as exc:
+            problems.append(str(exc))
             continue
         with torch.no_grad():
-            logits, cam = teacher(normalize_batch(spec, apply_views(spec, [image], params)))
+            logits, cam = teacher(normalize_batch(spec, views))
         expected = teacher_cam_targets(cam, ident.resolution, binarize=ident.target_kind == "binarized_cam")[0].numpy()
         scale = max(float(np.abs(expected).max()), 1e-6)
         error = float(np.abs(expected - stored["cam"][k]).max()) / scale

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.views import AugmentSpec, apply_views, check_params, eval_transform, normalize_batch, view_params
+from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.storage import join
@@ -123,17 +123,13 @@ class ShardStream(IterableDataset):
     def _train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         images = self._decode(samples)
         ids = np.array([s.id for s in samples], np.int64)
-        hw = np.array([im.shape[:2] for im in images], np.int64)
-        if samples[0].target is None:
-            params = view_params(self.cfg.spec, ids, self.view, hw)
-            return self._collate(samples, apply_views(self.cfg.spec, images, params), params)
-        # Cached views: the stored parameters are authoritative; recomputing them only
-        # detects a spec that changed since the cache was built.
-        params = np.stack([s.target["params"] for s in samples]).astype(np.int64)
-        check_params(self.cfg.spec, ids, self.view, hw, params, self.cfg.cache)
-        batch = self._collate(samples, apply_views(self.cfg.spec, images, params), params)
-        batch["t_cam"] = torch.from_numpy(np.stack([s.target["cam"] for s in samples]))
-        batch["t_logits"] = torch.from_numpy(np.stack([s.target["logits"] for s in samples]))
+        cached = samples[0].target is not None
+        stored = np.stack([s.target["params"] for s in samples]) if cached else None
+        params, views = render_views(self.cfg.spec, images, ids, self.view, stored, self.cfg.cache or "")
+        batch = self._collate(samples, views, params)
+        if cached:
+            batch["t_cam"] = torch.from_numpy(np.stack([s.target["cam"] for s in samples]))
+            batch["t_logits"] = torch.from_numpy(np.stack([s.target["logits"] for s in samples]))
         return batch
 
     def _eval_batches(self, shards: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:

@@ -4,8 +4,11 @@ A shard ``<split>-<j:06d>.tar`` holds a contiguous id range; each sample is a gr
 tar members ``<key>.<field>`` with ``key`` the zero-padded id: the image (``jpg``,
 ``png``, ... as the source had it, or ``rgb`` raw uint8 pixels for small images),
 ``cls`` (the class index as text) and, for synthetic data, ``box`` (x0,y0,x1,y1).
-Members carry fixed metadata (mtime 0, no owner), so the same samples always give the
-same bytes and the same sha256, and the dataset fingerprint is stable across reruns.
+Shards are written by webdataset's ``TarWriter`` with fixed member metadata (mtime 0,
+no owner), so the same samples always give the same bytes and the same sha256, and
+the dataset fingerprint is stable across reruns. They are read by a direct header
+walk (``_tar_members``): ``bench/scale.py`` measures it against webdataset's tar
+iterator (docs/data.md gives the figures).
 
 ``<split>.index.json`` is written last, through a temporary name and a move.
 """
@@ -33,7 +36,9 @@ warnings.filterwarnings("ignore", message="The image decoding and encoding capab
 from pipeline.storage import filesystem, join, write_atomic
 
 INDEX_FORMAT = "catkd.shards"
-INDEX_VERSION = 1
+# 2: ids are positions in a seeded permutation of the sorted source order (class-mixed
+# shards); version 1 shards were class-sorted and are refused with a message to reshard.
+INDEX_VERSION = 2
 KEY_DIGITS = 9
 RAW_FORMAT = "rgb"
 _TORCHVISION_FORMATS = {"jpg", "png", "gif", "webp"}
@@ -64,17 +69,15 @@ class Sample:
 
 def encode_shard(samples: list[Sample]) -> bytes:
     """A WebDataset tar with deterministic bytes."""
+    import webdataset as wds
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with wds.TarWriter(buf, user="", group="", mtime=0, encoder=False, format=tarfile.USTAR_FORMAT) as writer:
         for s in samples:
-            key = sample_key(s.id)
-            fields = [(s.fmt, s.image), ("cls", str(s.label).encode())]
+            fields = {"__key__": sample_key(s.id), s.fmt: s.image, "cls": str(s.label).encode()}
             if s.box is not None:
-                fields.append(("box", ",".join(map(str, s.box)).encode()))
-            for ext, payload in fields:
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size, info.mtime, info.mode = len(payload), 0, 0o444
-                tar.addfile(info, io.BytesIO(payload))
+                fields["box"] = ",".join(map(str, s.box)).encode()
+            writer.write(fields)
     return buf.getvalue()
 
 
@@ -154,6 +157,7 @@ class ShardIndex:
     image_shape: list[int] | None  # [H, W] when every image has the same size
     has_boxes: bool
     shards: list[ShardInfo]
+    order_seed: int = 0  # id i is position permutation(order_seed)[i] of the sorted source order
     settings: dict[str, Any] = field(default_factory=dict)
     fingerprint: str = ""
     format: str = INDEX_FORMAT
@@ -201,6 +205,11 @@ def read_index(url: str, split: str) -> ShardIndex:
         data = json.loads(fs.cat_file(path))
     except ValueError as exc:
         raise ShardError(f"{path}: not valid JSON ({exc})") from exc
+    if data.get("format") == INDEX_FORMAT and data.get("version") == 1:
+        raise ShardError(
+            f"{path}: written by an older catkd (index version 1: ids in sorted source order, so shards of an image "
+            f"folder hold one class each); reshard the source with `catkd shard` into a new folder (index version {INDEX_VERSION})"
+        )
     if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
         raise ShardError(f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {INDEX_FORMAT!r} {INDEX_VERSION}")
     data.pop("num_samples", None)

@@ -1,16 +1,32 @@
-"""Datasets that ``catkd shard`` reads: ``imagefolder:PATH``, ``cifar10:PATH``,
+"""Datasets that ``catkd shard`` reads: ``imagefolder:URL``, ``cifar10:PATH``,
 ``cifar100:PATH`` and ``synthetic:shapes``.
 
-A source gives, per split, its class names, its sample count and ``read(split, start,
-count)``: the records with ids start..start+count-1 in sorted source order (DESIGN
-section 4). ``read`` runs inside the Ray tasks that write shards, so a source is a
-small picklable object that opens its files lazily.
+A source is opened once, on the driver. It lists each split once, in sorted source
+order (image folders: class folder, then file name), and holds only that listing:
+names and labels, never image bytes. ``slice(split, positions)`` returns a small
+picklable ``SourceSlice`` holding just the entries at those positions; one Ray task
+reads one slice (``slice.read()``) and writes one shard from it. Which positions go
+into which shard is the shard writer's business (a seeded permutation, DESIGN
+section 4), not the source's.
+
+Image folders may live on any fsspec URL (a local or shared path, ``s3://``,
+``gs://``). Archives (``.tar``, ``.tar.gz``, ``.tar.bz2``, ``.tar.xz``, local or on
+fsspec) are streamed, never held whole: a plain tar is listed by walking its headers
+and each task reads its members by byte range; a compressed tar has no random access,
+so it is first decompressed, as a stream, into a plain tar in the shard writer's
+staging folder, and read from there the same way.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import hashlib
+import lzma
 import os
 import pickle
+import posixpath
+import shutil
 import tarfile
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,8 +36,11 @@ import numpy as np
 
 from pipeline.data import synthetic
 from pipeline.data.shard_format import sample_key
+from pipeline.storage import filesystem, is_local, join
 
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".gif": "gif", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".ppm": "ppm"}
+_COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+_COPY_CHUNK = 8 << 20  # bytes per read while decompressing an archive
 
 
 class SourceError(ValueError):
@@ -37,6 +56,13 @@ class Record:
     box: tuple[int, int, int, int] | None = None
 
 
+class SourceSlice:
+    """The entries of one shard task, in the order the shard stores them."""
+
+    def read(self) -> list[Record]:
+        raise NotImplementedError
+
+
 class Source:
     spec: str
 
@@ -49,128 +75,264 @@ class Source:
     def size(self, split: str) -> int:
         raise NotImplementedError
 
-    def read(self, split: str, start: int, count: int) -> list[Record]:
+    def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
+        """The entries at ``positions`` (indices into the sorted source order)."""
         raise NotImplementedError
 
     def settings(self) -> dict[str, Any]:
         """What identifies this source's content in an index."""
         return {"source": self.spec}
 
+    def listing_digest(self, split: str) -> str:
+        """A hash of the split's listing (names and labels): a changed listing is refused on rerun."""
+        return hashlib.sha256(f"{self.spec}|{split}|{self.size(split)}".encode()).hexdigest()[:16]
+
+    def notes(self) -> list[str]:
+        """Things worth telling the user about the listing (skipped files, ...)."""
+        return []
+
+
+def _format_of(name: str) -> str | None:
+    return IMAGE_EXTENSIONS.get(os.path.splitext(name)[1].lower())
+
 
 # ---------------------------------------------------------------- image folders
 
 
-def _split_layout(names: list[str], origin: str) -> dict[str, dict[str, list[str]]]:
-    """``<split>/<class>/<image>`` relative paths -> {split: {class: [paths...]}}."""
-    layout: dict[str, dict[str, list[str]]] = {}
-    for name in names:
+@dataclass
+class _Split:
+    """One split of an image folder, in sorted order: names, labels and, for archives,
+    each member's byte range in the (plain) tar."""
+
+    classes: list[str]
+    names: list[str]
+    labels: np.ndarray  # (N,) int32
+    offsets: np.ndarray | None = None  # (N,) int64, archives only
+    sizes: np.ndarray | None = None
+
+
+def _group_layout(entries: list[tuple[str, int, int]], origin: str, empty_classes: list[str]) -> tuple[dict[str, _Split], int]:
+    """``(relative path, offset, size)`` of every file -> splits laid out as
+    ``<split>/<class>/<image>``; returns the splits and the count of files skipped
+    because they are not images in that layout."""
+    layout: dict[str, dict[str, list[tuple[str, int, int]]]] = {}
+    skipped = 0
+    for name, offset, size in entries:
         parts = name.strip("/").split("/")
-        if len(parts) != 3:
+        if len(parts) != 3 or _format_of(parts[2]) is None:
+            skipped += 1
             continue
-        split, cls, file = parts
-        if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS:
-            layout.setdefault(split, {}).setdefault(cls, []).append(name.strip("/"))
+        layout.setdefault(parts[0], {}).setdefault(parts[1], []).append((name.strip("/"), offset, size))
     if not layout:
         raise SourceError(f"{origin}: no images laid out as <split>/<class>/<image>")
-    return layout
+    for empty in empty_classes:
+        split, cls = empty.split("/")
+        if cls not in layout.get(split, {}):
+            raise SourceError(f"{join(origin, empty)}: empty class folder (no images)")
+    # Every split shares the union of class names, so label i means the same class everywhere.
+    classes = sorted({cls for per_class in layout.values() for cls in per_class})
+    splits = {}
+    for split, per_class in sorted(layout.items()):
+        missing = [c for c in classes if c not in per_class]
+        if missing:
+            raise SourceError(f"{join(origin, split, missing[0])}: empty class folder (no images)")
+        rows = [(entry, label) for label, cls in enumerate(classes) for entry in sorted(per_class[cls])]
+        splits[split] = _Split(
+            classes=classes,
+            names=[e[0] for e, _ in rows],
+            labels=np.fromiter((label for _, label in rows), np.int32, len(rows)),
+            offsets=np.fromiter((e[1] for e, _ in rows), np.int64, len(rows)),
+            sizes=np.fromiter((e[2] for e, _ in rows), np.int64, len(rows)),
+        )
+    return splits, skipped
+
+
+def _list_directory(fs, root: str, origin: str) -> tuple[list[tuple[str, int, int]], list[str]]:
+    """Relative paths of every file up to ``split/class/file`` depth, and class folders
+    that hold no file at all (those exist only on file systems with real folders)."""
+    files, class_dirs = [], set()
+    if is_local(fs):
+        # os.scandir: no stat per file, which matters at a million files.
+        for split in sorted(os.scandir(root), key=lambda e: e.name):
+            if not split.is_dir():
+                continue
+            for cls in os.scandir(split.path):
+                if not cls.is_dir():
+                    continue
+                class_dirs.add(f"{split.name}/{cls.name}")
+                files += [(f"{split.name}/{cls.name}/{f.name}", 0, 0) for f in os.scandir(cls.path) if f.is_file()]
+    else:
+        try:
+            found = fs.find(root, maxdepth=3, withdirs=True, detail=True)
+        except (PermissionError, OSError) as exc:
+            raise SourceError(f"{origin}: cannot list the source ({type(exc).__name__}: {str(exc)[:200]})") from None
+        for path, info in found.items():
+            rel = posixpath.relpath(path, root)
+            if info["type"] == "directory":
+                if rel.count("/") == 1:
+                    class_dirs.add(rel)
+            else:
+                files.append((rel, 0, 0))
+    with_files = {posixpath.dirname(name) for name, _, _ in files if _format_of(name)}
+    return files, sorted(class_dirs - with_files)
+
+
+def _list_plain_tar(fs, path: str, origin: str) -> list[tuple[str, int, int]]:
+    """``(name, data offset, size)`` of each regular member, reading headers only
+    (tarfile seeks past member data on a seekable file)."""
+    entries = []
+    try:
+        with fs.open(path, "rb", block_size=1 << 20) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    entries.append((member.name.removeprefix("./"), member.offset_data, member.size))
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise SourceError(f"{origin}: cannot read archive ({exc})") from exc
+    return entries
+
+
+def _decompress(fs, path: str, opener, staged: str, origin: str) -> None:
+    """Stream-decompress an archive into a plain tar at ``staged`` (bounded memory)."""
+    sfs, spath = filesystem(staged)
+    sfs.makedirs(posixpath.dirname(spath), exist_ok=True)
+    partial = f"{spath}.partial"
+    try:
+        with fs.open(path, "rb") as raw, opener(raw, "rb") as src, sfs.open(partial, "wb") as dst:
+            shutil.copyfileobj(src, dst, _COPY_CHUNK)
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise SourceError(f"{origin}: cannot read archive ({exc})") from exc
+    sfs.mv(partial, spath)
 
 
 @dataclass
 class ImageFolderSource(Source):
-    """A directory, or a .tar / .tar.gz archive, laid out as ``<split>/<class>/<image>``.
+    """A folder, or a tar archive, laid out as ``<split>/<class>/<image>``, on any fsspec URL.
 
-    An archive is read in one streaming pass into memory when the source is opened
-    (fine for CIFAR-sized data; extract very large archives and pass the directory).
+    ``staging`` is a folder (URL) where a compressed archive is decompressed once;
+    the shard writer passes ``<OUT>/_staging``.
     """
 
-    path: str
-    _members: dict[str, bytes] | None = field(default=None, repr=False)
+    url: str
+    staging: str | None = None
 
     def __post_init__(self) -> None:
-        self.spec = f"imagefolder:{self.path}"
-        if not os.path.exists(self.path):
-            raise SourceError(f"{self.path}: source path does not exist")
-        if self.is_archive and self._members is None:
-            self._members = self._read_archive()
-
-    @property
-    def is_archive(self) -> bool:
-        return os.path.isfile(self.path)
-
-    def _read_archive(self) -> dict[str, bytes]:
-        members = {}
+        self.spec = f"imagefolder:{self.url}"
+        self.fs, self.path = filesystem(self.url)
         try:
-            with tarfile.open(self.path, mode="r:*") as tar:
-                for member in tar:
-                    if member.isfile() and os.path.splitext(member.name)[1].lower() in IMAGE_EXTENSIONS:
-                        members[member.name.strip("/").removeprefix("./")] = tar.extractfile(member).read()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise SourceError(f"{self.path}: cannot read archive ({exc})") from exc
-        return members
+            exists, is_file = self.fs.exists(self.path), self.fs.isfile(self.path)
+        except (PermissionError, OSError) as exc:
+            raise SourceError(f"{self.url}: cannot read the source location ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not exists:
+            raise SourceError(f"{self.url}: source path does not exist")
+        self.archive: str | None = self.url if is_file else None
 
     @cached_property
-    def layout(self) -> dict[str, dict[str, list[str]]]:
-        if self._members is not None:
-            names = list(self._members)
-        else:
-            names = []
-            for split in sorted(os.listdir(self.path)):
-                split_dir = os.path.join(self.path, split)
-                if not os.path.isdir(split_dir):
-                    continue
-                for cls in sorted(os.listdir(split_dir)):
-                    cls_dir = os.path.join(split_dir, cls)
-                    if not os.path.isdir(cls_dir):
-                        continue
-                    files = [f for f in os.listdir(cls_dir) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-                    if not files:
-                        raise SourceError(f"{cls_dir}: empty class folder (no images)")
-                    names += [f"{split}/{cls}/{f}" for f in files]
-        layout = _split_layout(names, self.path)
-        for split in layout:
-            for cls in layout[split]:
-                layout[split][cls].sort()
-        return layout
+    def _listing(self) -> tuple[dict[str, _Split], int]:
+        if self.archive is None:
+            files, empty = _list_directory(self.fs, self.path, self.url)
+            return _group_layout(files, self.url, empty)
+        with self.fs.open(self.path, "rb") as f:
+            magic = f.read(6)
+        opener = next((op for m, op in _COMPRESSED.items() if magic.startswith(m)), None)
+        if opener is not None:
+            if self.staging is None:
+                raise SourceError(f"{self.url}: a compressed archive needs a staging folder to decompress into")
+            staged = join(self.staging, posixpath.basename(self.path) + ".plain.tar")
+            sfs, spath = filesystem(staged)
+            if not sfs.exists(spath):
+                _decompress(self.fs, self.path, opener, staged, self.url)
+            self.archive = staged
+        afs, apath = filesystem(self.archive)
+        return _group_layout(_list_plain_tar(afs, apath, self.url), self.url, [])
 
     def splits(self) -> list[str]:
-        return sorted(self.layout)
+        return sorted(self._listing[0])
+
+    def _split(self, split: str) -> _Split:
+        return self._listing[0][split]
 
     def classes(self, split: str) -> list[str]:
-        # Every split shares the union of class names, so label i means the same class everywhere.
-        names = sorted({cls for s in self.layout.values() for cls in s})
-        missing = [c for c in names if c not in self.layout[split]]
-        if missing:
-            raise SourceError(f"{os.path.join(self.path, split, missing[0])}: empty class folder (no images)")
-        return names
-
-    @cached_property
-    def _ordered(self) -> dict[str, list[tuple[str, int]]]:
-        ordered = {}
-        for split in self.layout:
-            classes = self.classes(split)
-            ordered[split] = [(name, label) for label, cls in enumerate(classes) for name in self.layout[split][cls]]
-        return ordered
+        return self._split(split).classes
 
     def size(self, split: str) -> int:
-        return len(self._ordered[split])
+        return len(self._split(split).names)
 
-    def read(self, split: str, start: int, count: int) -> list[Record]:
+    def listing_digest(self, split: str) -> str:
+        h = hashlib.sha256()
+        part = self._split(split)
+        for name, label in zip(part.names, part.labels.tolist()):
+            h.update(f"{name}\0{label}\n".encode())
+        return h.hexdigest()[:16]
+
+    def notes(self) -> list[str]:
+        skipped = self._listing[1]
+        return [f"{self.url}: skipped {skipped} files that are not images laid out as <split>/<class>/<image>"] if skipped else []
+
+    def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
+        part = self._split(split)
+        names = [part.names[p] for p in positions.tolist()]
+        labels = part.labels[positions].tolist()
+        if self.archive is None:
+            return _FolderSlice(self.url, names, labels)
+        return _ArchiveSlice(self.archive, self.url, names, labels, part.offsets[positions].tolist(), part.sizes[positions].tolist())
+
+
+@dataclass
+class _FolderSlice(SourceSlice):
+    root: str
+    names: list[str]
+    labels: list[int]
+
+    def read(self) -> list[Record]:
+        fs, root = filesystem(self.root)
+        paths = [join(root, n) for n in self.names]
+        if is_local(fs):
+            data = []
+            for path in paths:
+                with open(path, "rb") as f:
+                    data.append(f.read())
+        else:  # one concurrent batch of GETs
+            found = fs.cat(paths, on_error="return")
+            data = [found[p] for p in paths]
         records = []
-        for name, label in self._ordered[split][start : start + count]:
-            fmt = IMAGE_EXTENSIONS[os.path.splitext(name)[1].lower()]
-            if self._members is not None:
-                data, origin = self._members[name], f"{self.path}:{name}"
-            else:
-                origin = os.path.join(self.path, name)
-                with open(origin, "rb") as f:
-                    data = f.read()
-            records.append(Record(data, fmt, label, origin))
+        for name, label, payload in zip(self.names, self.labels, data):
+            origin = join(self.root, name)
+            if isinstance(payload, BaseException):
+                raise SourceError(f"{origin}: cannot read ({type(payload).__name__}: {payload})")
+            records.append(Record(payload, _format_of(name), label, origin))
         return records
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("layout", None)
-        return state
+
+@dataclass
+class _ArchiveSlice(SourceSlice):
+    archive: str  # the plain tar read (the source itself, or its decompressed copy)
+    origin: str  # the archive the user named, for messages
+    names: list[str]
+    labels: list[int]
+    offsets: list[int]
+    sizes: list[int]
+
+    def read(self) -> list[Record]:
+        fs, path = filesystem(self.archive)
+        data: list[bytes] = [b""] * len(self.names)
+        order = sorted(range(len(self.names)), key=self.offsets.__getitem__)  # one forward pass
+        if is_local(fs):
+            with open(path, "rb") as f:
+                for k in order:
+                    f.seek(self.offsets[k])
+                    data[k] = f.read(self.sizes[k])
+        else:
+            starts = [self.offsets[k] for k in order]
+            ends = [self.offsets[k] + self.sizes[k] for k in order]
+            for k, payload in zip(order, fs.cat_ranges([path] * len(order), starts, ends)):
+                data[k] = payload
+        records = []
+        for name, label, payload, size in zip(self.names, self.labels, data, self.sizes):
+            origin = f"{self.origin}:{name}"
+            if len(payload) != size:
+                raise SourceError(f"{origin}: archive member is truncated ({len(payload)} of {size} bytes)")
+            records.append(Record(payload, _format_of(name), label, origin))
+        return records
 
 
 # ---------------------------------------------------------------- CIFAR pickles
@@ -191,57 +353,69 @@ class CifarSource(Source):
         if not os.path.isdir(self.root):
             raise SourceError(f"{self.path}: source path does not exist")
 
-    def _files(self, split: str) -> list[str]:
+    def files(self, split: str) -> list[str]:
         if self.num_classes == 10:
             names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         else:
             names = [split]
         return [os.path.join(self.root, n) for n in names]
 
-    def _load(self, path: str) -> dict[str, Any]:
-        if not os.path.isfile(path):
-            raise SourceError(f"{path}: missing CIFAR file")
-        try:
-            with open(path, "rb") as f:
-                return pickle.load(f, encoding="latin1")
-        except Exception as exc:
-            raise SourceError(f"{path}: not a CIFAR pickle ({exc})") from exc
-
-    def _split_arrays(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(images (N, 32, 32, 3), labels, origins) of one split, loaded once per process."""
-        cache = self.__dict__.setdefault("_loaded", {})
-        if split not in cache:
-            label_key = "labels" if self.num_classes == 10 else "fine_labels"
-            images, labels, origins = [], [], []
-            for path in self._files(split):
-                batch = self._load(path)
-                data = np.asarray(batch["data"], np.uint8)
-                if data.ndim != 2 or data.shape[1] != 3072:
-                    raise SourceError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
-                images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-                labels.append(np.asarray(batch[label_key], np.int64))
-                origins += [f"{path}[{i}]" for i in range(len(data))]
-            cache[split] = (np.concatenate(images), np.concatenate(labels), origins)
-        return cache[split]
+    @cached_property
+    def _sizes(self) -> dict[str, int]:
+        return {split: len(load_cifar_split(self, split)[1]) for split in self.splits()}
 
     def splits(self) -> list[str]:
         return ["train", "test"]
 
     def classes(self, split: str) -> list[str]:
         meta_name, key = ("batches.meta", "label_names") if self.num_classes == 10 else ("meta", "fine_label_names")
-        return list(self._load(os.path.join(self.root, meta_name))[key])
+        return list(_load_pickle(os.path.join(self.root, meta_name))[key])
 
     def size(self, split: str) -> int:
-        return len(self._split_arrays(split)[1])
+        return self._sizes[split]
 
-    def read(self, split: str, start: int, count: int) -> list[Record]:
-        images, labels, origins = self._split_arrays(split)
-        return [Record(np.ascontiguousarray(images[i]), "rgb", int(labels[i]), origins[i]) for i in range(start, start + count)]
+    def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
+        return _CifarSlice(self, split, positions.tolist())
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.pop("_loaded", None)  # each task loads only the split it reads
-        return state
+        return {k: v for k, v in self.__dict__.items() if k != "_sizes"}
+
+
+def _load_pickle(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: missing CIFAR file")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="latin1")
+    except Exception as exc:
+        raise SourceError(f"{path}: not a CIFAR pickle ({exc})") from exc
+
+
+def load_cifar_split(source: CifarSource, split: str) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int]]]:
+    """(images (N, 32, 32, 3), labels, (file, row) per image) of one split. CIFAR is
+    small (180 MB at most), so each task loads the split it reads whole."""
+    label_key = "labels" if source.num_classes == 10 else "fine_labels"
+    images, labels, origins = [], [], []
+    for path in source.files(split):
+        batch = _load_pickle(path)
+        data = np.asarray(batch["data"], np.uint8)
+        if data.ndim != 2 or data.shape[1] != 3072:
+            raise SourceError(f"{path}: data has shape {data.shape}, expected (N, 3072)")
+        images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        labels.append(np.asarray(batch[label_key], np.int64))
+        origins += [(path, i) for i in range(len(data))]
+    return np.concatenate(images), np.concatenate(labels), origins
+
+
+@dataclass
+class _CifarSlice(SourceSlice):
+    source: CifarSource
+    split: str
+    positions: list[int]
+
+    def read(self) -> list[Record]:
+        images, labels, origins = load_cifar_split(self.source, self.split)
+        return [Record(np.ascontiguousarray(images[p]), "rgb", int(labels[p]), f"{origins[p][0]}[{origins[p][1]}]") for p in self.positions]
 
 
 # ---------------------------------------------------------------- synthetic
@@ -249,7 +423,7 @@ class CifarSource(Source):
 
 @dataclass
 class ShapesSource(Source):
-    """``synthetic:shapes``: generated from (seed, id); see ``pipeline.data.synthetic``."""
+    """``synthetic:shapes``: image ``p`` of a split is generated from (seed, p); see ``synthetic``."""
 
     image_size: int = 32
     train_samples: int = 5000
@@ -271,23 +445,34 @@ class ShapesSource(Source):
     def size(self, split: str) -> int:
         return self.train_samples if split == "train" else self.test_samples
 
-    def read(self, split: str, start: int, count: int) -> list[Record]:
+    def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
         # Distinct seeds per split, so test images are never copies of training images.
-        seed = self.seed * 2 + (split == "test")
+        return _ShapesSlice(self.seed * 2 + (split == "test"), split, self.image_size, positions.tolist())
+
+
+@dataclass
+class _ShapesSlice(SourceSlice):
+    seed: int
+    split: str
+    image_size: int
+    positions: list[int]
+
+    def read(self) -> list[Record]:
         out = []
-        for i in range(start, start + count):
-            s = synthetic.make_sample(seed, i, self.image_size)
-            out.append(Record(s.image, "rgb", s.label, f"synthetic:shapes/{split}/{sample_key(i)}", s.box))
+        for p in self.positions:
+            s = synthetic.make_sample(self.seed, p, self.image_size)
+            out.append(Record(s.image, "rgb", s.label, f"synthetic:shapes/{self.split}/{sample_key(p)}", s.box))
         return out
 
 
 @dataclass
 class SubsetSource(Source):
     """``limit`` samples per split, evenly spaced over the sorted order of ``inner``, so a
-    subset of a class-sorted folder keeps every class. Ids are renumbered 0..limit-1."""
+    subset of a class-sorted folder keeps every class in proportion."""
 
     inner: Source
     limit: int
+    _spaced: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.spec = self.inner.spec
@@ -302,23 +487,32 @@ class SubsetSource(Source):
         return self.inner.classes(split)
 
     def _positions(self, split: str) -> np.ndarray:
-        total = self.inner.size(split)
-        return np.floor(np.arange(min(self.limit, total)) * total / min(self.limit, total)).astype(np.int64)
+        if split not in self._spaced:
+            total = self.inner.size(split)
+            n = min(self.limit, total)
+            self._spaced[split] = np.floor(np.arange(n) * total / n).astype(np.int64)
+        return self._spaced[split]
 
     def size(self, split: str) -> int:
         return len(self._positions(split))
 
-    def read(self, split: str, start: int, count: int) -> list[Record]:
-        return [self.inner.read(split, int(p), 1)[0] for p in self._positions(split)[start : start + count]]
+    def listing_digest(self, split: str) -> str:
+        return self.inner.listing_digest(split)
+
+    def notes(self) -> list[str]:
+        return self.inner.notes()
+
+    def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
+        return self.inner.slice(split, self._positions(split)[positions])
 
 
-def open_source(spec: str, **options: Any) -> Source:
+def open_source(spec: str, *, staging: str | None = None, **options: Any) -> Source:
     """Parse ``kind:PATH`` (``imagefolder:``, ``cifar10:``, ``cifar100:``, ``synthetic:shapes``)."""
     kind, sep, rest = spec.partition(":")
     if not sep:
         raise SourceError(f"{spec}: a source is written kind:PATH (imagefolder:, cifar10:, cifar100:, synthetic:shapes)")
     if kind == "imagefolder":
-        return ImageFolderSource(rest)
+        return ImageFolderSource(rest, staging)
     if kind in ("cifar10", "cifar100"):
         return CifarSource(rest, 10 if kind == "cifar10" else 100)
     if kind == "synthetic":

@@ -29,6 +29,10 @@ MEAN_STD = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Version of ``render_views``: bump it whenever a change could alter one rendered pixel.
+# It is part of the spec, hence of every cache identity, so caches rendered by another
+# version are refused instead of silently disagreeing with what students see.
+RENDERER_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -40,14 +44,20 @@ class AugmentSpec:
     scale: tuple[float, float] = (0.08, 1.0)  # imagenet: random-resized-crop area range
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: aspect ratio range
     eval_resize: int = 256  # imagenet eval: shorter side before the centre crop
+    mean: tuple[float, float, float] = MEAN_STD["cifar"][0]  # normalisation, per RGB channel
+    std: tuple[float, float, float] = MEAN_STD["cifar"][1]
+    renderer: int = RENDERER_VERSION
 
     @classmethod
     def preset(cls, name: SpecName, seed: int = 0) -> AugmentSpec:
-        if name == "cifar":
-            return cls("cifar", seed, size=32)
-        if name == "imagenet":
-            return cls("imagenet", seed, size=224)
-        raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
+        if name not in MEAN_STD:
+            raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
+        mean, std = MEAN_STD[name]
+        return cls(name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AugmentSpec:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -155,21 +165,47 @@ def crop_flip_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
     return out
 
 
-def resized_crop(image: np.ndarray, param: np.ndarray, size: int) -> torch.Tensor:
-    """One image (H, W, 3) uint8 -> (3, size, size) uint8: crop box, resize, flip."""
+def _resized_crop_into(out: torch.Tensor, image: np.ndarray, param: np.ndarray) -> None:
+    """One image (H, W, 3) uint8 -> ``out`` (3, size, size): crop box, antialiased
+    bilinear resize, flip. The crop is a view of the image in channels-last memory,
+    which is what torch's vectorised uint8 resize kernel reads fastest: no copies."""
     x0, y0, w, h, flip = (int(v) for v in param)
-    tensor = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # a writable copy (raw shards are read-only buffers)
-    out = TF.resized_crop(tensor, y0, x0, h, w, [size, size], antialias=True)
-    return out.flip(-1) if flip else out
+    if not image.flags.writeable:  # raw shards are read-only buffers; torch wants writable memory
+        image = image.copy()
+    crop = torch.from_numpy(image).permute(2, 0, 1)[:, y0 : y0 + h, x0 : x0 + w]
+    resized = TF.resize(crop, list(out.shape[-2:]), antialias=True)
+    out.copy_(resized.flip(-1) if flip else resized)
 
 
-def apply_views(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
+def _apply(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
     """Decoded images + their parameters -> (n, 3, size, size) uint8 batch."""
     if spec.name == "cifar" and len({im.shape for im in images}) == 1:
         return torch.from_numpy(crop_flip_batch(np.stack(images), params)).permute(0, 3, 1, 2)
     if spec.name == "cifar":
         return torch.stack([torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1) for im, p in zip(images, params)])
-    return torch.stack([resized_crop(im, p, spec.size) for im, p in zip(images, params)])
+    out = torch.empty((len(images), 3, spec.size, spec.size), dtype=torch.uint8)
+    for k, (im, p) in enumerate(zip(images, params)):
+        _resized_crop_into(out[k], im, p)
+    return out
+
+
+def render_views(
+    spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, view: int, stored_params: np.ndarray | None = None, source: str = ""
+) -> tuple[np.ndarray, torch.Tensor]:
+    """The one view renderer: decoded images (H, W, 3) uint8 of samples ``ids`` ->
+    (params (n, 5), views (n, 3, size, size) uint8) of view ``view``.
+
+    The cache builder, the training loader, ``cache verify`` and the benchmarks all
+    render through here, so teacher and student see the same pixels. With
+    ``stored_params`` (from a cache) those are applied: they are authoritative, and
+    recomputing them only detects a spec that changed (``ViewMismatchError``)."""
+    hw = np.array([im.shape[:2] for im in images], np.int64)
+    if stored_params is None:
+        params = view_params(spec, ids, view, hw)
+    else:
+        params = np.asarray(stored_params, np.int64)
+        check_params(spec, ids, view, hw, params, source)
+    return params, _apply(spec, images, params)
 
 
 def eval_transform(spec: AugmentSpec, images: list[np.ndarray]) -> torch.Tensor:
@@ -184,10 +220,18 @@ def eval_transform(spec: AugmentSpec, images: list[np.ndarray]) -> torch.Tensor:
     return torch.stack(out)
 
 
+_NORMALIZERS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize_batch(spec: AugmentSpec, batch_uint8: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) uint8 -> float, the spec's mean/std (also right on the GPU)."""
-    mean, std = (torch.tensor(v, device=batch_uint8.device).view(1, 3, 1, 1) for v in MEAN_STD[spec.name])
-    # (x / 255 - mean) / std as one scale and one shift, in place on a contiguous copy.
-    return batch_uint8.contiguous().float().mul_(1 / (255 * std)).sub_(mean / std)
+    """(n, 3, H, W) uint8 -> float with the spec's mean/std (on any device).
 
-
+    (x / 255 - mean) / std is one scale and one shift, in place on a float copy; the
+    constants are made once per device, not in every call."""
+    key = (spec.mean, spec.std, batch_uint8.device)
+    if key not in _NORMALIZERS:
+        mean = torch.tensor(spec.mean, device=batch_uint8.device).view(1, 3, 1, 1)
+        std = torch.tensor(spec.std, device=batch_uint8.device).view(1, 3, 1, 1)
+        _NORMALIZERS[key] = (1 / (255 * std), mean / std)
+    scale, shift = _NORMALIZERS[key]
+    return batch_uint8.float().mul_(scale).sub_(shift)
