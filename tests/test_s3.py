@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
@@ -82,3 +83,41 @@ def test_missing_bucket_is_a_clear_error(s3):
     result = _catkd(env, "shard", "synthetic:shapes", "s3://no-such-bucket/data", "--train-samples", "8", "--test-samples", "8", timeout=120)
     assert result.returncode == 2
     assert "s3://no-such-bucket/data: bucket 'no-such-bucket' does not exist" in result.stderr
+
+
+@pytest.mark.slow
+def test_image_folder_and_archive_on_s3_shard_like_local(s3, image_folder, tmp_path):
+    """An image-folder directory and a .tar.gz on the object store give the same shards
+    (same fingerprint) as the same folder on local disk; the archive is streamed."""
+    env, fs = s3
+    fs.put(str(image_folder), "catkd-bucket/folder", recursive=True)
+    archive = tmp_path / "folder.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(image_folder, arcname=".")
+    fs.put(str(archive), "catkd-bucket/folder.tar.gz")
+    local = _catkd(env, "shard", f"imagefolder:{image_folder}", str(tmp_path / "local"), "--samples-per-shard", "4")
+    assert local.returncode == 0, local.stderr[-3000:]
+    for name, source in (("from-dir", "s3://catkd-bucket/folder"), ("from-tar", "s3://catkd-bucket/folder.tar.gz")):
+        remote = _catkd(env, "shard", f"imagefolder:{source}", f"s3://catkd-bucket/{name}", "--samples-per-shard", "4")
+        assert remote.returncode == 0, remote.stderr[-3000:]
+        for split in ("train", "test"):
+            there = json.loads(fs.cat_file(f"catkd-bucket/{name}/{split}.index.json"))
+            here = json.loads((tmp_path / "local" / f"{split}.index.json").read_text())
+            assert there["fingerprint"] == here["fingerprint"] and there["num_samples"] == here["num_samples"]
+        assert not fs.exists(f"catkd-bucket/{name}/_staging")
+    # A rerun trusts the recorded sizes and ETags: nothing is written again.
+    records = {p: fs.info(p)["LastModified"] for p in fs.find("catkd-bucket/from-dir") if p.endswith(".tar")}
+    fs.rm("catkd-bucket/from-dir/train.index.json")
+    again = _catkd(env, "shard", "imagefolder:s3://catkd-bucket/folder", "s3://catkd-bucket/from-dir", "--samples-per-shard", "4")
+    assert again.returncode == 0 and "4 of 4 shards already complete" in again.stderr, again.stderr[-3000:]
+    assert {p: fs.info(p)["LastModified"] for p in records} == records
+    verify = _catkd(env, "shard", "--verify", "s3://catkd-bucket/from-dir")
+    assert verify.returncode == 0 and "every shard matches its index" in verify.stdout, verify.stderr[-3000:]
+
+
+def test_unreadable_source_location_is_a_clear_error(s3, tmp_path):
+    env, _ = s3
+    result = _catkd(env, "shard", "imagefolder:s3://no-such-bucket/folder", str(tmp_path / "out"), timeout=120)
+    assert result.returncode == 2
+    assert "imagefolder:s3://no-such-bucket/folder" in result.stderr or "s3://no-such-bucket/folder" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out" / "train.index.json").exists()

@@ -18,39 +18,28 @@ refused, never overwritten.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import resource
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, wait
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-import ray
 from tqdm import tqdm
 
-from pipeline.data.shard_format import (
-    RAW_FORMAT,
-    Sample,
-    ShardError,
-    ShardIndex,
-    ShardInfo,
-    decode_image,
-    encode_shard,
-    index_name,
-    read_index,
-    sample_key,
-    shard_name,
-    write_index,
-)
-from pipeline.data.sources import Record, Source, SourceError, SourceSlice, SubsetSource, open_source
-from pipeline.ray_setup import init_ray
+try:
+    import ray
+except ImportError:  # a machine without Ray (bench/gpu_check.py) shards with a local process pool
+    ray = None
+
+from pipeline.data.shard_format import RAW_FORMAT, ShardError, ShardIndex, ShardInfo, index_name, read_index, sample_key, shard_name, write_index
+from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
+from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
 from pipeline.storage import check_location, filesystem, join, write_atomic
 
-Encoding = Literal["keep", "raw"]
-PROGRESS_DIR = "_progress"
 STAGING_DIR = "_staging"
 
 
@@ -69,23 +58,9 @@ class ShardConfig:
     progress: bool = True
 
 
-@dataclass(frozen=True)
-class _ShardTask:
-    """What one Ray task needs to write one shard: its entries and how to store them."""
-
-    split: str
-    j: int
-    first: int
-    entries: SourceSlice
-    out: str
-    encoding: Encoding
-    num_classes: int
-    digest: str
-    max_short_side: int | None
-    jpeg_quality: int
-
-
-def shard_dataset(cfg: ShardConfig) -> dict[str, ShardIndex]:
+def shard_dataset(cfg: ShardConfig, pool: Executor | None = None) -> dict[str, ShardIndex]:
+    """Shard every split of ``cfg.source`` into ``cfg.out``: one Ray task per shard, or
+    one ``pool`` task per shard (a local process pool, where Ray is not installed)."""
     if cfg.samples_per_shard < 1:
         raise ValueError("samples_per_shard must be at least 1")
     if cfg.max_short_side is not None and cfg.max_short_side < 1:
@@ -100,8 +75,11 @@ def shard_dataset(cfg: ShardConfig) -> dict[str, ShardIndex]:
         raise SourceError(f"{cfg.source}: no split {unknown[0]!r} (has {', '.join(source.splits())})")
     for note in source.notes():
         print(f"[shard] {note}", file=sys.stderr)
-    init_ray()
-    indexes = {split: _shard_split(cfg, source, split) for split in splits}
+    if pool is None:
+        from pipeline.ray_setup import init_ray
+
+        init_ray()
+    indexes = {split: _shard_split(cfg, source, split, pool) for split in splits}
     fs, root = filesystem(cfg.out)
     if fs.exists(join(root, STAGING_DIR)):  # a decompressed archive: no longer needed
         fs.rm(join(root, STAGING_DIR), recursive=True)
@@ -127,7 +105,7 @@ def id_order(total: int, seed: int) -> np.ndarray:
     return np.random.default_rng([seed, total]).permutation(total)
 
 
-def _shard_split(cfg: ShardConfig, source: Source, split: str) -> ShardIndex:
+def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | None) -> ShardIndex:
     classes = source.classes(split)
     total = source.size(split)
     if total == 0:
@@ -153,11 +131,11 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str) -> ShardIndex:
         bar.write(f"[shard] {split}: {len(done)} of {len(plan)} shards already complete, writing {len(todo)}")
     order = id_order(total, cfg.order_seed)
     tasks = (
-        _ShardTask(split, j, first, source.slice(split, order[first : first + count]), cfg.out, cfg.encoding, len(classes), digest, cfg.max_short_side, cfg.jpeg_quality)
+        ShardTask(split, j, first, source.slice(split, order[first : first + count]), cfg.out, cfg.encoding, len(classes), digest, cfg.max_short_side, cfg.jpeg_quality)
         for j, first, count in todo
     )
     try:
-        for record in _run_bounded(tasks, bar):
+        for record in _run_bounded(tasks, bar, pool):
             done[record["j"]] = record
     finally:
         bar.close()
@@ -177,12 +155,24 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str) -> ShardIndex:
     return index
 
 
-def _run_bounded(tasks: Iterator[_ShardTask], bar: tqdm) -> Iterator[dict[str, Any]]:
-    """Run shard tasks with a bounded number in flight, so the driver never holds every
-    shard's slice at once. On a failure the tasks in flight still finish (complete shards
-    are kept, and a rerun after fixing the input has less to do); the first error is raised."""
-    window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    pending: dict[ray.ObjectRef, int] = {}
+def _run_bounded(tasks: Iterator[ShardTask], bar: tqdm, pool: Executor | None) -> Iterator[dict[str, Any]]:
+    """Run shard tasks (as Ray tasks, or in ``pool``) with a bounded number in flight, so
+    the driver never holds every shard's slice at once. On a failure the tasks in flight
+    still finish (complete shards are kept, and a rerun after fixing the input has less
+    to do); the first error is raised."""
+    if pool is None:
+        remote = ray.remote(num_cpus=1)(write_shard)
+        window = max(4, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+        def submit(task: ShardTask) -> Future:
+            return remote.remote(task).future()
+    else:
+        window = 2 * (getattr(pool, "_max_workers", None) or 2)
+
+        def submit(task: ShardTask) -> Future:
+            return pool.submit(write_shard, task)
+
+    pending: set[Future] = set()
     failure: Exception | None = None
     exhausted = False
     while pending or not exhausted:
@@ -191,20 +181,20 @@ def _run_bounded(tasks: Iterator[_ShardTask], bar: tqdm) -> Iterator[dict[str, A
             if task is None:
                 exhausted = True
             else:
-                pending[_write_shard.remote(task)] = task.j
+                pending.add(submit(task))
         if not pending:
             break
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        pending.pop(ready[0])
-        try:
-            record = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            failure = failure or (type(cause)(str(cause)) if isinstance(cause, (ShardError, SourceError)) else cause)
-            exhausted = True
-            continue
-        bar.update(record["info"]["count"])
-        yield record
+        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in done:
+            try:
+                record = future.result()
+            except Exception as exc:  # a Ray task error carries the task's own exception as its cause
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
+                failure = failure or (type(cause)(str(cause)) if isinstance(cause, (ShardError, SourceError)) else cause)
+                exhausted = True
+                continue
+            bar.update(record["info"]["count"])
+            yield record
     if failure is not None:
         raise failure
 
@@ -245,14 +235,9 @@ def _completed(fs, root: str, name: str, digest: str, first: int, count: int) ->
     info = record["info"]
     if record.get("settings") != digest or (info["first_id"], info["count"]) != (first, count):
         return None
-    if stat["size"] != info["bytes"] or (record.get("etag") and _etag(stat) != record["etag"]):
+    if stat["size"] != info["bytes"] or (record.get("etag") and etag(stat) != record["etag"]):
         return None
     return record
-
-
-def _etag(stat: dict[str, Any]) -> str | None:
-    tag = stat.get("ETag") or stat.get("etag")
-    return str(tag).strip('"') if tag else None
 
 
 def _one_or_mixed(formats: set[str]) -> str:
@@ -268,78 +253,9 @@ def _common_shape(records: list[dict[str, Any]], cfg: ShardConfig, split: str) -
     return None
 
 
-def _shrink(pixels: np.ndarray, max_short_side: int) -> np.ndarray:
-    """Resize (antialiased) so that the shorter side is ``max_short_side``."""
-    import torch
-    from torchvision.transforms.v2 import functional as TF
-
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
-    return TF.resize(tensor, max_short_side, antialias=True).permute(1, 2, 0).contiguous().numpy()
-
-
-def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _to_sample(record: Record, sample_id: int, task: _ShardTask) -> tuple[Sample, tuple[int, int]]:
-    """Validate one record and turn it into the sample the shard stores: decoded once to
-    check it, resized when it is larger than ``max_short_side``, raw when asked."""
-    key = sample_key(sample_id)
-    if not 0 <= record.label < task.num_classes:
-        raise SourceError(f"{record.origin}: sample {key}: label {record.label} outside 0..{task.num_classes - 1}")
-    if isinstance(record.image, np.ndarray):
-        pixels, sample = record.image, Sample(sample_id, record.label, b"", RAW_FORMAT, record.box)
-    else:
-        sample = Sample(sample_id, record.label, record.image, record.fmt, record.box)
-        try:
-            pixels = decode_image(sample, None, record.origin)
-        except ShardError as exc:
-            raise SourceError(str(exc)) from None
-    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise SourceError(f"{record.origin}: sample {key}: pixels of shape {pixels.shape} {pixels.dtype}, expected (H, W, 3) uint8")
-    if task.max_short_side is not None and min(pixels.shape[:2]) > task.max_short_side:
-        if record.box is not None:
-            raise SourceError(f"{record.origin}: sample {key}: resizing would invalidate its object box; shard it without --max-short-side")
-        pixels = _shrink(pixels, task.max_short_side)
-        sample.image, sample.fmt = _jpeg(pixels, task.jpeg_quality), "jpg"
-    if task.encoding == "raw" or sample.fmt == RAW_FORMAT:
-        sample.image, sample.fmt = np.ascontiguousarray(pixels).tobytes(), RAW_FORMAT
-    return sample, pixels.shape[:2]
-
-
-@ray.remote(num_cpus=1)
-def _write_shard(task: _ShardTask) -> dict[str, Any]:
-    samples, shapes = [], set()
-    for offset, record in enumerate(task.entries.read()):
-        sample, shape = _to_sample(record, task.first + offset, task)
-        samples.append(sample)
-        shapes.add(shape)
-    data = encode_shard(samples)
-    name = shard_name(task.split, task.j)
-    fs, root = filesystem(task.out)
-    write_atomic(fs, join(root, name), data)
-    info = ShardInfo(name=name, first_id=task.first, count=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    record = {
-        "j": task.j,
-        "settings": task.digest,
-        "info": asdict(info),
-        "etag": _etag(fs.info(join(root, name))),
-        "formats": sorted({s.fmt for s in samples}),
-        "shapes": sorted(shapes),
-        "has_boxes": all(s.box is not None for s in samples),
-    }
-    write_atomic(fs, join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
-    return record
-
-
 # ---------------------------------------------------------------- verify
 
 
-@ray.remote(num_cpus=1)
 def _hash_shard(out: str, info: ShardInfo) -> str | None:
     fs, root = filesystem(out)
     path = join(root, info.name)
@@ -363,11 +279,14 @@ def verify_shards(out: str, splits: list[str] | None = None, progress: bool = Tr
         splits = sorted(p.rsplit("/", 1)[-1].removesuffix(".index.json") for p in fs.glob(join(root, "*.index.json")))
         if not splits:
             raise ShardError(f"{out}: no <split>.index.json here (was a dataset sharded into it?)")
+    from pipeline.ray_setup import init_ray
+
     init_ray()
+    hash_shard = ray.remote(num_cpus=1)(_hash_shard)
     problems = []
     for split in splits:
         index = read_index(out, split)
-        refs = [_hash_shard.remote(out, info) for info in index.shards]
+        refs = [hash_shard.remote(out, info) for info in index.shards]
         with tqdm(total=len(refs), unit="shards", desc=f"verify {split}", disable=not progress, file=sys.stderr) as bar:
             while refs:
                 ready, refs = ray.wait(refs, num_returns=1)
