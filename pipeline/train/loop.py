@@ -92,6 +92,7 @@ def train_loop(config: dict[str, Any]) -> None:
         train_stream.set_epoch(epoch)
         metrics = _train_epoch(cfg, model, teacher, train_stream, optimizer, spec, device, rank)
         scheduler.step()
+        _use_rank0_buffers(model)
         metrics |= _evaluate(cfg, model, test_stream, spec, device)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         history.append(metrics)
@@ -151,6 +152,18 @@ def _train_epoch(cfg, model, teacher, stream, optimizer, spec, device, rank) -> 
         "data_wait_fraction": totals[len(names) + 3] / totals[len(names) + 4],
     }
     return metrics
+
+
+@torch.no_grad()
+def _use_rank0_buffers(model: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics). DDP broadcasts
+    them only at the start of each training forward, after which each rank updates its
+    own; without this, each rank would evaluate its part of the test set with other
+    statistics than the model rank 0 exports, and the reported top-1 would not be the
+    exported model's."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in unwrap(model).buffers():
+            dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()
