@@ -1,13 +1,21 @@
 """Cache build throughput and storage cost.
 
+``storage`` (on an ImageFolder archive such as CIFAR-10 as JPEG):
 1. views/s of ``catkd cache build`` against the teacher's bare forward throughput on the
-   same batches (decoding and augmentation excluded from the bare figure): the ratio
-   says how much the pipeline around the teacher costs;
+   same batches (decoding and augmentation excluded from the bare figure);
 2. bytes per view of each storage form, and the relative error each form introduces in
    the CAT loss (against float32 targets, a resnet20 student's CAMs on the same views,
    with and without normalisation).
 
-    .venv/bin/python bench/cache.py ../shared/data/cifar10-jpeg.tar.gz --subset 2000 --views 2
+``speed`` (on generated data, nothing needed):
+3. the feed alone: views/s that CPU feed tasks render at the imagenet spec on
+   ImageNet-like JPEGs with 1 and with 2 CPUs (each sample decoded once for its S views);
+4. a build long enough that start-up is under 10% of it (CIFAR-size shapes, cifar spec,
+   20,000 views) against the bare teacher forward over the same views, both on one
+   thread for the teacher.
+
+    .venv/bin/python bench/cache.py storage ../shared/data/cifar10-jpeg.tar.gz --subset 2000 --views 2
+    .venv/bin/python bench/cache.py speed
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from catkd.losses import cat_loss
 from catkd.models import build_model, checkpoint_payload
 from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
+from pipeline.cache.feed import render_chunks
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
@@ -52,8 +61,77 @@ def bare_forward_rate(teacher, batches, batch_size: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def feed_rate(data: str, spec: AugmentSpec, views: int, cpus: int) -> float:
+    """Views/s of ``cpus`` feed tasks rendering every shard of ``data`` (no teacher)."""
+    import ray
+
+    index = read_index(data, "train")
+    index_ref = ray.put(index)
+
+    @ray.remote(num_cpus=1)
+    def drain(j: int) -> int:  # one task renders one shard, as the builder's feed tasks do
+        return sum(len(c.ids) * views for c in render_chunks(data, ray.get(index_ref), j, spec, views, max(1, 512 // views)))
+
+    start = time.perf_counter()
+    pending, total = list(range(len(index.shards))), 0
+    running = [drain.remote(pending.pop(0)) for _ in range(min(cpus, len(pending)))]
+    while running:
+        ready, running = ray.wait(running, num_returns=1)
+        total += ray.get(ready[0])
+        if pending:
+            running.append(drain.remote(pending.pop(0)))
+    return total / (time.perf_counter() - start)
+
+
+def speed(args: argparse.Namespace) -> None:
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from bench.imagenet_like import make_folder
+
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        make_folder(f"{tmp}/folder", args.feed_images, 10)
+        data = f"{tmp}/imagenet-like"
+        shard_dataset(ShardConfig(f"imagefolder:{tmp}/folder", data, samples_per_shard=args.feed_images // 8, progress=False))
+        spec = AugmentSpec.preset("imagenet")
+        rates = {cpus: feed_rate(data, spec, args.views, cpus) for cpus in (1, 2)}
+        rates = {cpus: max(rates[cpus], feed_rate(data, spec, args.views, cpus)) for cpus in (1, 2)}  # best of two
+        print(f"feed at the imagenet spec, {args.feed_images} ImageNet-like JPEGs x {args.views} views: "
+              f"1 CPU {rates[1]:,.0f} views/s, 2 CPUs {rates[2]:,.0f} views/s ({rates[2] / rates[1]:.2f}x)")  # fmt: skip
+
+        shapes = f"{tmp}/shapes"
+        samples = args.build_views // args.views
+        shard_dataset(ShardConfig("synthetic:shapes", shapes, splits=["train"], samples_per_shard=1000, synthetic={"train_samples": samples}, progress=False))
+        torch.manual_seed(0)
+        teacher = build_model(args.teacher, 10, bias=True).eval()
+        weights = f"{tmp}/teacher.pth"
+        torch.save(checkpoint_payload(teacher, args.teacher), weights)
+        cifar = AugmentSpec.preset("cifar")
+        torch.set_num_threads(1)  # the build's actor has one CPU, so one thread
+        bare = bare_forward_rate(teacher, prepared_views(shapes, args.views, cifar), args.batch)
+        cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
+                               batch_size=args.batch, cpus_per_actor=1, progress=False)  # fmt: skip
+        start = time.perf_counter()
+        build_cache(cfg)
+        build = samples * args.views / (time.perf_counter() - start)
+        print(f"build of {samples * args.views:,} views ({args.teacher}, cifar spec, 1 teacher CPU + feed on the other): {build:,.0f} views/s; "
+              f"bare teacher forward over the same views on one thread: {bare:,.0f} views/s; ratio {build / bare:.2f}")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    fast = sub.add_parser("speed", help="feed rate with 1 and 2 CPUs; a long build against the bare forward")
+    fast.add_argument("--feed-images", type=int, default=800)
+    fast.add_argument("--build-views", type=int, default=20_000)
+    fast.add_argument("--views", type=int, default=4)
+    fast.add_argument("--teacher", default="resnet56")
+    fast.add_argument("--batch", type=int, default=256)
+    fast.set_defaults(func=speed)
+    parser = sub.add_parser("storage", help="bytes per view and CAT-loss error of each storage form")
+    parser.set_defaults(func=storage)
     parser.add_argument("archive", help="ImageFolder-layout archive with train/ (CIFAR-10 as JPEG)")
     parser.add_argument("--teacher", default="resnet56")
     parser.add_argument("--subset", type=int, default=2000, help="training images used (evenly spaced)")
@@ -61,6 +139,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--cpus", type=int, default=2, help="threads for the bare forward and the build actor")
     args = parser.parse_args()
+    args.func(args)
+
+
+def storage(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.cpus)
     init_ray()
     spec = AugmentSpec.preset("cifar")
@@ -76,11 +158,11 @@ def main() -> None:
         bare = bare_forward_rate(teacher, batches, args.batch)
 
         rows, caches = [], {}
-        forms = [("float32", False), ("float16", False), ("int8", False), ("features", False), ("float16", True)]
-        for storage, bf16 in forms:
-            cfg = CacheBuildConfig(data=data, teacher=args.teacher, weights=weights, root=f"{tmp}/caches-{storage}-{bf16}", num_views=args.views,
-                                   storage=storage, batch_size=args.batch, cpus_per_actor=args.cpus, bf16=bf16, progress=False)  # fmt: skip
-            storage = f"{storage}+bf16" if bf16 else storage
+        forms = [("float32", "fp32"), ("float16", "fp32"), ("int8", "fp32"), ("features", "fp32"), ("float16", "bf16")]
+        for storage, precision in forms:
+            cfg = CacheBuildConfig(data=data, teacher=args.teacher, weights=weights, root=f"{tmp}/caches-{storage}-{precision}", num_views=args.views,
+                                   storage=storage, batch_size=args.batch, cpus_per_actor=args.cpus, precision=precision, progress=False)  # fmt: skip
+            storage = f"{storage}+bf16" if precision == "bf16" else storage
             start = time.perf_counter()
             caches[storage] = TargetCache(build_cache(cfg))  # includes starting the actor and loading the teacher
             rate = args.subset * args.views / (time.perf_counter() - start)

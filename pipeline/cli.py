@@ -84,7 +84,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
         data=args.data, teacher=args.teacher, weights=args.weights, root=args.root, split=args.split,
         num_views=args.views, resolution=args.resolution, spec=args.spec, spec_seed=args.spec_seed,
         storage=args.storage, binarize=args.binarize, actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size, bf16=args.bf16, channels_last=args.channels_last,
+        batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last, feed_tasks=args.feed_tasks,
     )
     url = build_cache(cfg)
     print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
@@ -191,9 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--actors", type=int, default=1)
     b.add_argument("--gpus-per-actor", type=float, default=0.0)
     b.add_argument("--cpus-per-actor", type=int, default=1)
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--bf16", action="store_true", help="bf16 autocast on GPU")
-    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--batch-size", type=int, default=256, help="views per teacher forward pass (as large as the GPU allows)")
+    b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the cache identity")  # fmt: skip
+    b.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    b.add_argument("--feed-tasks", type=int, help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)")
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")

@@ -54,9 +54,10 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
     """Create ``path`` only if it does not exist; True when this call created it.
 
-    Local files use O_EXCL, so of two racing writers exactly one wins. Object stores
-    without conditional writes get check-then-write: racing writers there store the
-    same deterministic content, so either record is correct.
+    Of two racing writers exactly one wins, through the store's own conditional write:
+    O_EXCL (a hard link) on local disk, ``If-None-Match: *`` on S3 (s3fs's
+    ``pipe_file(mode="create")``). A filesystem that offers no conditional write at
+    all falls back to check-then-write, which two concurrent writers can both pass.
     """
     parent = posixpath.dirname(path)
     fs.makedirs(parent, exist_ok=True)
@@ -73,10 +74,16 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:
             return False
         finally:
             os.remove(tmp)
-    if fs.exists(path):
+    try:
+        fs.pipe_file(path, data, mode="create")
+        return True
+    except FileExistsError:
         return False
-    write_atomic(fs, path, data)
-    return True
+    except TypeError:  # no conditional write on this filesystem
+        if fs.exists(path):
+            return False
+        write_atomic(fs, path, data)
+        return True
 
 
 def zarr_store(url: str, *, read_only: bool = False):

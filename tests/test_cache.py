@@ -153,7 +153,7 @@ def test_identity_mismatch_names_the_field(setup, float16_cache):
     cache.check(right)
     with pytest.raises(CacheMismatchError, match="teacher_sha256"):
         cache.check(expected_identity(cfg, index, "0" * 64))
-    with pytest.raises(CacheMismatchError, match="spec: the run needs"):
+    with pytest.raises(CacheMismatchError, match="spec.seed: the run needs 9, the cache holds 0"):
         cache.check(expected_identity(_cfg(setup, "unused", spec_seed=9), index, right.teacher_sha256))
     with pytest.raises(CacheMismatchError, match="dataset_fingerprint"):
         index.fingerprint = "f" * 64
@@ -198,3 +198,75 @@ def test_verify_detects_corruption(setup):
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", url, "--samples", "0"], capture_output=True, text=True)
     assert result.returncode != 0
     assert "data shard 1" in result.stderr
+
+
+def test_bf16_cache_verifies_clean_and_a_tampered_value_still_fails(setup):
+    url = build_cache(_cfg(setup, setup["base"] / "root-bf16", precision="bf16", storage="float32"))
+    cache = TargetCache(url)
+    assert cache.identity.precision == "bf16" and cache.manifest["build"]["precision"] == "bf16"
+    assert verify_cache(url, sample_views=6) == []
+    # Values 20% off, with checksums to match (as a wrong build would write them): the
+    # bf16 tolerance is not so loose that recomputing the samples lets them through.
+    import zarr
+
+    from pipeline.cache.teacher import array_checksums
+
+    group = zarr.open_group(str(next((setup["base"] / "root-bf16").rglob("shard-000000.zarr"))), mode="r+")
+    arrays = {name: group[name][:] for name in ("cam", "logits", "params", "ids")}
+    arrays["cam"] *= 1.2
+    group["cam"][:] = arrays["cam"]
+    manifest_path = os.path.join(url, "manifest.json")
+    manifest = json.load(open(manifest_path))
+    manifest["shards"][0]["checksums"] = array_checksums(arrays)
+    json.dump(manifest, open(manifest_path, "w"))
+    problems = verify_cache(url, sample_views=12, seed=1)
+    assert problems and all("data shard 0" in p and "stored targets differ" in p for p in problems)
+
+
+def test_precision_is_part_of_the_identity(setup, float16_cache):
+    index = read_index(setup["data"], "train")
+    sha = file_sha256(open(setup["weights"], "rb").read())
+    fp32, bf16 = (expected_identity(_cfg(setup, "unused", precision=p), index, sha) for p in ("fp32", "bf16"))
+    assert fp32.cache_id != bf16.cache_id  # a resumed build with another precision never mixes shards
+    with pytest.raises(CacheMismatchError, match="precision: the run needs 'bf16', the cache holds 'fp32'"):
+        TargetCache(float16_cache).check(bf16)
+
+
+def test_old_cache_format_is_refused_with_a_clear_message(setup, float16_cache, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(float16_cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["identity"]["format_version"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CacheMismatchError, match="cache format version 1, this catkd reads version 2.*rebuild it"):
+        TargetCache(str(old))
+
+
+def test_gpu_asked_without_cuda_is_a_clear_error(setup):
+    from pipeline.cache.teacher import build_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(CacheBuildError, match="asked for 1.0 GPU per teacher, but torch finds no CUDA device"):
+        build_device(1.0)
+    with pytest.raises(CacheBuildError, match="the Ray cluster has no GPU"):
+        build_cache(_cfg(setup, setup["base"] / "root-gpu", gpus_per_actor=1.0))
+
+
+def test_orphans_are_removed_only_after_their_lease(setup, float16_cache, tmp_path):
+    import shutil
+
+    root = tmp_path / "root"
+    cache_dir = root / os.path.basename(float16_cache)
+    shutil.copytree(float16_cache, cache_dir)
+    os.remove(cache_dir / "manifest.json")
+    stray = cache_dir / "data" / "feedbeef" / "shard-000001.zarr"
+    stray.mkdir(parents=True)
+    (stray / "zarr.json").write_text("{}")
+    build_cache(_cfg(setup, root))  # a young folder may be a concurrent build's: it stays
+    assert stray.exists()
+    os.remove(cache_dir / "manifest.json")
+    build_cache(_cfg(setup, root, orphan_lease_s=0.0))
+    assert not stray.exists() and verify_cache(str(cache_dir), sample_views=1) == []

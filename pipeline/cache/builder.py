@@ -1,92 +1,72 @@
 """``catkd cache build``: run the teacher once over every (sample, view) of a split
 and store its pooled CAM targets and logits (DESIGN section 6).
 
-Ray actors each hold the teacher once (one per GPU, or CPU actors) and process whole
-data shards. While the teacher runs on one view's batches, a thread decodes and
-augments the next view, so the device does not wait on the CPU.
+Two kinds of Ray workers, so that a GPU teacher never waits on one CPU core:
+
+- **feed tasks** (``pipeline.cache.feed.render_chunks`` as Ray generator tasks, one
+  CPU each, one per data shard): read the shard, decode each sample once, render
+  all S views with the one view renderer, and stream them as uint8 chunks;
+- **teacher actors** (one per GPU, or CPU actors): hold the teacher once and turn
+  each chunk into targets (``pipeline.cache.teacher``); a data shard's targets are
+  committed when its last chunk is in.
+
+The driver only passes object references: it starts the feed tasks of the next
+shards ahead of the actors (so the next shard renders while the teacher runs the
+current one), with back-pressure of two unconsumed chunks per shard, and forwards
+each chunk to the actor that owns the shard. CPU tasks feeding actors were chosen
+over Ray Data's CPU and GPU actor stages because a data shard's S views must all
+reach the one writer of that shard's zarr group, in order, which a per-shard stream
+gives directly (docs/cache.md).
 
 Commit protocol, which makes reruns resume and concurrent jobs safe:
   1. an actor writes a data shard's zarr group under a fresh, unique folder
      ``data/<uuid>/shard-<j>.zarr`` (no two writers ever touch the same store);
-  2. it then creates ``done/shard-<j>.json`` (path, ids, checksums) exclusively: the
-     first writer wins, a loser deletes its own copy (the values are identical);
+  2. it then creates ``done/shard-<j>.json`` (path, ids, checksums) with the store's
+     conditional write (O_EXCL locally, If-None-Match on S3): the first writer wins,
+     a loser deletes its own copy (the values are identical);
   3. ``manifest.json`` is written last, once every data shard has its record.
-A rerun skips data shards with a record; folders without one are leftovers of a
-crash and are removed.
+A rerun skips data shards with a record. Folders without one are leftovers of a crash
+or of a losing writer; they are removed once nothing has written them for a lease
+(``orphan_lease_s``), since a younger one may be a concurrent build's, about to be
+committed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import platform
 import posixpath
 import sys
+import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+import warnings
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import ray
-import torch
 from tqdm import tqdm
 
-from catkd.losses import teacher_cam_targets
 from catkd.models import load_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch, render_views
-from pipeline.cache.identity import CacheIdentity, StorageForm, file_sha256
-from pipeline.cache.layout import encode_targets, write_group
+from pipeline.cache.config import CacheBuildConfig, expected_identity
+from pipeline.cache.feed import FeedChunk, render_chunks
+from pipeline.cache.identity import CacheIdentity, file_sha256
+from pipeline.cache.manifest import write_manifest
+from pipeline.cache.layout import DATA_DIR, MANIFEST
+from pipeline.cache.teacher import (
+    CacheBuildError,
+    ShardTargets,
+    TeacherRunner,
+    TeacherSettings,
+    build_device,
+    commit_shard,
+    read_done,
+)
+from pipeline.data.shard_format import ShardIndex, read_index
+from pipeline.data.views import AugmentSpec
 from pipeline.ray_setup import init_ray
-from pipeline.data.shard_format import ShardIndex, decode_image, load_shard, read_index, sample_key
-from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic, zarr_store
-
-MANIFEST = "manifest.json"
-DONE_DIR = "done"
-DATA_DIR = "data"
-
-
-class CacheBuildError(RuntimeError):
-    """The build cannot produce correct targets; the message names shard and sample."""
-
-
-@dataclass
-class CacheBuildConfig:
-    data: str  # shards URL
-    teacher: str  # architecture name
-    weights: str  # URL of the teacher checkpoint (any form catkd.models converts)
-    root: str  # cache root URL; the cache goes to <root>/<cache_id>
-    split: str = "train"
-    num_views: int = 4
-    resolution: int = 2
-    spec: str = "cifar"
-    spec_seed: int = 0
-    storage: StorageForm = "float16"
-    binarize: bool = False
-    actors: int = 1
-    gpus_per_actor: float = 0.0  # 0: CPU actors
-    cpus_per_actor: int = 1  # Ray sets the actor's torch threads to this
-    batch_size: int = 256
-    bf16: bool = False  # bf16 autocast (GPU, or CPU); its effect on targets is measured in bench/cache.py
-    channels_last: bool = False
-    progress: bool = True
-
-
-def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str) -> CacheIdentity:
-    return CacheIdentity(
-        teacher_arch=cfg.teacher,
-        teacher_sha256=weights_sha,
-        dataset_fingerprint=index.fingerprint,
-        split=cfg.split,
-        spec=AugmentSpec.preset(cfg.spec, cfg.spec_seed).to_dict(),
-        num_views=cfg.num_views,
-        resolution=cfg.resolution,
-        num_classes=index.num_classes,
-        target_kind="binarized_cam" if cfg.binarize else "cam",
-        storage=cfg.storage,
-    )
+from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic
 
 
 def build_cache(cfg: CacheBuildConfig) -> str:
@@ -122,165 +102,158 @@ def build_cache(cfg: CacheBuildConfig) -> str:
     if records:
         bar.write(f"[cache] resuming: {len(records)} of {len(index.shards)} data shards already complete")
     if todo:
-        weights_ref = ray.put(weights)
-        actors = [
-            TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(cfg, weights_ref, index, identity, url)
-            for _ in range(min(cfg.actors, len(todo)))
-        ]
-        pool = ray.util.ActorPool(actors)
         try:
-            for record in pool.map_unordered(lambda actor, j: actor.process.remote(j), todo):
-                records[record["shard"]] = record
-                bar.update(record["count"] * cfg.num_views)
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if isinstance(exc.cause, Exception) else exc
-            raise CacheBuildError(str(cause)) from None
+            _run_actors(cfg, index, identity, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
         finally:
             bar.close()
-            for actor in actors:
-                ray.kill(actor)
-    _remove_orphans(fs, root, records)
+    _remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     return url
 
 
-def read_done(fs, root: str, j: int) -> dict[str, Any] | None:
-    path = join(root, DONE_DIR, f"shard-{j:06d}.json")
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, identity: CacheIdentity, url: str, weights: bytes, todo: list[int],
+                records: dict[int, dict[str, Any]], progress: Callable[[int], None]) -> None:  # fmt: skip
+    """Feed tasks render the data shards in ``todo``; teacher actors turn them into
+    committed targets (``records`` gets each shard's completion record)."""
+    resources = ray.cluster_resources()
+    if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
+        raise CacheBuildError(f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)")
+    cpus = int(resources.get("CPU", 1))
+    actor_count = min(cfg.actors, len(todo))
+    feed_tasks = cfg.feed_tasks or max(1, cpus - actor_count * cfg.cpus_per_actor)
+    chunk_samples = max(1, cfg.chunk_views // cfg.num_views)
+    spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
+    index_ref, weights_ref = ray.put(index), ray.put(weights)
+    # At most two rendered chunks wait per shard: the feed runs ahead, memory stays bounded.
+    render = ray.remote(render_chunks).options(num_cpus=1, _generator_backpressure_num_objects=2)
+    feeds = _FeedQueue(todo, lambda j: render.remote(cfg.data, index_ref, j, spec, cfg.num_views, chunk_samples), ahead=feed_tasks)
+    actors = [
+        TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(cfg, weights_ref, index_ref, url)
+        for _ in range(actor_count)
+    ]
+    lock, stop = threading.Lock(), threading.Event()
+
+    def drive(actor) -> None:
+        # Up to two chunks queued at each actor (one computing, one arriving); commits
+        # happen in the actor's background thread, so shards follow one another freely.
+        in_flight: deque = deque()
+        while not stop.is_set() and (item := feeds.next()) is not None:
+            j, stream = item
+            for chunk_ref in stream:
+                in_flight.append(actor.consume.remote(j, chunk_ref))
+                while len(in_flight) > 2:
+                    collect(*ray.get(in_flight.popleft()))
+        while in_flight:
+            collect(*ray.get(in_flight.popleft()))
+        collect(0, ray.get(actor.flush.remote()))
+
+    def collect(samples: int, committed: list[dict[str, Any]]) -> None:
+        with lock:
+            progress(samples)
+            for record in committed:
+                records[record["shard"]] = record
+
+    try:
+        with ThreadPoolExecutor(len(actors)) as pool:
+            futures = [pool.submit(drive, actor) for actor in actors]
+            for future in futures:
+                try:
+                    future.result()
+                except Exception:
+                    stop.set()
+                    raise
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if isinstance(exc.cause, Exception) else exc
+        raise CacheBuildError(str(cause)) from None
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
-def _remove_orphans(fs, root: str, records: dict[int, dict[str, Any]]) -> None:
-    """Data folders no completion record points to: leftovers of crashed or losing writers."""
-    kept = {posixpath.dirname(r["path"]) for r in records.values()}
+class _FeedQueue:
+    """Data shards in build order, each with its feed task started ``ahead`` shards
+    before an actor takes it (thread-safe: one driver thread per actor takes from it)."""
+
+    def __init__(self, todo: list[int], start: Callable[[int], Any], ahead: int) -> None:
+        self.todo, self.started, self.start, self.ahead = deque(todo), deque(), start, ahead
+        self.lock = threading.Lock()
+
+    def _top_up(self) -> None:
+        while self.todo and len(self.started) < self.ahead:
+            j = self.todo.popleft()
+            self.started.append((j, self.start(j)))
+
+    def next(self) -> tuple[int, Any] | None:
+        with self.lock:
+            self._top_up()
+            if not self.started:
+                return None
+            item = self.started.popleft()
+            self._top_up()
+            return item
+
+
+def _remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
+    """Remove data folders that no completion record points to and that nothing has
+    written for ``lease_s`` seconds: leftovers of crashed writers. A folder younger
+    than that may belong to a concurrent build about to commit it, so it stays (a
+    later build removes it); records are read again here, after that build's commit."""
     data_dir = join(root, DATA_DIR)
     if not fs.exists(data_dir):
         return
+    kept = {posixpath.dirname(r["path"]) for j in range(num_shards) if (r := read_done(fs, root, j)) is not None}
+    now = time.time()
     for folder in fs.ls(data_dir, detail=False):
-        name = posixpath.relpath(folder.rstrip("/"), root) if folder.startswith(root) else posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
-        if name not in kept:
+        name = posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
+        if name in kept:
+            continue
+        files = fs.find(folder, detail=True).values()
+        newest = max((_mtime(info) for info in files), default=0.0)
+        if now - newest > lease_s:
             fs.rm(folder, recursive=True)
 
 
-def _versions() -> dict[str, str]:
-    import numcodecs
-    import torchvision
-    import zarr
-
-    from importlib.metadata import version
-
-    return {
-        "catkd": version("catkd"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "zarr": zarr.__version__,
-        "numcodecs": numcodecs.__version__,
-        "ray": ray.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def write_manifest(fs, root: str, identity: CacheIdentity, index: ShardIndex, cfg: CacheBuildConfig, records: list[dict[str, Any]]) -> None:
-    manifest = {
-        "identity": asdict(identity),
-        "cache_id": identity.cache_id,
-        "num_samples": index.num_samples,
-        "shards": records,
-        "arrays": records[0]["arrays"],
-        "codecs": {"compressor": "blosc zstd clevel 5 bitshuffle", "layout": "one zarr shard per array, one inner chunk per view"},
-        "teacher_weights": cfg.weights,
-        "data": cfg.data,
-        "build": {"bf16": cfg.bf16, "channels_last": cfg.channels_last, "batch_size": cfg.batch_size},
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
-        "complete": True,
-    }
-    write_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
-
-
-def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
-    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time (seconds since the epoch) of an fsspec info dict, local or S3."""
+    value = info.get("mtime", info.get("LastModified", info.get("updated", 0)))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value or 0)
 
 
 @ray.remote
 class TeacherActor:
-    """Holds the teacher once and turns whole data shards into stored targets."""
+    """Holds the teacher once; turns the chunks it is sent (in order: a synchronous
+    actor) into shard targets, committed in a background thread (zarr's compression is
+    CPU work) while the teacher goes on with the next chunks. Each call returns the
+    records of the commits finished since the last call; ``flush`` waits for the rest."""
 
-    def __init__(self, cfg: CacheBuildConfig, weights: bytes, index: ShardIndex, identity: CacheIdentity, url: str) -> None:
-        self.cfg, self.index, self.identity, self.url = cfg, index, identity, url
-        self.device = torch.device("cuda" if torch.cuda.is_available() and cfg.gpus_per_actor > 0 else "cpu")
-        model = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes).eval().to(self.device)
-        self.model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-        self.spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
-        self.prefetch = ThreadPoolExecutor(max_workers=1)
+    def __init__(self, cfg: CacheBuildConfig, weights: bytes, index: ShardIndex, url: str) -> None:
+        # Chunks arrive as read-only arrays from the object store; the runner copies them
+        # to the device (or into a float batch) before anything writes.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.cfg, self.index, self.url = cfg, index, url
+        device = build_device(cfg.gpus_per_actor)
+        model = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes)
+        settings = TeacherSettings(cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features")
+        self.runner = TeacherRunner(model, AugmentSpec.preset(cfg.spec, cfg.spec_seed), settings, device)
+        self.shards: dict[int, ShardTargets] = {}
+        self.committer = ThreadPoolExecutor(2)
+        self.commits: list[Future] = []
 
-    def process(self, j: int) -> dict[str, Any]:
+    def _finished(self, wait_all: bool = False) -> list[dict[str, Any]]:
+        done = [f for f in self.commits if wait_all or f.done()]
+        self.commits = [f for f in self.commits if f not in done]
+        return [f.result() for f in done]  # a failed commit raises here, naming its shard
+
+    def flush(self) -> list[dict[str, Any]]:
+        return self._finished(wait_all=True)
+
+    def consume(self, j: int, chunk: FeedChunk) -> tuple[int, list[dict[str, Any]]]:
+        """(samples computed, completion records of shards committed since the last call)."""
         info = self.index.shards[j]
-        shard_path = join(self.cfg.data, info.name)
-        samples = load_shard(self.cfg.data, self.index, info)
-        images = [decode_image(s, self.index.image_shape, shard_path) for s in samples]
-        ids = np.array([s.id for s in samples], np.int64)
-        n, views = len(samples), self.cfg.num_views
-
-        def prepare(view: int) -> tuple[np.ndarray, torch.Tensor]:
-            return render_views(self.spec, images, ids, view)
-
-        params_all = np.zeros((n, views, 5), np.int32)
-        cams, logits, features = [], [], []
-        upcoming = self.prefetch.submit(prepare, 0)
-        for view in range(views):
-            params, batch = upcoming.result()
-            if view + 1 < views:
-                upcoming = self.prefetch.submit(prepare, view + 1)  # overlaps the forward passes below
-            params_all[:, view] = params
-            cam_v, logit_v, feat_v = self._forward(batch)
-            self._check_finite(cam_v, logit_v, ids, view, shard_path)
-            cams.append(cam_v)
-            logits.append(logit_v)
-            features.append(feat_v)
-        cam = np.stack(cams, axis=1)  # (n, S, C, r, r)
-        arrays = encode_targets(self.cfg.storage, cam, np.stack(features, axis=1) if features[0] is not None else None)
-        arrays |= {"logits": np.stack(logits, axis=1).astype(np.float16 if self.cfg.storage != "float32" else np.float32), "params": params_all, "ids": ids}
-        return self._commit(j, info.first_id, arrays)
-
-    @torch.inference_mode()
-    def _forward(self, batch_uint8: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        cams, logits, feats = [], [], []
-        r = self.cfg.resolution
-        for start in range(0, len(batch_uint8), self.cfg.batch_size):
-            x = normalize_batch(self.spec, batch_uint8[start : start + self.cfg.batch_size].to(self.device, non_blocking=True))
-            if self.cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-                features = self.model.forward_features(x)
-                logit, cam = self.model.forward_head(features)
-            cams.append(teacher_cam_targets(cam.float(), r, binarize=self.cfg.binarize).cpu())
-            logits.append(logit.float().cpu())
-            if self.cfg.storage == "features":
-                feats.append(torch.nn.functional.adaptive_avg_pool2d(features.float(), r).cpu())
-        return torch.cat(cams).numpy(), torch.cat(logits).numpy(), torch.cat(feats).numpy() if feats else None
-
-    @staticmethod
-    def _check_finite(cam: np.ndarray, logits: np.ndarray, ids: np.ndarray, view: int, source: str) -> None:
-        bad = ~(np.isfinite(cam).reshape(len(ids), -1).all(1) & np.isfinite(logits).all(1))
-        if bad.any():
-            k = int(np.argmax(bad))
-            raise CacheBuildError(f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing was stored for this shard")
-
-    def _commit(self, j: int, first_id: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        fs, root = filesystem(self.url)
-        rel = posixpath.join(DATA_DIR, uuid.uuid4().hex, f"shard-{j:06d}.zarr")
-        write_group(zarr_store(join(self.url, rel)), arrays)
-        record = {
-            "shard": j,
-            "first_id": first_id,
-            "count": int(len(arrays["ids"])),
-            "path": rel,
-            "checksums": array_checksums(arrays),
-            "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
-        }
-        if create_exclusive(fs, join(root, DONE_DIR, f"shard-{j:06d}.json"), json.dumps(record).encode()):
-            return record
-        fs.rm(join(root, posixpath.dirname(rel)), recursive=True)  # another job committed this shard first
-        return read_done(fs, root, j)
+        targets = self.shards.setdefault(j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name)))
+        targets.add(self.runner, chunk.ids, chunk.params, chunk.views)
+        if targets.complete:
+            del self.shards[j]
+            self.commits.append(self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage)))
+        return len(chunk.ids), self._finished()

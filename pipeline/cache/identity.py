@@ -12,7 +12,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-FORMAT_VERSION = 1
+# 2: precision in the identity, the view renderer's version and normalisation in the
+# spec, class-mixed data (index version 2). A version-1 cache is refused: rebuild it.
+FORMAT_VERSION = 2
 TargetKind = Literal["cam", "binarized_cam"]
 StorageForm = Literal["float16", "float32", "int8", "features"]
 
@@ -33,6 +35,7 @@ class CacheIdentity:
     num_classes: int
     target_kind: TargetKind = "cam"
     storage: StorageForm = "float16"
+    precision: str = "fp32"  # fp32, tf32 or bf16: what the teacher computed in
     format_version: int = FORMAT_VERSION
 
     def canonical(self) -> str:
@@ -44,6 +47,12 @@ class CacheIdentity:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheIdentity:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise CacheMismatchError(
+                f"cache format version {version}, this catkd reads version {FORMAT_VERSION} (older caches lack the "
+                "compute precision, the view renderer's version and class-mixed data in their identity); rebuild it with `catkd cache build`"
+            )
         return cls(**data)
 
 

@@ -10,9 +10,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.cache.builder import DONE_DIR, MANIFEST
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, first_difference
-from pipeline.cache.layout import read_view
+from pipeline.cache.layout import DONE_DIR, MANIFEST, read_view
 from pipeline.storage import filesystem, join, zarr_store
 
 
@@ -31,7 +30,10 @@ class TargetCache:
         self.manifest: dict[str, Any] = json.loads(fs.cat_file(path))
         if not self.manifest.get("complete"):
             raise CacheMismatchError(f"{path}: manifest is not marked complete")
-        self.identity = CacheIdentity.from_dict(self.manifest["identity"])
+        try:
+            self.identity = CacheIdentity.from_dict(self.manifest["identity"])
+        except CacheMismatchError as exc:
+            raise CacheMismatchError(f"{url}: {exc}") from None
         self.records = {r["shard"]: r for r in self.manifest["shards"]}
 
     def check(self, expected: CacheIdentity, *, ignore: tuple[str, ...] = ()) -> None:

@@ -1,0 +1,183 @@
+"""The teacher side of a cache build, free of Ray: precision settings, the forward
+pass over rendered views, and the commit of one data shard's targets.
+
+``pipeline.cache.builder`` wraps these in Ray actors; ``bench/gpu_check.py`` drives
+them in-process. Precision is part of the cache identity (DESIGN section 6):
+
+    fp32  float32 everywhere; TF32 matrix units off (exact float32 products)
+    tf32  float32 tensors, TF32 matrix units on (GPU only; CPUs have none)
+    bf16  bfloat16 autocast over the float32 model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from catkd.losses import teacher_cam_targets
+from catkd.models import CAMClassifier
+from pipeline.cache.layout import DATA_DIR, DONE_DIR, encode_targets, write_group
+from pipeline.data.shard_format import sample_key
+from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.storage import create_exclusive, filesystem, join, zarr_store
+
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+
+class CacheBuildError(RuntimeError):
+    """The build cannot produce correct targets; the message names shard and sample."""
+
+
+def build_device(gpus: float) -> torch.device:
+    """The device a teacher runs on: a GPU when one was asked for, which must then exist."""
+    if gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CacheBuildError(
+            f"asked for {gpus} GPU per teacher, but torch finds no CUDA device here "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or build on CPU with --gpus-per-actor 0"
+        )
+    return torch.device("cuda")
+
+
+@contextmanager
+def precision_scope(precision: Precision, device: torch.device):
+    """Autocast and TF32 exactly as ``precision`` says, restored afterwards."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+@dataclass
+class TeacherSettings:
+    resolution: int = 2
+    binarize: bool = False
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    batch_size: int = 256  # views per forward pass
+    keep_features: bool = False  # the `features` storage form needs pooled features
+
+
+class TeacherRunner:
+    """Holds the teacher once on its device and turns uint8 views into targets."""
+
+    def __init__(self, model: CAMClassifier, spec: AugmentSpec, settings: TeacherSettings, device: torch.device) -> None:
+        self.spec, self.settings, self.device = spec, settings, device
+        model = model.eval().to(device)
+        self.model = model.to(memory_format=torch.channels_last) if settings.channels_last else model
+        self.pin = device.type == "cuda"
+
+    @torch.inference_mode()
+    def targets(self, views: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """views (n, 3, H, W) uint8 -> pooled CAM targets (n, C, r, r), logits (n, C),
+        pooled features (n, D, r, r) or None; float32 on the host."""
+        s = self.settings
+        cams, logits, feats = [], [], []
+        for start in range(0, len(views), s.batch_size):
+            part = views[start : start + s.batch_size]
+            if self.pin and not part.is_pinned():  # pinned host memory lets the copy overlap the previous batch's kernels
+                part = part.pin_memory()
+            x = normalize_batch(self.spec, part.to(self.device, non_blocking=True))
+            if s.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision_scope(s.precision, self.device):
+                features = self.model.forward_features(x)
+                logit, cam = self.model.forward_head(features)
+            cams.append(teacher_cam_targets(cam.float(), s.resolution, binarize=s.binarize).to("cpu", non_blocking=True))
+            logits.append(logit.float().to("cpu", non_blocking=True))
+            if s.keep_features:
+                feats.append(torch.nn.functional.adaptive_avg_pool2d(features.float(), s.resolution).to("cpu", non_blocking=True))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the non-blocking copies above have landed
+        return torch.cat(cams).numpy(), torch.cat(logits).numpy(), torch.cat(feats).numpy() if feats else None
+
+
+def check_finite(cam: np.ndarray, logits: np.ndarray, ids: np.ndarray, view: int, source: str) -> None:
+    bad = ~(np.isfinite(cam).reshape(len(ids), -1).all(1) & np.isfinite(logits).all(1))
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise CacheBuildError(f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing was stored for this shard")
+
+
+class ShardTargets:
+    """Targets of one data shard, gathered chunk by chunk (each chunk: some of its
+    samples, all S views), then encoded in the storage form."""
+
+    def __init__(self, j: int, first_id: int, count: int, num_views: int, source: str) -> None:
+        self.j, self.first_id, self.count, self.num_views, self.source = j, first_id, count, num_views, source
+        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.received = 0
+
+    def add(self, runner: TeacherRunner, ids: np.ndarray, params: np.ndarray, views: np.ndarray | torch.Tensor) -> None:
+        """ids (m,), params (m, S, 5), views (m, S, 3, H, W) uint8 of consecutive samples."""
+        m, views_per = views.shape[:2]
+        cam, logits, feats = runner.targets(torch.as_tensor(views).flatten(0, 1))  # (m * S, ...), sample-major
+        cam, logits = cam.reshape(m, views_per, *cam.shape[1:]), logits.reshape(m, views_per, -1)
+        for view in range(views_per):
+            check_finite(cam[:, view], logits[:, view], ids, view, self.source)
+        feats = feats.reshape(m, views_per, *feats.shape[1:]) if feats is not None else None
+        self.parts.append((ids, params, cam, logits, feats))
+        self.received += m
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.count
+
+    def arrays(self, storage: str) -> dict[str, np.ndarray]:
+        parts = sorted(self.parts, key=lambda part: int(part[0][0]))  # by first id: chunks may come in any order
+        ids, params, cam, logits, feats = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
+        expected = np.arange(self.first_id, self.first_id + self.count)
+        if not np.array_equal(ids, expected):
+            raise CacheBuildError(f"{self.source}: rendered ids do not cover the shard in order (expected {expected[0]}..{expected[-1]})")
+        arrays = encode_targets(storage, cam, feats)
+        arrays |= {"logits": logits.astype(np.float16 if storage != "float32" else np.float32), "params": params.astype(np.int32), "ids": ids}
+        return arrays
+
+
+def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
+
+
+def read_done(fs, root: str, j: int) -> dict[str, Any] | None:
+    path = join(root, DONE_DIR, f"shard-{j:06d}.json")
+    try:
+        return json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+
+
+def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Write the shard's zarr group under a fresh folder, then create its completion
+    record with the store's conditional write; a loser deletes its own copy and
+    returns the winner's record (the values are identical)."""
+    fs, root = filesystem(url)
+    rel = posixpath.join(DATA_DIR, uuid.uuid4().hex, f"shard-{j:06d}.zarr")
+    write_group(zarr_store(join(url, rel)), arrays)
+    record = {
+        "shard": j,
+        "first_id": first_id,
+        "count": int(len(arrays["ids"])),
+        "path": rel,
+        "checksums": array_checksums(arrays),
+        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
+    }
+    if create_exclusive(fs, join(root, DONE_DIR, f"shard-{j:06d}.json"), json.dumps(record).encode()):
+        return record
+    fs.rm(join(root, posixpath.dirname(rel)), recursive=True)  # another build committed this shard first
+    return read_done(fs, root, j)
