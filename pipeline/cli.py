@@ -103,7 +103,7 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
 def cmd_cache_verify(args: argparse.Namespace) -> int:
     from pipeline.cache.verify import verify_cache
 
-    problems = verify_cache(args.url, sample_views=args.samples, weights=args.weights)
+    problems = verify_cache(args.url, sample_views=args.samples, weights=args.weights, progress=True)
     for problem in problems:
         print(f"FAIL {problem}", file=sys.stderr)
     print(f"{args.url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_cache_info)
     v = cache.add_parser("verify", help="completeness, checksums, finite values, recomputed samples")
     v.add_argument("url")
-    v.add_argument("--samples", type=int, default=16, help="random (sample, view) pairs to recompute with the teacher")
+    v.add_argument("--samples", type=int, default=2, help="random (sample, view) pairs of each data shard to recompute with the teacher")
     v.add_argument("--weights", help="teacher checkpoint URL (default: the one recorded at build time)")
     v.set_defaults(func=cmd_cache_verify)
 

@@ -121,3 +121,57 @@ def test_unreadable_source_location_is_a_clear_error(s3, tmp_path):
     assert result.returncode == 2
     assert "imagefolder:s3://no-such-bucket/folder" in result.stderr or "s3://no-such-bucket/folder" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "train.index.json").exists()
+
+
+@pytest.mark.slow
+def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3):
+    """Completion records are conditional writes (If-None-Match): of two builds racing
+    for each data shard exactly one wins, and no record points at deleted data."""
+    env, fs = s3
+    shard = _catkd(env, "shard", "synthetic:shapes", "s3://catkd-bucket/race-data", "--train-samples", "64", "--test-samples", "8", "--samples-per-shard", "16")
+    assert shard.returncode == 0, shard.stderr[-3000:]
+    buf = io.BytesIO()
+    torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), buf)
+    fs.pipe("catkd-bucket/race-teacher.pth", buf.getvalue())
+    args = ["cache", "build", "--data", "s3://catkd-bucket/race-data", "--teacher", "resnet8", "--weights", "s3://catkd-bucket/race-teacher.pth",
+            "--root", "s3://catkd-bucket/race-caches", "--views", "2"]  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+             for _ in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    url = next(line.split()[1] for line in outputs[0][0].splitlines() if line.startswith("url "))
+    root = url.removeprefix("s3://")
+    records = [json.loads(fs.cat_file(p)) for p in fs.find(f"{root}/done")]
+    assert len(records) == 4
+    for record in records:
+        assert fs.exists(f"{root}/{record['path']}/zarr.json"), record["path"]
+    verify = _catkd(env, "cache", "verify", url, "--samples", "4")
+    assert verify.returncode == 0, verify.stderr[-3000:]
+
+
+def test_bad_credentials_are_a_clear_error(tmp_path):
+    """moto enforces credentials when started with INITIAL_NO_AUTH_ACTION_COUNT=0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server_env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=server_env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            import time
+
+            time.sleep(0.1)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env |= {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": ROOT}  # fmt: skip
+        result = _catkd(env, "shard", "synthetic:shapes", "s3://some-bucket/data", "--train-samples", "8", "--test-samples", "8", timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "s3://some-bucket/data:" in result.stderr and ("credentials" in result.stderr or "access denied" in result.stderr)
+        assert "Traceback" not in result.stderr and SECRET not in result.stdout + result.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

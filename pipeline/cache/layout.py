@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.cache.identity import StorageForm
 
@@ -35,14 +35,16 @@ DONE_DIR = "done"  # done/shard-<j>.json: completion record of data shard j
 DATA_DIR = "data"  # data/<writer uuid>/shard-<j>.zarr: its targets
 
 
-def compressor() -> BloscCodec:
-    # zstd with bit-shuffle: float16 maps compress far better bit-shuffled.
-    return BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle")
+def compressors() -> list:
+    """zstd with bit-shuffle (float16 maps compress far better bit-shuffled), then a
+    crc32c of each compressed chunk: every read, training's included, detects a
+    corrupted chunk for the price of a checksum."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
 
 
 def _array(group: zarr.Group, name: str, data: np.ndarray, view_axis: bool = True) -> None:
     chunks = (data.shape[0], 1, *data.shape[2:]) if view_axis else data.shape
-    group.create_array(name, data=data, chunks=chunks, shards=data.shape, compressors=compressor())
+    group.create_array(name, data=data, chunks=chunks, shards=data.shape, compressors=compressors())
 
 
 def encode_targets(form: StorageForm, cam: np.ndarray, features: np.ndarray | None) -> dict[str, np.ndarray]:

@@ -51,7 +51,7 @@ def write_manifest(fs, root: str, identity: CacheIdentity, index: ShardIndex, cf
         "num_samples": index.num_samples,
         "shards": records,
         "arrays": records[0]["arrays"],
-        "codecs": {"compressor": "blosc zstd clevel 5 bitshuffle", "layout": "one zarr shard per array, one inner chunk per view"},
+        "codecs": {"compressor": "blosc zstd clevel 5 bitshuffle, then crc32c per chunk", "layout": "one zarr shard per array, one inner chunk per view"},
         "teacher_weights": cfg.weights,
         "data": cfg.data,
         "build": {"precision": cfg.precision, "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu", "channels_last": cfg.channels_last, "batch_size": cfg.batch_size},

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+import sys
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+from tqdm import tqdm
 
 from catkd.models import load_checkpoint
 from pipeline.cache.identity import file_sha256
@@ -43,67 +46,92 @@ def cache_info(url: str) -> dict[str, Any]:
     }
 
 
-def verify_cache(url: str, *, sample_views: int = 16, weights: str | None = None, seed: int = 0) -> list[str]:
-    """Problems found (empty when the cache is sound): completeness, checksums, finite
-    values, and ``sample_views`` random (sample, view) pairs recomputed with the teacher."""
+def verify_cache(url: str, *, sample_views: int = 2, weights: str | None = None, seed: int = 0, progress: bool = False) -> list[str]:
+    """Problems found (empty when the cache is sound). One Ray task per data shard checks
+    that it reads back (every chunk's crc32c), matches its recorded sha256s and holds
+    finite values, then recomputes ``sample_views`` random (sample, view) pairs of that
+    shard with the teacher; the driver only gathers the problems, so its memory does
+    not grow with the cache."""
+    from pipeline.ray_setup import init_ray
+
     cache = TargetCache(url)
+    weights_url = weights or cache.manifest["teacher_weights"]
+    if sample_views:
+        wfs, wpath = filesystem(weights_url)
+        if file_sha256(wfs.cat_file(wpath)) != cache.identity.teacher_sha256:
+            return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
+    _say_where_recomputed(cache, sample_views)
+    init_ray()
+    check = ray.remote(num_cpus=1)(_check_shard)
+    pending = [check.remote(url, j, sample_views, weights_url, seed) for j in sorted(cache.records)]
     problems: list[str] = []
-    for j, record in sorted(cache.records.items()):
-        try:
-            group = cache.group(j)
-            arrays = {name: group[name][:] for name in record["checksums"]}
-        except Exception as exc:  # zarr's own shard-index checksums, codec errors, missing objects
-            problems.append(f"{url}: data shard {j} (samples from {sample_key(record['first_id'])}): unreadable ({exc})")
-            continue
-        for name, digest in array_checksums(arrays).items():
-            if digest != record["checksums"][name]:
-                problems.append(f"{url}: data shard {j}: array {name} does not match its checksum")
-        for name, values in arrays.items():
-            if values.dtype.kind == "f" and not np.isfinite(values).all():
-                k = int(np.argwhere(~np.isfinite(values))[0][0])
-                problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
+    with tqdm(total=len(pending), unit="shards", desc="verify", disable=not progress, file=sys.stderr) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            problems += ray.get(ready[0])
+            bar.update(1)
+    return sorted(problems)
+
+
+def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
+    built_on = cache.manifest.get("build", {}).get("device", "cpu")
+    if sample_views and built_on == "cuda" and not torch.cuda.is_available():
+        precision = cache.identity.precision
+        print(f"[verify] the cache was built on a GPU in {precision}; no GPU here, so targets are recomputed on the CPU "
+              f"in {precision if precision == 'bf16' else 'fp32'} and compared within the {precision} tolerance")  # fmt: skip
+
+
+def _check_shard(url: str, j: int, sample_views: int, weights_url: str, seed: int) -> list[str]:
+    cache = TargetCache(url)
+    record = cache.records[j]
+    try:
+        group = cache.group(j)
+        arrays = {name: group[name][:] for name in record["checksums"]}
+    except Exception as exc:  # zarr's shard-index and chunk crc32c checks, codec errors, missing objects
+        return [f"{url}: data shard {j} (samples from {sample_key(record['first_id'])}): unreadable ({exc})"]
+    problems = []
+    for name, digest in array_checksums(arrays).items():
+        if digest != record["checksums"][name]:
+            problems.append(f"{url}: data shard {j}: array {name} does not match its checksum")
+    for name, values in arrays.items():
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            k = int(np.argwhere(~np.isfinite(values))[0][0])
+            problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
     if sample_views and not problems:
-        problems += _recompute(cache, sample_views, weights or cache.manifest["teacher_weights"], seed)
+        problems += _recompute(cache, j, sample_views, weights_url, seed)
     return problems
 
 
-def _recompute(cache: TargetCache, count: int, weights_url: str, seed: int) -> list[str]:
+def _recompute(cache: TargetCache, j: int, count: int, weights_url: str, seed: int) -> list[str]:
+    """``count`` random (sample, view) pairs of data shard ``j``, recomputed with the teacher
+    in the build's precision (on a GPU when the build used one and one is here)."""
     ident = cache.identity
     wfs, wpath = filesystem(weights_url)
-    weights = wfs.cat_file(wpath)
-    if file_sha256(weights) != ident.teacher_sha256:
-        return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
-    index = read_index(cache.manifest["data"], ident.split)
-    teacher = load_checkpoint(io.BytesIO(weights), ident.teacher_arch, ident.num_classes)
+    teacher = load_checkpoint(io.BytesIO(wfs.cat_file(wpath)), ident.teacher_arch, ident.num_classes)
     built_on = cache.manifest.get("build", {}).get("device", "cpu")
     device = torch.device("cuda" if built_on == "cuda" and torch.cuda.is_available() else "cpu")
-    if built_on != device.type:
-        print(f"[verify] the cache was built on {built_on} in {ident.precision}; no GPU here, so targets are recomputed "
-              f"on the CPU in {ident.precision if ident.precision == 'bf16' else 'fp32'} and compared within the {ident.precision} tolerance")  # fmt: skip
     precision = ident.precision if device.type == "cuda" or ident.precision == "bf16" else "fp32"
     settings = TeacherSettings(ident.resolution, ident.target_kind == "binarized_cam", precision, batch_size=1)
     runner = TeacherRunner(teacher, AugmentSpec.from_dict(ident.spec), settings, device)
     tolerance = TOLERANCE[ident.storage] + PRECISION_TOLERANCE[ident.precision]
     logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
-    spec = runner.spec
-    rng = np.random.default_rng(seed)
+    index = read_index(cache.manifest["data"], ident.split)
+    samples = load_shard(cache.manifest["data"], index, index.shards[j])
+    rng = np.random.default_rng([seed, j])
     problems = []
     for _ in range(count):
-        j = int(rng.integers(len(index.shards)))
-        view = int(rng.integers(ident.num_views))
+        view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
         stored = cache.read(j, view)
-        k = int(rng.integers(len(stored["ids"])))
-        sample = load_shard(cache.manifest["data"], index, index.shards[j])[k]
+        sample = samples[k]
         image = decode_image(sample, index.image_shape, index.shards[j].name)
         try:
-            _, views = render_views(spec, [image], np.array([sample.id]), view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
+            _, views = render_views(runner.spec, [image], np.array([sample.id]), view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
         except ViewMismatchError as exc:
             problems.append(str(exc))
             continue
         expected, logits, _ = runner.targets(views)
-        expected, logits = expected[0], logits[0]
-        error = float(np.abs(expected - stored["cam"][k]).max()) / max(float(np.abs(expected).max()), 1e-6)
-        logit_error = float(np.abs(logits - stored["logits"][k]).max()) / max(float(np.abs(logits).max()), 1e-6)
+        error = float(np.abs(expected[0] - stored["cam"][k]).max()) / max(float(np.abs(expected[0]).max()), 1e-6)
+        logit_error = float(np.abs(logits[0] - stored["logits"][k]).max()) / max(float(np.abs(logits[0]).max()), 1e-6)
         if error > tolerance or logit_error > logit_tolerance:
             problems.append(
                 f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the teacher's "
