@@ -109,7 +109,7 @@ def test_image_folder_and_archive_on_s3_shard_like_local(s3, image_folder, tmp_p
     records = {p: fs.info(p)["LastModified"] for p in fs.find("catkd-bucket/from-dir") if p.endswith(".tar")}
     fs.rm("catkd-bucket/from-dir/train.index.json")
     again = _catkd(env, "shard", "imagefolder:s3://catkd-bucket/folder", "s3://catkd-bucket/from-dir", "--samples-per-shard", "4")
-    assert again.returncode == 0 and "4 of 4 shards already complete" in again.stderr, again.stderr[-3000:]
+    assert again.returncode == 0 and "4 of 4 shards already complete" in again.stdout + again.stderr, again.stderr[-3000:]
     assert {p: fs.info(p)["LastModified"] for p in records} == records
     verify = _catkd(env, "shard", "--verify", "s3://catkd-bucket/from-dir")
     assert verify.returncode == 0 and "every shard matches its index" in verify.stdout, verify.stderr[-3000:]
