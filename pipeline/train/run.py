@@ -44,7 +44,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         return dataclasses.replace(cfg, num_views=cfg.num_views or 1)
     cache = TargetCache(cfg.cache)
     found = cache.identity
-    ignore = ["storage"]  # any storage form serves
+    ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
     weights_sha = found.teacher_sha256
     if cfg.teacher_weights:
         fs, path = filesystem(cfg.teacher_weights)
@@ -60,6 +60,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         num_classes=index.num_classes,
         target_kind="binarized_cam" if cfg.binarize else "cam",
         storage=found.storage,
+        precision=found.precision,
     )
     cache.check(expected, ignore=tuple(ignore))
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
