@@ -169,10 +169,11 @@ def train(data: str, cache: str, args: argparse.Namespace, device: torch.device)
     warmup, steps, epoch, images, wait = 10, 0, 0, 0, 0.0
     timed_start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
+    loader = make_loader(stream, args.workers, pin_memory=device.type == "cuda")  # workers persist across epochs, as in the Ray loop
     while steps < args.steps:
         stream.set_epoch(epoch)
         last = time.perf_counter()
-        for batch in make_loader(stream, args.workers, pin_memory=device.type == "cuda"):  # workers start again each epoch (as in the Ray loop)
+        for batch in loader:
             if steps >= warmup:
                 wait += time.perf_counter() - last
             x = normalize_batch(spec, batch["image"].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)

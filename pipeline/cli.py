@@ -253,12 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipeline.data.shard_format import ShardError
     from pipeline.data.sources import SourceError
     from pipeline.storage import StorageError
+    from pipeline.train.run import ResumeError
 
     args = build_parser().parse_args(argv)
     func: Command = args.func
     try:
         return func(args)
-    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError) as exc:
+    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError, ResumeError) as exc:
         # Bad input: one clear line naming the file and sample, and a non-zero exit.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -92,3 +92,23 @@ def test_eval_reader_reads_each_test_sample_once(shards):
 def test_uint8_output_for_normalising_on_device(shards):
     batch = _epoch(shards, 1, 0, normalize=False)[0][0]
     assert batch["image"].dtype == torch.uint8
+
+
+def test_persistent_workers_read_each_epochs_view(shards):
+    """Loader workers live across epochs; set_epoch still reaches them (shared memory),
+    so each epoch reads its own view and its own shard order."""
+    stream = ShardStream(ReaderConfig(data=shards, batch_size=8, spec=SPEC, num_views=3), 0, 1)
+    loader = make_loader(stream, 2)
+    seen, iterators = {}, set()
+    for epoch in (0, 1, 2):
+        stream.set_epoch(epoch)
+        batches = list(loader)
+        iterators.add(id(loader._iterator))  # a persistent DataLoader keeps one iterator and its workers
+        assert {int(b["view"]) for b in batches} == {epoch % 3}
+        params = {int(i): p.tolist() for b in batches for i, p in zip(b["ids"], b["params"])}
+        ids = np.array(sorted(params))
+        expected = view_params(SPEC, ids, epoch % 3, (32, 32))
+        assert [params[int(i)] for i in ids] == expected.tolist()
+        seen[epoch] = [int(i) for b in batches for i in b["ids"]]
+    assert seen[0] != seen[1]  # another shard order and shuffle
+    assert len(iterators) == 1  # the same worker processes served all three epochs

@@ -15,7 +15,7 @@ from pipeline.cache import CacheBuildConfig, CacheMismatchError, build_cache
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.train.config import TrainConfig, load_config
 from pipeline.train.evaluate import evaluate_checkpoint
-from pipeline.train.run import resolve, train
+from pipeline.train.run import ResumeError, resolve, train
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,23 @@ def test_rerun_resumes_after_last_epoch(env):
     second = train(_cfg(env, "resume", epochs=3, num_workers=1))
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
     assert second["history"][0] == first["history"][0]  # epoch 1 was not run again
+    # A change that alters what the run computes is refused, with the field named.
+    for field, value in (("student", "resnet14"), ("beta", 2.0), ("batch_size", 32)):
+        with pytest.raises(ResumeError, match=rf"started with {field}=.*now {field}=.*choose another name="):
+            train(_cfg(env, "resume", epochs=3, num_workers=1, **{field: value}))
+
+
+def test_learning_rate_recipe():
+    base = dict(data="/d", cache="/c", epochs=10, lr=0.1, lr_decay_epochs=[6, 8])
+    step = TrainConfig(**base)
+    assert [round(step.lr_factor(e), 6) for e in (0, 5, 6, 8)] == [1.0, 1.0, 0.1, 0.01]
+    warm = TrainConfig(**base, warmup_epochs=3, lr_schedule="cosine", lr_scaling="linear", batch_size=128, num_workers=8)
+    assert warm.peak_lr == pytest.approx(0.1 * 1024 / 256)  # the linear rule, stated in the config
+    assert [round(warm.lr_factor(e), 6) for e in (0, 1, 2)] == [0.25, 0.5, 0.75]
+    assert warm.lr_factor(3) == 1.0 and 0 < warm.lr_factor(9) < 0.1
+    assert TrainConfig(**base, lr_scaling="none", batch_size=128, num_workers=8).peak_lr == 0.1  # off by default
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        TrainConfig(**base, warmup_epochs=10)
 
 
 def test_yaml_config_and_overrides(tmp_path):
@@ -138,3 +155,8 @@ def test_paper_config_loads_and_validates(path):
     imagenet = cfg.spec == "imagenet"
     assert (cfg.epochs, cfg.lr_decay_epochs) == ((100, [30, 60, 90]) if imagenet else (240, [150, 180, 210]))
     assert cfg.batch_size * cfg.num_workers == (512 if imagenet else 64)
+
+
+def test_nonfinite_loss_names_the_sample_ids(env):
+    with pytest.raises(Exception, match=r"training loss became non-finite at sample ids \[\d+"):
+        train(_cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12))

@@ -42,11 +42,16 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0
+        # Shared memory: DataLoader workers that persist across epochs see set_epoch.
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
         self.index: ShardIndex = read_index(cfg.data, cfg.split)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     @property
     def view(self) -> int:
@@ -157,11 +162,13 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int = 2, pin_memory: bool = False) -> DataLoader:
+    """Worker processes persist across epochs (no start-up per epoch); each iteration
+    reads the stream's current epoch from shared memory."""
     return DataLoader(
         stream,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=4 if num_workers else None,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
     )

@@ -50,17 +50,26 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_decay_epochs: list[int] = field(default_factory=lambda: [150, 180, 210])
     lr_decay_rate: float = 0.1
+    lr_schedule: Literal["step", "cosine"] = "step"  # step: x lr_decay_rate at each lr_decay_epochs; cosine: to 0 at the end
+    warmup_epochs: int = 0  # linear warm-up to lr over these epochs (large global batches)
+    # "linear": lr is for a global batch of lr_base_batch and is scaled by
+    # batch_size x num_workers / lr_base_batch (Goyal et al., 2017). Off by default, so
+    # that the paper configs keep their meaning.
+    lr_scaling: Literal["none", "linear"] = "none"
+    lr_base_batch: int = 256
     seed: int = 0
     # execution
     num_workers: int = 1  # Ray Train workers (ranks)
     use_gpu: bool = False
-    loader_workers: int = 2  # DataLoader processes per rank
+    loader_workers: int = 2  # DataLoader processes per rank (they persist across epochs)
+    cpus_per_worker: int = 0  # CPUs Ray reserves per rank; 0: loader_workers + 1 (capped at what a local Ray has)
     bf16: bool = False
     channels_last: bool = False
     storage_path: str = "runs"
     name: str = "run"
     max_failures: int = 0
     shuffle_buffer: int = 2048
+    verbose: bool = False  # keep Ray Train's own INFO lines (each report, each checkpoint) on the console
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -74,6 +83,28 @@ class TrainConfig:
             raise ValueError("set data=URL (the shards from catkd shard)")
         if self.mode == "cat":
             self.ce_weight = 0.0  # CAT only: no labels used
+        if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1):
+            raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_workers
+
+    @property
+    def peak_lr(self) -> float:
+        """The learning rate after warm-up: ``lr``, scaled with the global batch when asked."""
+        return self.lr * self.global_batch / self.lr_base_batch if self.lr_scaling == "linear" else self.lr
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of ``peak_lr`` during epoch ``epoch`` (0-based): warm-up, then step or cosine."""
+        import math
+
+        if epoch < self.warmup_epochs:
+            return (epoch + 1) / (self.warmup_epochs + 1)
+        if self.lr_schedule == "cosine":
+            span = max(1, self.epochs - self.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
+        return self.lr_decay_rate ** sum(epoch >= m for m in self.lr_decay_epochs)
 
     @property
     def uses_cam_targets(self) -> bool:
@@ -111,3 +142,14 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
         default = defaults[key].default if defaults[key].default is not dataclasses.MISSING else defaults[key].default_factory()
         values[key] = _coerce(raw, values.get(key, default), key)
     return TrainConfig(**values)
+
+
+# Fields a resumed run may change: they do not change what the run computes.
+RESUMABLE = ("epochs", "loader_workers", "cpus_per_worker", "max_failures", "storage_path", "name", "verbose")
+
+
+def resume_conflicts(saved: dict[str, Any], now: TrainConfig) -> tuple[list[str], list[str]]:
+    """(fields that differ and change results, fields that differ harmlessly)."""
+    current = dataclasses.asdict(now)
+    changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    return [k for k in changed if k not in RESUMABLE], [k for k in changed if k in RESUMABLE]

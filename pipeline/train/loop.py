@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import sys
 import tempfile
 import time
 from typing import Any
@@ -40,10 +42,11 @@ def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) ->
     return ShardStream(reader_cfg, rank, world)
 
 
-def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 hits, top-5 hits) as a float64 device tensor: no host sync."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     hits = top == labels[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(dim=1).sum())
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
 
 
 def _all_reduce(values: list[float], device: torch.device) -> list[float]:
@@ -53,8 +56,25 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _say(line: str) -> None:
+    """One console line from rank 0. Ray Train routes a worker's ``print`` both to its
+    logger and to stdout (two copies on the console); writing to the process's own
+    stdout gives one."""
+    print(line, file=sys.__stdout__, flush=True)
+
+
+def _quiet_ray_train() -> None:
+    """Ray Train's per-report and per-checkpoint INFO lines (every metric, from every
+    rank) off; warnings stay. Some of its loggers are named by file path, not module."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig(**config["cfg"])
+    if not cfg.verbose:
+        _quiet_ray_train()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -69,8 +89,9 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_model(cfg.student, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.lr_decay_epochs, gamma=cfg.lr_decay_rate)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # Warm-up, then step decay or cosine (TrainConfig.lr_factor), stepped once per epoch.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -86,72 +107,116 @@ def train_loop(config: dict[str, Any]) -> None:
     if cfg.mode == "online-catkd":
         fs, path = filesystem(cfg.teacher_weights)
         teacher = load_checkpoint(io.BytesIO(fs.cat_file(path)), cfg.teacher, num_classes).eval().to(device)
+        if cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
 
     test_stream = _reader(cfg, cfg.test_split, False, rank, world)
+    # Loader workers persist across epochs; the epoch reaches them through the stream's
+    # shared-memory epoch counter (ShardStream.set_epoch).
+    train_loader = make_loader(train_stream, cfg.loader_workers, pin_memory=device.type == "cuda")
+    test_loader = make_loader(test_stream, cfg.loader_workers)
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
-        metrics = _train_epoch(cfg, model, teacher, train_stream, optimizer, spec, device, rank)
+        metrics = _train_epoch(cfg, model, teacher, train_loader, optimizer, spec, device, rank, _Progress(rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers)))
         scheduler.step()
         _use_rank0_buffers(model)
-        metrics |= _evaluate(cfg, model, test_stream, spec, device)
+        metrics |= _evaluate(cfg, model, test_loader, spec, device)
         metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
                 save_training_state(folder, model, optimizer, scheduler, epoch + 1, cfg, history)
                 _write_run_logs(cfg, history)
-                print(_format(metrics, cfg.epochs), flush=True)
+                _say(_format(metrics, cfg.epochs))
             # report() is a barrier: every rank calls it once per epoch.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
 
-def _train_epoch(cfg, model, teacher, stream, optimizer, spec, device, rank) -> dict[str, float]:
-    model.train()
-    loader = make_loader(stream, cfg.loader_workers, pin_memory=device.type == "cuda")
-    sums: dict[str, float] = {}
-    seen = correct1 = correct5 = 0
-    wait = 0.0
-    start = last = time.perf_counter()
-    for batch in loader:
+# Steps between checks of the device-side non-finite flag (each check is one host sync).
+NONFINITE_CHECK_STEPS = 50
+
+
+def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor], spec, device: torch.device) -> torch.Tensor:
+    """The batch's uint8 images on the device, normalised, in the run's memory format."""
+    x = normalize_batch(spec, batch["image"].to(device, non_blocking=True))
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
+
+
+class _Progress:
+    """A rate line from rank 0 every ``every_s`` seconds within a long epoch."""
+
+    def __init__(self, rank: int, epoch: int, epochs: int, steps: int, every_s: float = 30.0) -> None:
+        self.active, self.epoch, self.epochs, self.steps, self.every_s = rank == 0, epoch, epochs, steps, every_s
+        self.start = self.last = time.perf_counter()
+
+    def step(self, step: int, images: int) -> None:
         now = time.perf_counter()
-        wait += now - last
-        x = normalize_batch(spec, batch["image"].to(device, non_blocking=True))
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        if self.active and now - self.last >= self.every_s:
+            self.last = now
+            _say(f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  {images / (now - self.start):.0f} images/s on rank 0")
+
+
+def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress) -> dict[str, float]:
+    """One epoch with no per-step host synchronisation: loss terms and top-1/top-5 counts
+    accumulate on the device and are reduced once at the end; a non-finite loss sets a
+    device-side flag (with the first bad batch's sample ids), checked every
+    NONFINITE_CHECK_STEPS steps and at the end."""
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    bad_ids = torch.full((4,), -1, dtype=torch.int64, device=device)
+    seen, wait = 0, 0.0
+    start = last = time.perf_counter()
+    for step, batch in enumerate(loader):
+        wait += time.perf_counter() - last
+        x = _inputs(cfg, batch, spec, device)
         labels = batch["label"].to(device, non_blocking=True)
-        t_cam = batch["t_cam"].to(device) if "t_cam" in batch else None
-        t_logits = batch["t_logits"].to(device) if "t_logits" in batch else None
-        if teacher is not None:
-            t_cam, t_logits = live_targets(cfg, teacher, x)
+        t_cam = batch["t_cam"].to(device, non_blocking=True) if "t_cam" in batch else None
+        t_logits = batch["t_logits"].to(device, non_blocking=True) if "t_logits" in batch else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            if teacher is not None:
+                t_cam, t_logits = live_targets(cfg, teacher, x)
             logits, cam = model(x)
         terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
-        if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
-                f"rank {rank}: the training loss became non-finite ({ {k: float(v) for k, v in terms.items()} }) at sample ids "
-                f"{batch['ids'][:4].tolist()}...; lower lr or beta, or set normalize=true"
-            )
+        nonfinite = ~torch.isfinite(terms["loss"].detach())
+        ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(device, non_blocking=True)
+        bad_ids = torch.where(nonfinite & ~bad, ids, bad_ids)
+        bad |= nonfinite
+        if (step + 1) % NONFINITE_CHECK_STEPS == 0:
+            _raise_if_nonfinite(bad, bad_ids, rank)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
         for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(labels)
-        c1, c5 = _topk_correct(logits.detach(), labels)
-        correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(labels)
+            sums[name] = sums.get(name, 0) + value.detach().double() * len(labels)
+        correct += _topk_correct(logits.detach(), labels)
+        seen += len(labels)
+        progress.step(step + 1, seen)
         last = time.perf_counter()
+    _raise_if_nonfinite(bad, bad_ids, rank)
     elapsed = time.perf_counter() - start
     names = sorted(sums)
-    totals = _all_reduce([sums[n] for n in names] + [seen, correct1, correct5, wait, elapsed], device)
-    world_seen = totals[len(names)]
+    device_totals = torch.stack([sums[n] for n in names] + [correct[0], correct[1]]) if names else correct
+    totals = _all_reduce(device_totals.tolist() + [seen, wait, elapsed], device)
+    world_seen = totals[-3]
     world = max(1, int(dist.get_world_size()) if dist.is_initialized() else 1)
     metrics = {f"train_{n}": totals[i] / world_seen for i, n in enumerate(names)}
     metrics |= {
-        "train_top1": 100 * totals[len(names) + 1] / world_seen,
-        "train_top5": 100 * totals[len(names) + 2] / world_seen,
-        "images_per_s": world_seen / (totals[len(names) + 4] / world),
-        "data_wait_fraction": totals[len(names) + 3] / totals[len(names) + 4],
+        "train_top1": 100 * totals[len(names)] / world_seen,
+        "train_top5": 100 * totals[len(names) + 1] / world_seen,
+        "images_per_s": world_seen / (totals[-1] / world),
+        "data_wait_fraction": totals[-2] / totals[-1],
     }
     return metrics
+
+
+def _raise_if_nonfinite(bad: torch.Tensor, bad_ids: torch.Tensor, rank: int) -> None:
+    if bool(bad):  # one host sync
+        raise FloatingPointError(
+            f"rank {rank}: the training loss became non-finite at sample ids {[i for i in bad_ids.tolist() if i >= 0]}...; "
+            "lower lr or beta, or set normalize=true"
+        )
 
 
 @torch.no_grad()
@@ -167,14 +232,16 @@ def _use_rank0_buffers(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def _evaluate(cfg, model, stream, spec, device) -> dict[str, float]:
+def _evaluate(cfg, model, loader, spec, device) -> dict[str, float]:
+    """Test top-1/top-5 in the run's precision and memory format; counts stay on the device."""
     model.eval()
-    seen = correct1 = correct5 = 0
-    for batch in make_loader(stream, cfg.loader_workers):
-        logits, _ = unwrap(model)(normalize_batch(spec, batch["image"].to(device)))
-        c1, c5 = _topk_correct(logits, batch["label"].to(device))
-        correct1, correct5, seen = correct1 + c1, correct5 + c5, seen + len(logits)
-    seen, correct1, correct5 = _all_reduce([seen, correct1, correct5], device)
+    seen, correct = 0, torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            logits, _ = unwrap(model)(_inputs(cfg, batch, spec, device))
+        correct += _topk_correct(logits.float(), batch["label"].to(device, non_blocking=True))
+        seen += len(batch["label"])
+    seen, correct1, correct5 = _all_reduce([seen, *correct.tolist()], device)
     return {"test_top1": 100 * correct1 / max(seen, 1), "test_top5": 100 * correct5 / max(seen, 1)}
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 from dataclasses import asdict
 from typing import Any
 
+import ray
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -25,8 +27,12 @@ from pipeline.ray_setup import init_ray
 from pipeline.data.shard_format import read_index
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import TrainConfig, resume_conflicts
 from pipeline.train.loop import train_loop
+
+
+class ResumeError(ValueError):
+    """A rerun whose configuration differs from the run it would resume."""
 
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
@@ -44,7 +50,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         return dataclasses.replace(cfg, num_views=cfg.num_views or 1)
     cache = TargetCache(cfg.cache)
     found = cache.identity
-    ignore = ["storage"]  # any storage form serves
+    ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
     weights_sha = found.teacher_sha256
     if cfg.teacher_weights:
         fs, path = filesystem(cfg.teacher_weights)
@@ -60,20 +66,59 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         num_classes=index.num_classes,
         target_kind="binarized_cam" if cfg.binarize else "cam",
         storage=found.storage,
+        precision=found.precision,
     )
     cache.check(expected, ignore=tuple(ignore))
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
 
 
+RUN_CONFIG = "run_config.json"
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """Refuse to resume a run under another configuration that changes what it computes
+    (student, mode, data, cache, batch, loss weights, ...); say what changed harmlessly
+    (epochs extended, loader workers). The first start records the configuration."""
+    fs, root = filesystem(cfg.storage_path)
+    path = join(root, cfg.name, RUN_CONFIG)
+    if fs.exists(path):
+        saved = json.loads(fs.cat_file(path))
+        refused, allowed = resume_conflicts(saved, cfg)
+        if refused:
+            field = refused[0]
+            raise ResumeError(
+                f"{join(cfg.storage_path, cfg.name)}: this run was started with {field}={saved.get(field)!r}, now {field}={getattr(cfg, field)!r}"
+                f"{f' (and {len(refused) - 1} more: {refused[1:]})' if len(refused) > 1 else ''}; resuming would mix two runs: "
+                "choose another name= for a new run"
+            )
+        if allowed:
+            print(f"[train] resuming {cfg.name} with changed {', '.join(f'{k}={getattr(cfg, k)!r} (was {saved.get(k)!r})' for k in allowed)}")
+    write_atomic(fs, path, json.dumps(asdict(cfg), indent=1).encode())
+
+
+def _cpus_per_worker(cfg: TrainConfig) -> int:
+    """loader_workers + 1 by default (the loader processes and the training loop), capped
+    on a cluster too small for it so that a laptop run still starts."""
+    wanted = cfg.cpus_per_worker or cfg.loader_workers + 1
+    available = int(ray.cluster_resources().get("CPU", 1))
+    fit = max(1, available // max(1, cfg.num_workers))
+    if wanted > fit:
+        print(f"[train] {cfg.num_workers} workers x {wanted} CPUs do not fit in this Ray cluster's {available} CPUs: reserving {fit} per worker")
+        return fit
+    return wanted
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     check_location(cfg.storage_path)
     cfg = resolve(cfg)
+    check_resume(cfg)
     init_ray()
     storage = cfg.storage_path
+    resources = {"CPU": _cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": asdict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=storage,
