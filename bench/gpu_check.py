@@ -54,7 +54,7 @@ from pipeline.storage import filesystem, join  # noqa: E402
 from pipeline.train.config import load_config  # noqa: E402
 
 PAPER_CONFIG = os.path.join(ROOT, "jobs", "configs", "paper", "imagenet_tv_resnet34_tv_resnet18.yaml")
-from pipeline.train.step import loss_terms  # noqa: E402
+from pipeline.train.step import cached_targets, loss_terms  # noqa: E402
 
 
 class GpuBusy:
@@ -178,7 +178,7 @@ def train(data: str, cache: str, args: argparse.Namespace, device: torch.device)
                 wait += time.perf_counter() - last
             x = normalize_batch(spec, batch["image"].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
-            t_cam, t_logits = batch["t_cam"].to(device, non_blocking=True), batch["t_logits"].to(device, non_blocking=True)
+            t_cam, t_logits = cached_targets(batch, device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 logits, cam = model(x)
             terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)

@@ -80,6 +80,16 @@ def test_storage_forms(setup, storage, tolerance):
     assert error < tolerance
     loss_error = abs(float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(got["cam"]))) / float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(cam))) - 1)
     assert loss_error < 0.01
+    # The stored form (what training loaders send) decodes on the device to the same values.
+    from pipeline.train.step import cached_targets
+
+    cache = TargetCache(url)
+    stored = cache.read(1, 1, decode=False)
+    assert stored.get("cam", stored.get("features")).dtype == {"float32": np.float32, "int8": np.int8, "features": np.float16}[storage]
+    head = torch.from_numpy(cache.head_weight) if cache.head_weight is not None else None
+    t_cam, t_logits = cached_targets({f"t_{k}": torch.from_numpy(v) for k, v in stored.items() if k not in ("ids", "params")}, torch.device("cpu"), head)
+    np.testing.assert_allclose(t_cam.numpy(), got["cam"], rtol=1e-5, atol=1e-6 * np.abs(got["cam"]).max())
+    np.testing.assert_array_equal(t_logits.numpy(), got["logits"])
 
 
 def test_binarized_targets(setup):

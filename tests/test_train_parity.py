@@ -14,7 +14,7 @@ from pipeline.cache import CacheBuildConfig, build_cache
 from pipeline.data.loader import ReaderConfig, ShardStream
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import live_targets, loss_terms
+from pipeline.train.step import cached_targets, live_targets, loss_terms
 
 
 def _setup(base, spec: str, image_size: int, storage: str = "float16"):
@@ -58,11 +58,13 @@ def test_cached_equals_live(request, which, variant):
     x = normalize_batch(spec, batch["image"])
     teacher = load_checkpoint(weights, "resnet8", 10).eval()
     live_cam, live_logits = live_targets(cfg, teacher, x)
-    torch.testing.assert_close(batch["t_cam"], live_cam, rtol=2e-3, atol=2e-3 * float(live_cam.abs().max()))
+    assert batch["t_cam"].dtype == torch.float16  # targets leave the loader in their stored form
+    t_cam, t_logits = cached_targets(batch, torch.device("cpu"))
+    torch.testing.assert_close(t_cam, live_cam, rtol=2e-3, atol=2e-3 * float(live_cam.abs().max()))
 
     torch.manual_seed(0)
     student = build_model("resnet8", 10)
-    cached_terms, cached_grads = _loss_and_grads(cfg, student, x, batch["label"], batch["t_cam"], batch["t_logits"])
+    cached_terms, cached_grads = _loss_and_grads(cfg, student, x, batch["label"], t_cam, t_logits)
     live_terms, live_grads = _loss_and_grads(cfg, student, x, batch["label"], live_cam, live_logits)
     assert set(cached_terms) == set(live_terms)
     for name in cached_terms:
@@ -80,6 +82,6 @@ def test_kd_from_cached_logits_equals_live(cifar):
     x = normalize_batch(spec, batch["image"])
     _, live_logits = live_targets(dataclasses.replace(cfg, mode="catkd"), load_checkpoint(weights, "resnet8", 10).eval(), x)
     student = build_model("resnet8", 10)
-    cached, _ = _loss_and_grads(cfg, student, x, batch["label"], None, batch["t_logits"])
+    cached, _ = _loss_and_grads(cfg, student, x, batch["label"], None, cached_targets(batch, torch.device("cpu"))[1])
     live, _ = _loss_and_grads(cfg, student, x, batch["label"], None, live_logits)
     torch.testing.assert_close(cached["kd"], live["kd"], rtol=5e-3, atol=1e-5)

@@ -54,7 +54,8 @@ class TargetCache:
             raise CacheMismatchError(f"{self.url}: no targets for data shard {j}")
         return zarr.open_group(store=zarr_store(join(self.url, self.records[j]["path"]), read_only=True), mode="r")
 
-    def read(self, j: int, view: int) -> dict[str, np.ndarray]:
+    def read(self, j: int, view: int, decode: bool = True) -> dict[str, np.ndarray]:
+        """One view of data shard ``j``; ``decode=False`` keeps the stored form (see ``read_view``)."""
         if not 0 <= view < self.identity.num_views:
             raise ValueError(f"{self.url}: view {view} outside 0..{self.identity.num_views - 1}")
-        return read_view(self.group(j), self.identity.storage, view, self.head_weight)
+        return read_view(self.group(j), self.identity.storage, view, self.head_weight, decode)

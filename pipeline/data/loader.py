@@ -4,7 +4,9 @@ Each DataLoader worker builds whole batches (decode, view, collate) so per-sampl
 Python work stays small; the DataLoader runs with ``batch_size=None``. A training
 batch is a dict: ``ids`` (B,), ``image`` (B, 3, H, W), ``label`` (B,), ``params``
 (B, 5) the view parameters, ``view`` the view index of this epoch; targets cached for
-the teacher are joined to these ids by the trainer, one read per shard and view.
+the teacher are joined to these ids, one read per shard and view, and travel in their
+stored form (``t_logits``, ``t_cam`` [+ ``t_cam_scale``] or ``t_features``) to be
+decoded on the training device.
 """
 
 from __future__ import annotations
@@ -100,13 +102,14 @@ class ShardStream(IterableDataset):
             from pipeline.cache.reader import TargetCache
 
             self._targets = TargetCache(self.cfg.cache)
-        stored = self._targets.read(j, self.view)
+        stored = self._targets.read(j, self.view, decode=False)  # stored form: decoded on the training device
         ids = np.array([s.id for s in samples])
         if not np.array_equal(stored["ids"], ids):
             bad = int(np.argmax(stored["ids"] != ids)) if len(ids) == len(stored["ids"]) else 0
             raise ShardError(f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at position {bad})")
+        fields = [name for name in stored if name != "ids"]
         for k, sample in enumerate(samples):
-            sample.target = {"params": stored["params"][k], "cam": stored["cam"][k], "logits": stored["logits"][k]}
+            sample.target = {name: stored[name][k] for name in fields}
 
     def _shuffled(self, shards: tuple[int, ...], worker: int) -> Iterator[Sample]:
         """A shuffle buffer across consecutive shards, seeded by (seed, epoch, rank, worker)."""
@@ -132,9 +135,10 @@ class ShardStream(IterableDataset):
         stored = np.stack([s.target["params"] for s in samples]) if cached else None
         params, views = render_views(self.cfg.spec, images, ids, self.view, stored, self.cfg.cache or "")
         batch = self._collate(samples, views, params)
-        if cached:
-            batch["t_cam"] = torch.from_numpy(np.stack([s.target["cam"] for s in samples]))
-            batch["t_logits"] = torch.from_numpy(np.stack([s.target["logits"] for s in samples]))
+        if cached:  # t_logits, t_cam (and t_cam_scale for int8), or t_features: as stored
+            for name in samples[0].target:
+                if name != "params":
+                    batch[f"t_{name}"] = torch.from_numpy(np.stack([s.target[name] for s in samples]))
         return batch
 
     def _eval_batches(self, shards: tuple[int, ...]) -> Iterator[dict[str, torch.Tensor]]:

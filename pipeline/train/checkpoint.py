@@ -21,6 +21,8 @@ FILENAME = "state.pt"
 
 
 def unwrap(model: torch.nn.Module) -> CAMClassifier:
+    """The plain student inside torch.compile's and DDP's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if hasattr(model, "module") else model
 
 

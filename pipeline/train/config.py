@@ -70,6 +70,7 @@ class TrainConfig:
     max_failures: int = 0
     shuffle_buffer: int = 2048
     verbose: bool = False  # keep Ray Train's own INFO lines (each report, each checkpoint) on the console
+    compile: bool = False  # wrap the student in torch.compile (docs/training.md says when it helps)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -145,7 +146,7 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
 
 
 # Fields a resumed run may change: they do not change what the run computes.
-RESUMABLE = ("epochs", "loader_workers", "cpus_per_worker", "max_failures", "storage_path", "name", "verbose")
+RESUMABLE = ("epochs", "loader_workers", "cpus_per_worker", "max_failures", "storage_path", "name", "verbose", "compile")
 
 
 def resume_conflicts(saved: dict[str, Any], now: TrainConfig) -> tuple[list[str], list[str]]:

@@ -22,7 +22,8 @@ from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
-from pipeline.train.step import live_targets, loss_terms
+from pipeline.cache.reader import TargetCache
+from pipeline.train.step import cached_targets, live_targets, loss_terms
 
 
 def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) -> ShardStream:
@@ -102,6 +103,8 @@ def train_loop(config: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
     model = ray.train.torch.prepare_model(model)
+    if cfg.compile:
+        model = torch.compile(model)
 
     teacher: CAMClassifier | None = None
     if cfg.mode == "online-catkd":
@@ -110,6 +113,9 @@ def train_loop(config: dict[str, Any]) -> None:
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 
+    head_weight = None
+    if train_stream.cfg.cache and TargetCache(train_stream.cfg.cache).head_weight is not None:  # the features form
+        head_weight = torch.from_numpy(TargetCache(train_stream.cfg.cache).head_weight).to(device)
     test_stream = _reader(cfg, cfg.test_split, False, rank, world)
     # Loader workers persist across epochs; the epoch reaches them through the stream's
     # shared-memory epoch counter (ShardStream.set_epoch).
@@ -117,7 +123,8 @@ def train_loop(config: dict[str, Any]) -> None:
     test_loader = make_loader(test_stream, cfg.loader_workers)
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
-        metrics = _train_epoch(cfg, model, teacher, train_loader, optimizer, spec, device, rank, _Progress(rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers)))
+        progress = _Progress(rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
+        metrics = _train_epoch(cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight)
         scheduler.step()
         _use_rank0_buffers(model)
         metrics |= _evaluate(cfg, model, test_loader, spec, device)
@@ -156,7 +163,7 @@ class _Progress:
             _say(f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  {images / (now - self.start):.0f} images/s on rank 0")
 
 
-def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress) -> dict[str, float]:
+def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress, head_weight=None) -> dict[str, float]:
     """One epoch with no per-step host synchronisation: loss terms and top-1/top-5 counts
     accumulate on the device and are reduced once at the end; a non-finite loss sets a
     device-side flag (with the first bad batch's sample ids), checked every
@@ -172,8 +179,7 @@ def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, pro
         wait += time.perf_counter() - last
         x = _inputs(cfg, batch, spec, device)
         labels = batch["label"].to(device, non_blocking=True)
-        t_cam = batch["t_cam"].to(device, non_blocking=True) if "t_cam" in batch else None
-        t_logits = batch["t_logits"].to(device, non_blocking=True) if "t_logits" in batch else None
+        t_cam, t_logits = cached_targets(batch, device, head_weight)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if teacher is not None:
                 t_cam, t_logits = live_targets(cfg, teacher, x)

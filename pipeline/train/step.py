@@ -25,6 +25,22 @@ def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> t
     return teacher_cam_targets(cam.float(), cfg.resolution, binarize=cfg.binarize), logits.float()
 
 
+def cached_targets(batch: dict[str, torch.Tensor], device: torch.device, head_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(t_cam, t_logits) as float32 on ``device``, from the stored form the loader sends:
+    float16/float32 maps, int8 maps with per-map scales, or pooled features projected
+    through the teacher's head weight (C, D) on the device: P(cam) = W . P(features)."""
+    if "t_logits" not in batch:
+        return None, None
+    logits = batch["t_logits"].to(device, non_blocking=True).float()
+    if "t_features" in batch:
+        features = batch["t_features"].to(device, non_blocking=True).float()  # (n, D, r, r)
+        return torch.einsum("cd,ndhw->nchw", head_weight, features), logits
+    cam = batch["t_cam"].to(device, non_blocking=True).float()
+    if "t_cam_scale" in batch:
+        cam = cam * batch["t_cam_scale"].to(device, non_blocking=True).float()[..., None, None]
+    return cam, logits
+
+
 def loss_terms(
     cfg: TrainConfig,
     logits: torch.Tensor,
