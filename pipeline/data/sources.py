@@ -183,9 +183,10 @@ def _list_plain_tar(fs, path: str, origin: str) -> list[tuple[str, int, int]]:
     entries = []
     try:
         with fs.open(path, "rb", block_size=1 << 20) as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
+            while (member := tar.next()) is not None:
                 if member.isfile():
                     entries.append((member.name.removeprefix("./"), member.offset_data, member.size))
+                tar.members.clear()  # tarfile keeps every header it reads: a dataset-sized list otherwise
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise SourceError(f"{origin}: cannot read archive ({exc})") from exc
     return entries
