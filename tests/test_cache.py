@@ -280,3 +280,10 @@ def test_orphans_are_removed_only_after_their_lease(setup, float16_cache, tmp_pa
     os.remove(cache_dir / "manifest.json")
     build_cache(_cfg(setup, root, orphan_lease_s=0.0))
     assert not stray.exists() and verify_cache(str(cache_dir), sample_views=1) == []
+
+
+def test_actors_holding_every_cpu_still_build(setup, float16_cache):
+    """Two CPU actors on the 2-CPU test cluster leave no CPU for the feed tasks: the feed
+    shares the actors' cores instead of waiting forever."""
+    url = build_cache(_cfg(setup, setup["base"] / "root-busy", actors=2))
+    _assert_same(_arrays(url), _arrays(float16_cache))

@@ -121,12 +121,19 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, identity: CacheIdentit
         raise CacheBuildError(f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)")
     cpus = int(resources.get("CPU", 1))
     actor_count = min(cfg.actors, len(todo))
-    feed_tasks = cfg.feed_tasks or max(1, cpus - actor_count * cfg.cpus_per_actor)
+    free = cpus - actor_count * cfg.cpus_per_actor
+    feed_tasks = cfg.feed_tasks or max(1, free)
+    # Feed tasks need CPUs the actors do not hold; where the actors hold them all (CPU
+    # actors on a small machine), feed tasks share the actors' cores instead of waiting
+    # for a CPU that never frees up.
+    feed_cpus = 1 if free >= 1 else 0
+    if not feed_cpus:
+        print(f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores", file=sys.stderr)
     chunk_samples = max(1, cfg.chunk_views // cfg.num_views)
     spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
     index_ref, weights_ref = ray.put(index), ray.put(weights)
     # At most two rendered chunks wait per shard: the feed runs ahead, memory stays bounded.
-    render = ray.remote(render_chunks).options(num_cpus=1, _generator_backpressure_num_objects=2)
+    render = ray.remote(render_chunks).options(num_cpus=feed_cpus, _generator_backpressure_num_objects=2)
     feeds = _FeedQueue(todo, lambda j: render.remote(cfg.data, index_ref, j, spec, cfg.num_views, chunk_samples), ahead=feed_tasks)
     actors = [
         TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(cfg, weights_ref, index_ref, url)
