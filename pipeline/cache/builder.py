@@ -51,7 +51,7 @@ from tqdm import tqdm
 from catkd.models import load_checkpoint
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
-from pipeline.cache.identity import CacheIdentity, file_sha256
+from pipeline.cache.identity import file_sha256
 from pipeline.cache.manifest import write_manifest
 from pipeline.cache.layout import DATA_DIR, MANIFEST
 from pipeline.cache.teacher import (
@@ -103,7 +103,7 @@ def build_cache(cfg: CacheBuildConfig) -> str:
         bar.write(f"[cache] resuming: {len(records)} of {len(index.shards)} data shards already complete")
     if todo:
         try:
-            _run_actors(cfg, index, identity, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
+            _run_actors(cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
         finally:
             bar.close()
     _remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
@@ -112,7 +112,7 @@ def build_cache(cfg: CacheBuildConfig) -> str:
     return url
 
 
-def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, identity: CacheIdentity, url: str, weights: bytes, todo: list[int],
+def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: bytes, todo: list[int],
                 records: dict[int, dict[str, Any]], progress: Callable[[int], None]) -> None:  # fmt: skip
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
     committed targets (``records`` gets each shard's completion record)."""
