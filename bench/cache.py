@@ -87,6 +87,8 @@ def speed(args: argparse.Namespace) -> None:
     import os
     import sys
 
+    import ray
+
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from bench.imagenet_like import make_folder
 
@@ -110,14 +112,23 @@ def speed(args: argparse.Namespace) -> None:
         torch.save(checkpoint_payload(teacher, args.teacher), weights)
         cifar = AugmentSpec.preset("cifar")
         torch.set_num_threads(1)  # the build's actor has one CPU, so one thread
-        bare = bare_forward_rate(teacher, prepared_views(shapes, args.views, cifar), args.batch)
+        batches = prepared_views(shapes, args.views, cifar)
+        bare = bare_forward_rate(teacher, batches, args.batch)
+        # The same forward in a 1-CPU Ray actor beside a running Ray, as the build's teacher runs.
+        in_actor = ray.get(ray.remote(num_cpus=1)(_bare_in_actor).remote(teacher, [x for _, _, x in batches], args.batch))
         cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
                                batch_size=args.batch, cpus_per_actor=1, progress=False)  # fmt: skip
         start = time.perf_counter()
         build_cache(cfg)
         build = samples * args.views / (time.perf_counter() - start)
-        print(f"build of {samples * args.views:,} views ({args.teacher}, cifar spec, 1 teacher CPU + feed on the other): {build:,.0f} views/s; "
-              f"bare teacher forward over the same views on one thread: {bare:,.0f} views/s; ratio {build / bare:.2f}")  # fmt: skip
+        print(f"build of {samples * args.views:,} views ({args.teacher}, cifar spec, 1 teacher CPU + the feed on the other; actor start included): "
+              f"{build:,.0f} views/s; bare teacher forward over the same views on one thread: {bare:,.0f} views/s in this process, "
+              f"{in_actor:,.0f} in a 1-CPU Ray actor; build / bare: {build / bare:.2f} and {build / in_actor:.2f}")  # fmt: skip
+
+
+def _bare_in_actor(teacher, batches: list, batch_size: int) -> float:
+    torch.set_num_threads(1)
+    return bare_forward_rate(teacher, [(0, 0, x) for x in batches], batch_size)
 
 
 def main() -> None:
