@@ -56,14 +56,17 @@ def verify_cache(url: str, *, sample_views: int = 2, weights: str | None = None,
 
     cache = TargetCache(url)
     weights_url = weights or cache.manifest["teacher_weights"]
+    teacher_bytes = b""
     if sample_views:
         wfs, wpath = filesystem(weights_url)
-        if file_sha256(wfs.cat_file(wpath)) != cache.identity.teacher_sha256:
+        teacher_bytes = wfs.cat_file(wpath)
+        if file_sha256(teacher_bytes) != cache.identity.teacher_sha256:
             return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     _say_where_recomputed(cache, sample_views)
     init_ray()
     check = ray.remote(num_cpus=1)(_check_shard)
-    pending = [check.remote(url, j, sample_views, weights_url, seed) for j in sorted(cache.records)]
+    weights_ref = ray.put(teacher_bytes)  # read once here, not once per data shard
+    pending = [check.remote(url, j, sample_views, weights_ref, seed) for j in sorted(cache.records)]
     problems: list[str] = []
     with tqdm(total=len(pending), unit="shards", desc="verify", disable=not progress, file=sys.stderr) as bar:
         while pending:
@@ -81,7 +84,7 @@ def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
               f"in {precision if precision == 'bf16' else 'fp32'} and compared within the {precision} tolerance")  # fmt: skip
 
 
-def _check_shard(url: str, j: int, sample_views: int, weights_url: str, seed: int) -> list[str]:
+def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int) -> list[str]:
     cache = TargetCache(url)
     record = cache.records[j]
     try:
@@ -98,16 +101,15 @@ def _check_shard(url: str, j: int, sample_views: int, weights_url: str, seed: in
             k = int(np.argwhere(~np.isfinite(values))[0][0])
             problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
     if sample_views and not problems:
-        problems += _recompute(cache, j, sample_views, weights_url, seed)
+        problems += _recompute(cache, j, sample_views, weights, seed)
     return problems
 
 
-def _recompute(cache: TargetCache, j: int, count: int, weights_url: str, seed: int) -> list[str]:
+def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int) -> list[str]:
     """``count`` random (sample, view) pairs of data shard ``j``, recomputed with the teacher
     in the build's precision (on a GPU when the build used one and one is here)."""
     ident = cache.identity
-    wfs, wpath = filesystem(weights_url)
-    teacher = load_checkpoint(io.BytesIO(wfs.cat_file(wpath)), ident.teacher_arch, ident.num_classes)
+    teacher = load_checkpoint(io.BytesIO(weights), ident.teacher_arch, ident.num_classes)
     built_on = cache.manifest.get("build", {}).get("device", "cpu")
     device = torch.device("cuda" if built_on == "cuda" and torch.cuda.is_available() else "cpu")
     precision = ident.precision if device.type == "cuda" or ident.precision == "bf16" else "fp32"

@@ -113,9 +113,8 @@ def train_loop(config: dict[str, Any]) -> None:
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 
-    head_weight = None
-    if train_stream.cfg.cache and TargetCache(train_stream.cfg.cache).head_weight is not None:  # the features form
-        head_weight = torch.from_numpy(TargetCache(train_stream.cfg.cache).head_weight).to(device)
+    head = TargetCache(train_stream.cfg.cache).head_weight if train_stream.cfg.cache else None  # the features form only
+    head_weight = torch.from_numpy(head).to(device) if head is not None else None
     test_stream = _reader(cfg, cfg.test_split, False, rank, world)
     # Loader workers persist across epochs; the epoch reaches them through the stream's
     # shared-memory epoch counter (ShardStream.set_epoch).
