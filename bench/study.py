@@ -1,24 +1,32 @@
-"""The real-data study (docs/RESULTS.md): CAT-KD from a cache against a live teacher and
-the usual baselines, on an ImageFolder-layout archive (CIFAR-10 as JPEG).
+"""The real-data study (docs/RESULTS.md): does CAT-KD from a catkd cache beat KD and a
+vanilla student, by how much, and do its students' CAMs follow the teacher's?
 
-    shard -> train the teacher (ce) -> build caches with S views -> side-by-side
-    throughput (each mode alone, one epoch) -> students in every mode and seed, and the
-    S study -> CAM picture, learning curves, tables
+    shard -> the teacher (a checkpoint given with --teacher-weights, or trained here)
+    -> caches with S views -> side-by-side throughput (each mode alone, one epoch)
+    -> students in every mode and seed, and the S study -> CAM agreement with the
+    teacher -> pictures -> results.json and results.md
 
-    .venv/bin/python bench/study.py ../shared/data/cifar10-jpeg.tar.gz --out outputs/study
+    .venv/bin/python bench/study.py ../shared/data/cifar10-jpeg.tar.gz --out outputs/study \
+        --teacher-weights ../shared/data/teachers/cifar10_resnet20.pt
 
-Defaults fit about 1.5 hours of a 2-core CPU machine (5,000 training images, 10 student
-epochs); ``--subset 0 --teacher-epochs 240 --epochs 240 --use-gpu`` is the full-size
-version. Rerunning with the same ``--out`` resumes: finished shards, caches and runs are
-reused. Everything lands in ``--out``: results.json, results.md, cams.png, curves.png.
+Defaults fit about two hours of a 2-core CPU machine: resnet8 students on a
+class-balanced 10,000-image training subset, 20 epochs, every test image. Without
+--teacher-weights the script first trains its own teacher (--teacher, --teacher-epochs).
+Rerunning with the same --out resumes: finished shards, caches and runs are reused.
+Everything lands in --out: results.json (docs/results/cifar10.json is one), results.md,
+cams.png, curves.png; bench/study_report.py turns results.json into docs/RESULTS.md's
+tables.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -32,17 +40,20 @@ matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
 import torch
 
-from catkd.models import build_model, load_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch
-from pipeline.cache import CacheBuildConfig, build_cache
-from pipeline.cache.verify import cache_info
-from pipeline.ray_setup import init_ray
-from pipeline.data.loader import ReaderConfig, ShardStream
-from pipeline.data.shard_writer import ShardConfig, shard_dataset
-from pipeline.data.shard_format import read_index
-from pipeline.train.config import MODES, TrainConfig
-from pipeline.train.run import train
-from pipeline.viz import render_cam_report
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study_report.py, run as a script
+from study_report import markdown  # noqa: E402
+
+from catkd.models import build_model, read_checkpoint  # noqa: E402
+from pipeline.cache import CacheBuildConfig, build_cache  # noqa: E402
+from pipeline.cache.verify import cache_info  # noqa: E402
+from pipeline.data.shard_format import read_index  # noqa: E402
+from pipeline.data.shard_writer import ShardConfig, shard_dataset  # noqa: E402
+from pipeline.ray_setup import init_ray  # noqa: E402
+from pipeline.storage import filesystem  # noqa: E402
+from pipeline.train.config import MODES, TrainConfig  # noqa: E402
+from pipeline.train.evaluate import evaluate_checkpoint  # noqa: E402
+from pipeline.train.run import train  # noqa: E402
+from pipeline.viz import cam_agreement, load_model, load_split, render_cam_report  # noqa: E402
 
 CACHED_MODES = ("kd", "catkd", "cat")
 
@@ -51,19 +62,25 @@ CACHED_MODES = ("kd", "catkd", "cat")
 class StudyConfig:
     archive: str
     out: str = "outputs/study"
-    subset: int = 5000  # images kept per split, evenly spaced over classes; 0 keeps all
-    teacher: str = "resnet56"
-    student: str = "resnet20"
-    teacher_epochs: int = 15
-    epochs: int = 10  # every student; the main caches hold S = epochs views
-    view_counts: list[int] = field(default_factory=lambda: [1, 4])  # the S study (besides S = epochs)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    subset: int = 10000  # images kept per split, evenly spaced over classes (CIFAR-10: 1,000 per class in train, all of test); 0 keeps all
+    teacher_weights: str = ""  # a trained teacher checkpoint (catkd format); empty: train one here
+    teacher: str = "resnet20"  # its architecture (checked against the checkpoint)
+    teacher_epochs: int = 20  # only when the teacher is trained here
+    student: str = "resnet8"
+    epochs: int = 20  # every student; the main caches hold S = epochs views
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # ce, kd and catkd (S = epochs)
+    single_seed_modes: int = 1  # online-catkd and cat run the first this many seeds
+    view_counts: list[int] = field(default_factory=lambda: [1, 4])  # the S study (catkd, besides S = epochs)
+    view_seeds: int = 2  # the S study runs the first this many seeds
     batch_size: int = 64  # per Ray Train worker
     lr: float = 0.05  # for one worker at batch_size; scaled linearly with workers
-    beta: float = 0.7  # the paper's CAT weight for resnet56 -> resnet20 (jobs/configs/paper)
-    teacher_workers: int = 2  # Ray Train workers for the teacher (it runs alone)
+    beta: float = 0.7  # the paper's CAT weight for CIFAR resnet56 -> resnet20, the nearest pair of this family (jobs/configs/paper)
+    resolution: int = 2  # the paper's r for CIFAR
+    kd_temperature: float = 4.0
+    teacher_workers: int = 2  # Ray Train workers for a teacher trained here (it runs alone)
     student_workers: int = 1  # Ray Train workers per student run
-    concurrent: int = 2  # student runs at a time (each 1 CPU per worker on CPU)
+    concurrent: int = 2  # student runs at a time
+    cpus_per_worker: int = 1  # what Ray reserves per student worker, so that `concurrent` runs fit at once
     loader_workers: int = 1
     cache_actors: int = 2
     use_gpu: bool = False
@@ -94,31 +111,33 @@ def shard(cfg: StudyConfig, data: str) -> dict:
             "classes": index.classes}  # fmt: skip
 
 
-def student_runs(cfg: StudyConfig, base: TrainConfig, caches: dict[int, str], teacher_weights: str) -> list[TrainConfig]:
-    """Every student: the five modes for each seed (cached modes read the S = epochs cache;
-    online-catkd replays the same views live), then the S study; seed-major, so the first
-    seed's results are complete first."""
+def run_name(mode: str, views: int, seed: int) -> str:
+    return f"{mode}-S{views}-seed{seed}"
+
+
+def planned_runs(cfg: StudyConfig) -> list[tuple[str, int, int]]:
+    """(mode, S, seed) of every student, seed-major so the first seed's comparison is
+    complete first: ce, kd and catkd for every seed; online-catkd and cat for the first
+    ``single_seed_modes`` seeds; catkd with the other view counts for ``view_seeds``."""
     runs = []
-    for seed in cfg.seeds:
-        for mode in MODES:
-            runs.append(mode_config(cfg, base, mode, caches[cfg.epochs], teacher_weights, seed=seed, name=f"{mode}-S{cfg.epochs}-seed{seed}"))
-        for views in cfg.all_view_counts:
-            if views != cfg.epochs:
-                runs.append(mode_config(cfg, base, "catkd", caches[views], teacher_weights, seed=seed, name=f"catkd-S{views}-seed{seed}"))
+    for rank, seed in enumerate(cfg.seeds):
+        runs += [("ce", cfg.epochs, seed), ("kd", cfg.epochs, seed), ("catkd", cfg.epochs, seed)]
+        if rank < cfg.single_seed_modes:
+            runs += [("online-catkd", cfg.epochs, seed), ("cat", cfg.epochs, seed)]
+        if rank < cfg.view_seeds:
+            runs += [("catkd", views, seed) for views in cfg.all_view_counts if views != cfg.epochs]
     return runs
 
 
-def mode_config(cfg: StudyConfig, base: TrainConfig, mode: str, cache: str, teacher_weights: str, **changes) -> TrainConfig:
+def mode_config(cfg: StudyConfig, base: TrainConfig, mode: str, views: int, caches: dict[int, str], teacher_weights: str, **changes) -> TrainConfig:
+    """One student. ce reads no views: num_views 0 draws view e at epoch e, the very views
+    a cached run with S = epochs replays, so runs of one seed see the same data in the
+    same order; online-catkd replays those views with the teacher live."""
     if mode in CACHED_MODES:
-        changes |= {"cache": cache}
+        changes |= {"cache": caches[views]}
     if mode == "online-catkd":
-        changes |= {"teacher": cfg.teacher, "teacher_weights": teacher_weights, "num_views": cfg.epochs}
+        changes |= {"teacher": cfg.teacher, "teacher_weights": teacher_weights, "num_views": views}
     return replace(base, mode=mode, **changes)
-
-
-def first_test_batch(data: str, batch_size: int) -> torch.Tensor:
-    stream = ShardStream(ReaderConfig(data=data, split="test", batch_size=batch_size, train=False, spec=AugmentSpec.preset("cifar"), normalize=False))
-    return normalize_batch(stream.cfg.spec, next(iter(stream))["image"])
 
 
 @torch.inference_mode()
@@ -138,156 +157,194 @@ def forward_rate(model: torch.nn.Module, x: torch.Tensor, rounds: int = 20) -> f
         torch.set_num_threads(previous)
 
 
-def summarize(histories: dict[str, list[dict]]) -> list[dict]:
-    """One row per (mode, S): final test top-1 over seeds (mean, sample std, values)."""
-    groups: dict[tuple[str, int], list[float]] = {}
-    for name, history in histories.items():
-        mode, views, _ = name.rsplit("-", 2)
-        groups.setdefault((mode, int(views[1:])), []).append(history[-1]["test_top1"])
-    rows = []
-    for (mode, views), values in groups.items():
-        spread = statistics.stdev(values) if len(values) > 1 else float("nan")
-        rows.append({"mode": mode, "views": None if mode == "ce" else views,  # ce reads no teacher views
-                     "top1_mean": statistics.mean(values), "top1_std": spread, "top1": values})  # fmt: skip
-    return rows
+def spread(values: list[float]) -> float | None:
+    """Sample standard deviation; None for a single value (JSON has no NaN)."""
+    return statistics.stdev(values) if len(values) > 1 else None
 
 
-def plot_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Test top-1 per epoch, one line per run (one colour per mode/S, one style per seed)."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups = sorted({name.rsplit("-", 1)[0] for name in histories})
+def groups_of(runs: list[dict]) -> list[dict]:
+    """One row per (mode, S): final test top-1 over seeds."""
+    grouped: dict[tuple[str, int | None], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run["mode"], run["views"]), []).append(run)
+    return [{"mode": mode, "views": views, "seeds": [r["seed"] for r in members], "top1": [r["test_top1"] for r in members],
+             "top1_mean": statistics.mean(r["test_top1"] for r in members), "top1_std": spread([r["test_top1"] for r in members])}
+            for (mode, views), members in grouped.items()]  # fmt: skip
+
+
+def paired(runs: list[dict], mode: str, other: str, views: int) -> dict:
+    """Per seed, ``mode`` minus ``other`` (same seed: same initialisation, data order and views)."""
+    final = {(r["mode"], r["views"], r["seed"]): r["test_top1"] for r in runs}
+    other_views = None if other == "ce" else views
+    seeds = [s for (m, v, s) in final if m == mode and v == views and (other, other_views, s) in final]
+    diffs = {str(s): final[(mode, views, s)] - final[(other, other_views, s)] for s in sorted(seeds)}
+    values = list(diffs.values())
+    return {"per_seed": diffs, "mean": statistics.mean(values), "std": spread(values), "positive": sum(v > 0 for v in values), "seeds": len(values)}
+
+
+def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict]) -> dict:
+    """Every student's CAM agreement with the teacher on the whole test split, per run and
+    averaged per (mode, S)."""
+    batch, inputs, classes = load_split(data, "test")
+    teacher = load_model(teacher_weights, len(classes))
+    torch.set_num_threads(os.cpu_count() or 1)
+    for run in runs:
+        run["cam_agreement"] = cam_agreement(teacher, load_model(run["weights"], len(classes)), inputs, batch["label"], resolution=cfg.resolution)
+    per_group: dict[str, dict] = {}
+    for run in runs:
+        key = run["mode"] if run["views"] in (None, cfg.epochs) else f"{run['mode']}-S{run['views']}"
+        per_group.setdefault(key, {"mode": run["mode"], "views": run["views"], "runs": []})["runs"].append(run["cam_agreement"])
+    for entry in per_group.values():
+        members = entry.pop("runs")
+        for metric in ("cosine_pooled_r%d" % cfg.resolution, "cosine_full", "peak_cell_agreement"):
+            entry[metric] = statistics.mean(m[metric] for m in members)
+            entry[metric + "_std"] = spread([m[metric] for m in members])
+        entry["runs"], entry["cells"], entry["samples"] = len(members), members[0]["cells"], members[0]["samples"]
+    return per_group
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    """Test and train top-1 per epoch, one line per run (a colour per mode/S, a style per seed)."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    groups = sorted({(r["mode"], r["views"]) for r in runs}, key=str)
     colours = {g: plt.cm.tab10(i % 10) for i, g in enumerate(groups)}
-    for name, history in sorted(histories.items()):
-        group, seed = name.rsplit("-", 1)
-        style = ["-", "--", ":", "-."][int(seed.removeprefix("seed")) % 4]
-        ax.plot([m["epoch"] for m in history], [m["test_top1"] for m in history], style, color=colours[group],
-                label=group if style == "-" else None)  # fmt: skip
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("students: test top-1 per epoch (line style = seed)")
+    seeds = sorted({r["seed"] for r in runs})
+    for run in runs:
+        group = (run["mode"], run["views"])
+        style = ["-", "--", ":", "-."][seeds.index(run["seed"]) % 4]
+        label = f"{run['mode']}" + ("" if run["views"] is None else f" S={run['views']}")
+        first = run["seed"] == min(r["seed"] for r in runs if (r["mode"], r["views"]) == group)
+        epochs = [m["epoch"] for m in run["history"]]
+        for ax, key in zip(axes, ("test_top1", "train_top1")):
+            ax.plot(epochs, [m[key] for m in run["history"]], style, color=colours[group], label=label if first else None, lw=1.2)
+    for ax, title in zip(axes, ("test top-1 (%)", "train top-1 (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("students per epoch (line style = seed)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def markdown(summary: dict) -> str:
-    cfg = summary["config"]
-    lines = [
-        f"{summary['data']['train_images']} training / {summary['data']['test_images']} test images; teacher {cfg['teacher']} "
-        f"({cfg['teacher_epochs']} epochs), students {cfg['student']} ({cfg['epochs']} epochs, batch {cfg['batch_size']}, "
-        f"lr {cfg['lr']}, decay at {summary['student_milestones']}), seeds {cfg['seeds']}, beta {cfg['beta']}",
-        "",
-        f"teacher top-1: {summary['teacher']['top1']:.2f}%",
-        "",
-        "| mode | S | top-1 mean (%) | std | per seed |",
-        "|---|---:|---:|---:|---|",
-    ]
-    for row in summary["students"]:
-        views = "" if row["views"] is None else row["views"]
-        lines.append(f"| {row['mode']} | {views} | {row['top1_mean']:.2f} | {row['top1_std']:.2f} | {', '.join(f'{v:.2f}' for v in row['top1'])} |")
-    diff = summary["cached_minus_online"]
-    lines += ["", f"cached - online CAT-KD (S = {cfg['epochs']}): per seed {', '.join(f'{d:+.2f}' for d in diff['per_seed'])}; "
-              f"mean {diff['mean']:+.2f} points", ""]  # fmt: skip
-    lines += ["| mode (alone, one epoch) | images/s | vs ce | data wait |", "|---|---:|---:|---:|"]
-    base = summary["throughput"]["ce"]["images_per_s"]
-    for mode, t in summary["throughput"].items():
-        lines.append(f"| {mode} | {t['images_per_s']:.0f} | {t['images_per_s'] / base:.2f} | {100 * t['data_wait_fraction']:.1f}% |")
-    f = summary["forward_images_per_s"]
-    lines += ["", f"bare forward, batch {cfg['batch_size']}, one thread: teacher {cfg['teacher']} {f['teacher']:.0f} images/s, "
-              f"student {cfg['student']} {f['student']:.0f} images/s", "",
-              "| cache | views | build s | views/s | bytes/view | total MB |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for views, c in summary["caches"].items():
-        lines.append(f"| S={views} | {c['views']} | {c['build_seconds']:.0f} | {c['views'] / c['build_seconds']:.0f} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} |")
-    seconds = summary["seconds"]
-    lines += ["", "wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
-    return "\n".join(lines) + "\n"
+def prepare_teacher(cfg: StudyConfig, base: TrainConfig, data: str) -> tuple[StudyConfig, dict]:
+    """The teacher a user brings (its architecture read from the checkpoint), or one
+    trained here; either way its test top-1 comes from ``catkd eval``'s path."""
+    if cfg.teacher_weights:
+        fs, path = filesystem(cfg.teacher_weights)
+        raw = fs.cat_file(path)
+        arch = read_checkpoint(io.BytesIO(raw))["arch"] or cfg.teacher
+        if arch != cfg.teacher:
+            print(f"[study] {cfg.teacher_weights} holds a {arch}: using that as the teacher architecture")
+        cfg = replace(cfg, teacher=arch)
+        info = {"source": cfg.teacher_weights, "trained_here": False, "sha256": hashlib.sha256(raw).hexdigest(), "epochs": None}
+        weights = cfg.teacher_weights
+    else:
+        run = train(replace(base, student=cfg.teacher, name="teacher", epochs=cfg.teacher_epochs, lr=cfg.lr * cfg.teacher_workers,
+                            lr_decay_epochs=milestones(cfg.teacher_epochs), num_workers=cfg.teacher_workers, cpus_per_worker=0))  # fmt: skip
+        weights = run["exported"]["student_cam.pt"]
+        info = {"source": weights, "trained_here": True, "epochs": cfg.teacher_epochs, "history": run["history"]}
+    metrics = evaluate_checkpoint(weights, data, arch=cfg.teacher, loader_workers=cfg.loader_workers)
+    return cfg, {"arch": cfg.teacher, "test_top1": metrics["top1"], "test_top5": metrics["top5"], "weights": weights, **info}
 
 
-def run_study(cfg: StudyConfig) -> dict:
+def run_study(cfg: StudyConfig, command: str = "") -> dict:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data, runs, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
+    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     init_ray()
 
-    _say(f"1/6 shard {cfg.archive} (subset {cfg.subset or 'all'})")
+    _say(f"1/7 shard {cfg.archive} (subset {cfg.subset or 'all'})")
     data_info = shard(cfg, data)
     seconds["shard"] = data_info.pop("seconds")
 
     base = TrainConfig(mode="ce", student=cfg.student, data=data, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        lr=cfg.lr * cfg.student_workers, lr_decay_epochs=milestones(cfg.epochs), beta=cfg.beta,
+                       resolution=cfg.resolution, kd_temperature=cfg.kd_temperature,
                        num_workers=cfg.student_workers, use_gpu=cfg.use_gpu, loader_workers=cfg.loader_workers,
-                       storage_path=runs, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
-    _say(f"2/6 train the teacher {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)")
+                       cpus_per_worker=cfg.cpus_per_worker, storage_path=runs_root, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
+    _say("2/7 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)"))
     t = time.perf_counter()
-    teacher_run = train(replace(base, student=cfg.teacher, name="teacher", epochs=cfg.teacher_epochs, lr=cfg.lr * cfg.teacher_workers,
-                                lr_decay_epochs=milestones(cfg.teacher_epochs), num_workers=cfg.teacher_workers))  # fmt: skip
+    cfg, teacher = prepare_teacher(cfg, base, data)
+    teacher_weights = teacher["weights"]
     seconds["teacher"] = time.perf_counter() - t
-    teacher_weights = teacher_run["exported"]["student_cam.pt"]
+    print(f"[study] teacher {teacher['arch']}: test top-1 {teacher['test_top1']:.2f}%")
 
-    _say(f"3/6 build caches with S = {cfg.all_view_counts} views")
+    _say(f"3/7 build caches with S = {cfg.all_view_counts} views")
     t0 = time.perf_counter()
     caches, cache_figures = {}, {}
     for views in cfg.all_view_counts:
         t = time.perf_counter()
         caches[views] = build_cache(CacheBuildConfig(data=data, teacher=cfg.teacher, weights=teacher_weights, root=cache_root, num_views=views,
-                                                     actors=cfg.cache_actors, gpus_per_actor=1.0 if cfg.use_gpu else 0.0))  # fmt: skip
+                                                     resolution=cfg.resolution, actors=cfg.cache_actors,
+                                                     gpus_per_actor=1.0 if cfg.use_gpu else 0.0))  # fmt: skip
         info = cache_info(caches[views])
-        cache_figures[views] = {"url": caches[views], "build_seconds": time.perf_counter() - t, "views": views * data_info["train_images"],
-                                "bytes": info["bytes_on_storage"], "bytes_per_view": info["bytes_per_view"]}  # fmt: skip
+        cache_figures[str(views)] = {"build_seconds": time.perf_counter() - t, "views": views * data_info["train_images"],
+                                     "bytes": info["bytes_on_storage"], "bytes_per_view": info["bytes_per_view"]}  # fmt: skip
     seconds["caches"] = time.perf_counter() - t0
 
-    _say("4/6 throughput side by side: each mode alone for one epoch")
+    _say("4/7 throughput side by side: each mode alone for one epoch")
     t = time.perf_counter()
-    throughput = {}
+    modes = {}
     for mode in MODES:
-        last = train(mode_config(cfg, replace(base, epochs=1), mode, caches[cfg.epochs], teacher_weights, name=f"throughput/{mode}"))["history"][-1]
-        throughput[mode] = {k: last[k] for k in ("images_per_s", "data_wait_fraction")}
-    x, num_classes = first_test_batch(data, cfg.batch_size), len(data_info["classes"])
-    forward = {"teacher": forward_rate(load_checkpoint(teacher_weights, cfg.teacher, num_classes), x),
-               "student": forward_rate(build_model(cfg.student, num_classes), x)}  # fmt: skip
+        last = train(mode_config(cfg, replace(base, epochs=1), mode, cfg.epochs, caches, teacher_weights, name=f"throughput/{mode}"))["history"][-1]
+        modes[mode] = {k: last[k] for k in ("images_per_s", "data_wait_fraction")}
+    batch, inputs, classes = load_split(data, "test")
+    x = inputs[: cfg.batch_size]
+    forward = {"teacher": forward_rate(load_model(teacher_weights, len(classes)), x), "student": forward_rate(build_model(cfg.student, len(classes)), x)}
+    throughput = {"modes": modes, "forward_images_per_s": forward, "caches": cache_figures}
     seconds["throughput"] = time.perf_counter() - t
 
-    planned = student_runs(cfg, base, caches, teacher_weights)
-    _say(f"5/6 {len(planned)} student runs, {cfg.concurrent} at a time")
+    planned = planned_runs(cfg)
+    _say(f"5/7 {len(planned)} student runs, {cfg.concurrent} at a time")
     t = time.perf_counter()
+    configs = [mode_config(cfg, base, mode, views, caches, teacher_weights, seed=seed, name=run_name(mode, views, seed)) for mode, views, seed in planned]
     with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
-        results = dict(zip([r.name for r in planned], pool.map(train, planned)))
+        results = list(pool.map(train, configs))
     seconds["students"] = time.perf_counter() - t
-    histories = {name: r["history"] for name, r in results.items()}
+    runs = []
+    for (mode, views, seed), result in zip(planned, results):
+        last = result["history"][-1]
+        runs.append({"name": run_name(mode, views, seed), "mode": mode, "views": None if mode == "ce" else views, "seed": seed,
+                     "test_top1": last["test_top1"], "test_top5": last["test_top5"], "train_top1": last["train_top1"],
+                     "weights": result["exported"]["student_cam.pt"], "history": result["history"]})  # fmt: skip
 
-    _say("6/6 CAM picture and learning curves")
-    first = cfg.seeds[0]
-    checkpoints = {
-        f"teacher {cfg.teacher}": teacher_weights,
-        f"vanilla {cfg.student}": results[f"ce-S{cfg.epochs}-seed{first}"]["exported"]["student_cam.pt"],
-        f"CAT-KD {cfg.student}": results[f"catkd-S{cfg.epochs}-seed{first}"]["exported"]["student_cam.pt"],
-    }
+    _say("6/7 CAM agreement with the teacher on every test image")
+    t = time.perf_counter()
+    cam = agreement(cfg, data, teacher_weights, runs)
+    seconds["cam_agreement"] = time.perf_counter() - t
+
+    _say("7/7 CAM picture and learning curves")
+    first = {(r["mode"], r["views"]): r for r in reversed(runs)}  # each group's first seed
+    checkpoints = {f"teacher {cfg.teacher}": teacher_weights}
+    for label, key in (("vanilla", ("ce", None)), ("KD", ("kd", cfg.epochs)), ("CAT-KD", ("catkd", cfg.epochs))):
+        checkpoints[f"{label} {cfg.student}"] = first[key]["weights"]
     render_cam_report(data, checkpoints, str(out / "cams.png"), shown=8)
-    plot_curves(histories, out / "curves.png")
+    plot_curves(runs, out / "curves.png")
 
-    final = {name: history[-1]["test_top1"] for name, history in histories.items()}
-    per_seed = [final[f"catkd-S{cfg.epochs}-seed{s}"] - final[f"online-catkd-S{cfg.epochs}-seed{s}"] for s in cfg.seeds]
     seconds["total"] = time.perf_counter() - started
     summary = {
-        "config": asdict(cfg),
-        "student_milestones": milestones(cfg.epochs),
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {**asdict(cfg), "student_lr_decay_epochs": milestones(cfg.epochs), "momentum": base.momentum, "weight_decay": base.weight_decay,
+                     "lr_decay_rate": base.lr_decay_rate, "ce_weight": base.ce_weight, "kd_weight": base.kd_weight, "spec": base.spec,
+                     "cache_storage": CacheBuildConfig.storage, "normalize": base.normalize},  # fmt: skip
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "gpu": torch.cuda.get_device_name(0) if cfg.use_gpu and torch.cuda.is_available() else None},  # fmt: skip
         "data": data_info,
-        "teacher": {"top1": teacher_run["history"][-1]["test_top1"], "history": teacher_run["history"], "weights": teacher_weights},
-        "students": summarize(histories),
-        "cached_minus_online": {"per_seed": per_seed, "mean": statistics.mean(per_seed)},
+        "teacher": teacher,
+        "runs": runs,
+        "groups": groups_of(runs),
+        "paired_differences": {"catkd_minus_ce": paired(runs, "catkd", "ce", cfg.epochs), "catkd_minus_kd": paired(runs, "catkd", "kd", cfg.epochs),
+                               "kd_minus_ce": paired(runs, "kd", "ce", cfg.epochs)},  # fmt: skip
+        "cam_agreement": cam,
         "throughput": throughput,
-        "forward_images_per_s": forward,
-        "caches": cache_figures,
-        "histories": histories,
         "seconds": seconds,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     table = markdown(summary)
     (out / "results.md").write_text(table)
     print("\n" + table)
@@ -313,4 +370,4 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
 
 
 if __name__ == "__main__":
-    run_study(parse_args(sys.argv[1:]))
+    run_study(parse_args(sys.argv[1:]), command=shlex.join(["python", "bench/study.py", *sys.argv[1:]]))

@@ -1,5 +1,6 @@
 """Pictures of CAMs (``catkd viz``): test images with each model's CAM for the true class
-overlaid, and how often each CAM's peak falls inside the object's box."""
+overlaid, how often each CAM's peak falls inside the object's box, and how closely a
+student's CAMs follow its teacher's."""
 
 from __future__ import annotations
 
@@ -35,6 +36,49 @@ def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Te
     low = cam.amin(dim=(1, 2), keepdim=True)
     high = cam.amax(dim=(1, 2), keepdim=True)
     return (cam - low) / (high - low).clamp_min(1e-8), torch.cat(preds)
+
+
+@torch.no_grad()
+def cam_agreement(teacher: CAMClassifier, student: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, *,
+                  resolution: int = 2, batch_size: int = 500) -> dict[str, float]:  # fmt: skip
+    """How closely the student's CAM for the true class follows the teacher's, over
+    ``inputs``: mean cosine similarity of the CAMs pooled to ``resolution`` (what CAT
+    trains), of the full maps, and the fraction of samples whose two maps peak in the same
+    cell (a student map of another size is resized to the teacher's first)."""
+    teacher.eval(), student.eval()
+    pooled, full, same_peak = [], [], []
+    for first in range(0, len(inputs), batch_size):
+        x, y = inputs[first : first + batch_size], labels[first : first + batch_size]
+        rows = torch.arange(len(y))
+        t = teacher(x)[1][rows, y]
+        s = student(x)[1][rows, y]
+        if s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s[:, None], size=t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        pooled.append(F.cosine_similarity(F.adaptive_avg_pool2d(t, resolution).flatten(1), F.adaptive_avg_pool2d(s, resolution).flatten(1)))
+        full.append(F.cosine_similarity(t.flatten(1), s.flatten(1)))
+        same_peak.append(t.flatten(1).argmax(1) == s.flatten(1).argmax(1))
+    return {
+        f"cosine_pooled_r{resolution}": float(torch.cat(pooled).mean()),
+        "cosine_full": float(torch.cat(full).mean()),
+        "peak_cell_agreement": float(torch.cat(same_peak).float().mean()),
+        "cells": int(t[0].numel()),
+        "samples": len(inputs),
+    }
+
+
+def load_split(data: str, split: str = "test", spec: str = "cifar") -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+    """A whole (small) split in evaluation views: the raw batch (uint8 images, labels and
+    boxes where the dataset has them), the normalised inputs and the class names."""
+    stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False))
+    batch = next(iter(stream))
+    return batch, normalize_batch(stream.cfg.spec, batch["image"]), stream.index.classes
+
+
+def load_model(url: str, num_classes: int) -> CAMClassifier:
+    """A checkpoint of the project's format from any fsspec URL, as the architecture it names."""
+    fs, path = filesystem(url)
+    raw = fs.cat_file(path)
+    return load_checkpoint(io.BytesIO(raw), read_checkpoint(io.BytesIO(raw))["arch"], num_classes)
 
 
 def peak_in_box_rate(cams: torch.Tensor, boxes: torch.Tensor) -> float:
@@ -79,17 +123,11 @@ def render_cam_report(data: str, checkpoints: dict[str, str], out: str, *, split
     class-sorted), with every model's CAM for the true class and its prediction, into
     ``out`` (PNG); return each model's CAM-peak-in-box rate over the whole split (needs a
     dataset with boxes)."""
-    stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False))
-    batch = next(iter(stream))
-    inputs = normalize_batch(stream.cfg.spec, batch["image"])
-    classes = stream.index.classes
+    batch, inputs, classes = load_split(data, split, spec)
     picked = torch.linspace(0, len(inputs) - 1, min(shown, len(inputs))).round().long()
     cams, captions = {}, {}
     for label, url in checkpoints.items():
-        fs, path = filesystem(url)
-        raw = fs.cat_file(path)
-        arch = read_checkpoint(io.BytesIO(raw))["arch"]
-        cams[label], preds = true_class_cams(load_checkpoint(io.BytesIO(raw), arch, stream.index.num_classes), inputs, batch["label"])
+        cams[label], preds = true_class_cams(load_model(url, len(classes)), inputs, batch["label"])
         captions[label] = [f"says {classes[int(p)]}" for p in preds[picked]]
     titles = [classes[int(k)] for k in batch["label"][picked]]
     images = batch["image"][picked].permute(0, 2, 3, 1).numpy()

@@ -71,6 +71,12 @@ def test_views_follow_the_epoch_and_parameters_replay(shards):
         assert np.array_equal(batch["params"].numpy(), expected)
 
 
+def test_without_a_fixed_view_count_every_epoch_draws_a_new_view(shards):
+    # num_views 0 (a run with no cache): plain augmentation, a view never seen before each epoch
+    views = [int(_epoch(shards, 1, 0, epoch=epoch, num_views=0)[0][0]["view"]) for epoch in (0, 1, 7, 50)]
+    assert views == [0, 1, 7, 50]
+
+
 def test_fewer_shards_than_ranks_times_workers(ray_local, tmp_path):
     out = tmp_path / "tiny"
     shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=50, synthetic={"train_samples": 20, "test_samples": 1}, progress=False))

@@ -11,7 +11,11 @@ import sys
 import tarfile
 from pathlib import Path
 
+import torch
 from PIL import Image
+
+from catkd.models import build_model
+from catkd.models.convert import checkpoint_payload
 
 from pipeline.data.synthetic import CLASSES, make_sample
 
@@ -33,27 +37,63 @@ def write_jpeg_archive(path: Path, train: int, test: int) -> None:
 
 
 def test_study_smoke(tmp_path):
+    """The study as documented, at toy size: a teacher checkpoint brought by the user, every
+    phase, every output, and docs tables generated from the JSON."""
     archive = tmp_path / "shapes-jpeg.tar.gz"
     write_jpeg_archive(archive, train=300, test=100)
+    teacher = tmp_path / "teacher.pt"
+    torch.save(checkpoint_payload(build_model("resnet8", len(CLASSES)), "resnet8"), teacher)
     out = tmp_path / "study"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, str(ROOT / "bench" / "study.py"), str(archive), "--out", str(out), "--subset", "0",
-               "--teacher", "resnet8", "--student", "resnet8", "--teacher-epochs", "1", "--epochs", "1",
-               "--view-counts", "2", "--seeds", "0", "--samples-per-shard", "100", "--loader-workers", "0"]  # fmt: skip
+               "--teacher-weights", str(teacher), "--teacher", "resnet20", "--student", "resnet8", "--epochs", "2",
+               "--view-counts", "1", "--seeds", "0", "1", "--view-seeds", "1", "--samples-per-shard", "100", "--loader-workers", "0"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "holds a resnet8: using that as the teacher architecture" in done.stdout
 
     summary = json.loads((out / "results.json").read_text())
     assert summary["data"] == {"train_images": 300, "test_images": 100, "classes": sorted(CLASSES)}
-    students = {(r["mode"], r["views"]) for r in summary["students"]}
-    assert students == {("ce", None), ("kd", 1), ("catkd", 1), ("online-catkd", 1), ("cat", 1), ("catkd", 2)}
-    assert all(0 <= r["top1_mean"] <= 100 for r in summary["students"])
-    assert set(summary["throughput"]) == {"ce", "kd", "catkd", "cat", "online-catkd"}
-    assert all(t["images_per_s"] > 0 for t in summary["throughput"].values())
-    assert {int(v): c["views"] for v, c in summary["caches"].items()} == {1: 300, 2: 600}
-    assert all(c["bytes_per_view"] > 0 for c in summary["caches"].values())
-    assert summary["forward_images_per_s"]["teacher"] > 0
+    assert summary["teacher"]["arch"] == "resnet8" and not summary["teacher"]["trained_here"]
+    assert 0 <= summary["teacher"]["test_top1"] <= 100
+    assert summary["settings"]["beta"] == 0.7 and summary["settings"]["resolution"] == 2 and summary["settings"]["kd_temperature"] == 4.0
+    runs = {(r["mode"], r["views"], r["seed"]) for r in summary["runs"]}
+    assert runs == {("ce", None, 0), ("kd", 2, 0), ("catkd", 2, 0), ("online-catkd", 2, 0), ("cat", 2, 0), ("catkd", 1, 0),
+                    ("ce", None, 1), ("kd", 2, 1), ("catkd", 2, 1)}  # fmt: skip
+    assert all(0 <= r["test_top1"] <= 100 and len(r["history"]) == 2 for r in summary["runs"])
+    final = {(r["mode"], r["seed"]): r["test_top1"] for r in summary["runs"] if r["views"] in (None, 2)}
+    diff = summary["paired_differences"]["catkd_minus_ce"]
+    assert diff["per_seed"] == {str(s): final[("catkd", s)] - final[("ce", s)] for s in (0, 1)}
+    assert diff["seeds"] == 2 and diff["std"] is not None
+    assert set(summary["cam_agreement"]) == {"ce", "kd", "catkd", "online-catkd", "cat", "catkd-S1"}
+    for entry in summary["cam_agreement"].values():
+        assert -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 100
+    assert set(summary["throughput"]["modes"]) == {"ce", "kd", "catkd", "cat", "online-catkd"}
+    assert all(t["images_per_s"] > 0 for t in summary["throughput"]["modes"].values())
+    assert {int(v): c["views"] for v, c in summary["throughput"]["caches"].items()} == {1: 300, 2: 600}
+    assert summary["throughput"]["forward_images_per_s"]["teacher"] > 0
     for picture in ("cams.png", "curves.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| catkd | 2 |" in table and "cached - online CAT-KD" in table
+    assert "| `catkd` from the cache | 2 | 2 |" in table and "`catkd` - `kd`" in table and "CAT-KD > KD > vanilla" in table
+
+    # docs/RESULTS.md's way: tables regenerated in place between markers, the rest kept
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n\nkept\n\n<!-- study:accuracy -->\nstale\n<!-- /study:accuracy -->\n\nkept too\n")
+    report = [sys.executable, str(ROOT / "bench" / "study_report.py"), str(out / "results.json"), "--doc", str(doc)]
+    assert subprocess.run([*report, "--check"], cwd=ROOT).returncode == 1
+    assert subprocess.run(report, cwd=ROOT).returncode == 0
+    text = doc.read_text()
+    assert "stale" not in text and "kept too" in text and f"{final[('catkd', 0)]:.2f}" in text
+    assert subprocess.run([*report, "--check"], cwd=ROOT).returncode == 0
+
+
+def test_docs_results_are_generated_from_the_committed_json():
+    """docs/RESULTS.md's tables are exactly what docs/results/cifar10.json gives."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from study_report import update_document
+
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10.json").read_text())
+    assert "<!-- study:accuracy -->" in doc and "<!-- study:cams -->" in doc
+    assert update_document(doc, summary) == doc

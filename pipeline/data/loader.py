@@ -31,7 +31,7 @@ class ReaderConfig:
     batch_size: int = 128
     train: bool = True  # False: evaluation views, natural order, no padding
     spec: AugmentSpec = field(default_factory=AugmentSpec)
-    num_views: int = 1  # S: epoch e uses view (e + view_offset) mod S
+    num_views: int = 1  # S: epoch e uses view (e + view_offset) mod S; 0: a new view every epoch
     view_offset: int = 0
     seed: int = 0  # run seed: shard order and shuffling
     shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
@@ -57,6 +57,8 @@ class ShardStream(IterableDataset):
 
     @property
     def view(self) -> int:
+        if self.cfg.num_views <= 0:  # no fixed set of views (no cache): plain augmentation
+            return self.epoch + self.cfg.view_offset
         return (self.epoch + self.cfg.view_offset) % self.cfg.num_views
 
     def plan(self, num_workers: int) -> list[list[WorkerPlan]]:

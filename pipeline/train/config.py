@@ -26,7 +26,7 @@ class TrainConfig:
     test_split: str = "test"
     spec: str = "cifar"
     spec_seed: int = 0
-    num_views: int = 0  # S; 0 takes the cache's (1 without a cache); set, it must equal the cache's
+    num_views: int = 0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
     view_offset: int = 0
     # teacher side
     cache: str | None = None  # cache URL (kd, catkd, cat)

@@ -47,7 +47,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     index = read_index(cfg.data, cfg.train_split)
     read_index(cfg.data, cfg.test_split)
     if cfg.mode not in ("kd", "catkd", "cat"):
-        return dataclasses.replace(cfg, num_views=cfg.num_views or 1)
+        return cfg  # num_views 0: a new view every epoch, as plain training augments
     cache = TargetCache(cfg.cache)
     found = cache.identity
     ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
