@@ -1,19 +1,210 @@
-"""Connecting to Ray: ``RAY_ADDRESS`` when set, otherwise a fresh local Ray (DESIGN section 3)."""
+"""Connecting to Ray: ``RAY_ADDRESS`` when set, otherwise the machine's shared local Ray
+(DESIGN section 3).
+
+Several catkd commands started at once on one machine share one local Ray, so its
+scheduler sees every CPU once and queues what does not fit, instead of each command
+starting a Ray that believes it owns the whole machine. The first command starts a head
+node in its own session (``ray start --head --block``); later ones find it through a
+state file in a private temp folder and connect; the last one to leave stops it. A state
+file whose head is gone is ignored (and replaced), as is Ray's own
+``/tmp/ray/ray_current_cluster``, which is never read.
+
+The head's processes carry ``RAY_ADDRESS`` in their environment: Ray Train's internal
+helpers look a cluster up by address discovery, which fails with "Found multiple active
+Ray instances" when another Ray runs on the machine (a test cluster, another user's).
+"""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import fcntl
+import json
 import logging
 import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
 
 import ray
 
+START_TIMEOUT_S = 180.0
+# Not handed to a shared head's workers: Ray sets them per process, or this module does.
+_OWN_ENV = {"RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "CUDA_VISIBLE_DEVICES", "PWD", "OLDPWD", "SHLVL", "_"}
+
+
+def state_dir() -> Path:
+    """Where the shared head is recorded; ``CATKD_RAY_DIR`` gives a group of commands
+    (a test session, say) a local Ray of their own."""
+    return Path(os.environ.get("CATKD_RAY_DIR") or Path(tempfile.gettempdir()) / f"catkd-ray-{os.getuid()}")
+
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Idempotent. A fresh local instance is started explicitly ("local"), so a stale
-    /tmp/ray/ray_current_cluster from an earlier cluster is never picked up."""
+    """Idempotent. ``num_cpus`` caps a head this call starts (an existing one keeps its own)."""
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = {"num_cpus": num_cpus} if address == "local" and num_cpus else {}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+        return
+    address = join_local_ray(num_cpus)
+    # The head was started by whichever command came first, with that command's
+    # environment: this command's own (credentials, Ray Train settings) goes with its job.
+    env = {k: v for k, v in os.environ.items() if k not in _OWN_ENV} | {"RAY_ADDRESS": address}
+    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+
+
+def join_local_ray(num_cpus: int | None = None) -> str:
+    """The address of the shared local Ray, started here if none is alive; this process
+    is registered as one of its users until it exits."""
+    state_dir().mkdir(mode=0o700, exist_ok=True)
+    with _locked():
+        state = _read_state()
+        if state is None or not _head_alive(state):
+            _stop_head(state)
+            state = _start_head(num_cpus)
+            how = "started"
+        else:
+            how = f"shared with {len(_live_users())} other command(s)"
+        (_users_dir() / str(os.getpid())).touch()
+    print(f"[ray] local Ray {state['address']} ({how}; dashboard http://127.0.0.1:{state['dashboard_port']})", file=sys.stderr, flush=True)
+    # Token authentication, with a token of our own (never the user's ~/.ray one). Ray
+    # reads the mode into its config when imported: refresh it, as ray.init does when it
+    # turns token mode on for a cluster it starts itself.
+    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": state["token"]})
+    from ray._raylet import Config
+
+    Config.initialize("")
+    atexit.register(leave_local_ray)
+    return state["address"]
+
+
+def leave_local_ray() -> None:
+    """Disconnect; stop the shared head when no other live process uses it."""
+    if ray.is_initialized():
+        ray.shutdown()
+    with _locked():
+        (_users_dir() / str(os.getpid())).unlink(missing_ok=True)
+        if not _live_users():
+            _stop_head(_read_state())
+
+
+def _start_head(num_cpus: int | None) -> dict[str, Any]:
+    port, dashboard, agent_http, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    address = f"127.0.0.1:{port}"
+    token = secrets.token_hex(32)
+    env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # Free ports for every listener: another Ray on the machine (a test cluster, a job
+    # server) may hold Ray's default ones. No Ray Client server (port 0): unused here.
     # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
-    ray.init(address=address, logging_level=logging.WARNING, **kwargs)
+    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+               f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+               f"--runtime-env-agent-port={runtime_env}", "--ray-client-server-port=0", "--disable-usage-stats"]  # fmt: skip
+    if num_cpus:
+        command.append(f"--num-cpus={num_cpus}")
+    log_path = state_dir() / "head.log"
+    log = open(log_path, "ab")
+    offset = log.tell()
+    # A session of its own: the head outlives the command that started it, and stopping
+    # it signals its whole process group (GCS, raylet, dashboard, workers).
+    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    # Ready when `ray start` says so (GCS, raylet and dashboard up), not when a port opens.
+    while b"Ray runtime started." not in log_path.read_bytes()[offset:]:
+        if head.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+            raise RuntimeError(f"the local Ray head did not start (exit {head.poll()}); its log: {log_path}")
+        time.sleep(0.2)
+    state = {"address": address, "pid": head.pid, "token": token, "dashboard_port": dashboard}
+    path = state_dir() / "head.json"
+    path.write_text(json.dumps(state))
+    path.chmod(0o600)
+    return state
+
+
+def _stop_head(state: dict[str, Any] | None) -> None:
+    (state_dir() / "head.json").unlink(missing_ok=True)
+    if state is None:
+        return
+    try:
+        os.killpg(state["pid"], signal.SIGTERM)  # ray start --block stops its processes
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 20
+    while _pid_alive(state["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(state["pid"], signal.SIGKILL)
+
+
+def _head_alive(state: dict[str, Any]) -> bool:
+    return _pid_alive(state["pid"]) and _port_open(int(state["address"].rsplit(":", 1)[1]))
+
+
+def _live_users() -> list[int]:
+    users = []
+    for entry in _users_dir().iterdir():
+        pid = int(entry.name)
+        if _pid_alive(pid):
+            users.append(pid)
+        else:
+            entry.unlink(missing_ok=True)  # a user that died without leaving
+    return users
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) counts as gone.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    return True
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_state() -> dict[str, Any] | None:
+    path = state_dir() / "head.json"
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _users_dir() -> Path:
+    path = state_dir() / "users"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """One process at a time reads or changes the shared head's state."""
+    with open(state_dir() / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -13,12 +13,15 @@ from PIL import Image
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(tmp_path_factory):
+    """The session's local Ray, never one a user's commands share: commands the tests
+    start as subprocesses join it (CATKD_RAY_DIR is inherited)."""
     import ray
 
     from pipeline.ray_setup import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ["CATKD_RAY_DIR"] = str(tmp_path_factory.mktemp("ray"))
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
