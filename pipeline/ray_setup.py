@@ -96,17 +96,17 @@ def leave_local_ray() -> None:
 
 
 def _start_head(num_cpus: int | None) -> dict[str, Any]:
-    port, dashboard, agent_http, agent_grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    port, dashboard, agent_http, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
     address = f"127.0.0.1:{port}"
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # Free ports for every listener: another Ray on the machine (a test cluster, a job
-    # server) may hold Ray's default ones. No Ray Client server (port 0): unused here.
+    # server) may hold Ray's default ones.
     # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-               f"--runtime-env-agent-port={runtime_env}", "--ray-client-server-port=0", "--disable-usage-stats"]  # fmt: skip
+               f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", "--disable-usage-stats"]  # fmt: skip
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
     log_path = state_dir() / "head.log"
