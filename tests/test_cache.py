@@ -146,7 +146,7 @@ def test_killed_build_resumes_to_the_same_values(setup, float16_cache):
 def test_two_concurrent_builds_do_not_corrupt_the_cache(setup, float16_cache):
     root = setup["base"] / "root-concurrent"
     procs = [_cli_build(setup, root) for _ in range(2)]
-    outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    outputs = [p.communicate(timeout=600)[0].decode() for p in procs]  # one shared Ray: the builds may take turns
     assert [p.returncode for p in procs] == [0, 0], outputs
     url = str(root / os.path.basename(float16_cache))
     _assert_same(_arrays(url), _arrays(float16_cache))

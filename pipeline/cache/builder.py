@@ -123,11 +123,12 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
     actor_count = min(cfg.actors, len(todo))
     free = cpus - actor_count * cfg.cpus_per_actor
     feed_tasks = cfg.feed_tasks or max(1, free)
-    # Feed tasks need CPUs the actors do not hold; where the actors hold them all (CPU
-    # actors on a small machine), feed tasks share the actors' cores instead of waiting
-    # for a CPU that never frees up.
-    feed_cpus = 1 if free >= 1 else 0
-    if not feed_cpus:
+    # Feed tasks of GPU actors reserve a CPU each, from those the actors leave. Feed tasks
+    # of CPU actors reserve none: they share the cores the teacher runs on, and a CPU
+    # that the actors (of this build, or of another build on the same Ray) hold while
+    # they wait for rendered views never frees up for a feed task that would render them.
+    feed_cpus = 1 if cfg.gpus_per_actor > 0 and free >= 1 else 0
+    if free < 1:
         print(f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores", file=sys.stderr)
     chunk_samples = max(1, cfg.chunk_views // cfg.num_views)
     spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
@@ -142,6 +143,14 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
     lock, stop = threading.Lock(), threading.Event()
 
     def drive(actor) -> None:
+        # An actor takes shards only once Ray has placed it: on a Ray shared with other
+        # work (another build, a training) some actors may wait for CPUs, and a shard
+        # handed to one of them would wait too. One never placed while work remained
+        # gives up; the others did its share.
+        placed = actor.__ray_ready__.remote()
+        while not ray.wait([placed], timeout=1.0)[0]:
+            if stop.is_set() or feeds.empty():
+                return
         # Up to two chunks queued at each actor (one computing, one arriving); commits
         # happen in the actor's background thread, so shards follow one another freely.
         in_flight: deque = deque()
@@ -154,6 +163,7 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
         while in_flight:
             collect(*ray.get(in_flight.popleft()))
         collect(0, ray.get(actor.flush.remote()))
+        ray.kill(actor)  # its CPUs (or GPU) go back now, to whatever else waits for them
 
     def collect(samples: int, committed: list[dict[str, Any]]) -> None:
         with lock:
@@ -190,6 +200,10 @@ class _FeedQueue:
         while self.todo and len(self.started) < self.ahead:
             j = self.todo.popleft()
             self.started.append((j, self.start(j)))
+
+    def empty(self) -> bool:
+        with self.lock:
+            return not self.todo and not self.started
 
     def next(self) -> tuple[int, Any] | None:
         with self.lock:
