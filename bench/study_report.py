@@ -109,7 +109,9 @@ def speed(summary: dict) -> str:
               f"student `{s['student']}` {f['student']:.0f} images/s ({f['teacher'] / f['student']:.2f} of the student's rate).", "",
               "| cache | views | build time | views/s | bytes per view | total size |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for views, c in sorted(t["caches"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| S = {views} | {c['views']:,} | {c['build_seconds']:.0f} s | {c['views'] / c['build_seconds']:.0f} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} MB |")
+        timed = c["build_seconds"] is not None
+        took, rate = (f"{c['build_seconds']:.0f} s", f"{c['views'] / c['build_seconds']:.0f}") if timed else ("not timed", "")
+        lines.append(f"| S = {views} | {c['views']:,} | {took} | {rate} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} MB |")
     seconds = summary["seconds"]
     lines += ["", "Wall time (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in seconds.items()) + "."]
     return "\n".join(lines)

@@ -100,6 +100,7 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     address = f"127.0.0.1:{port}"
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    env.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts a raylet slowly (Ray's default: 60)
     # Free ports for every listener: another Ray on the machine (a test cluster, a job
     # server) may hold Ray's default ones.
     # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
@@ -113,8 +114,9 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     log = open(log_path, "ab")
     offset = log.tell()
     # A session of its own: the head outlives the command that started it, and stopping
-    # it signals its whole process group (GCS, raylet, dashboard, workers).
-    head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    # it signals its whole process group (keeper, GCS, raylet, dashboard, workers).
+    keeper = [sys.executable, "-m", "pipeline.ray_setup", str(state_dir()), *command]
+    head = subprocess.Popen(keeper, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT_S
     # Ready when `ray start` says so (GCS, raylet and dashboard up), not when a port opens.
     while b"Ray runtime started." not in log_path.read_bytes()[offset:]:
@@ -199,12 +201,42 @@ def _users_dir() -> Path:
     return path
 
 
+def keep_head(command: list[str]) -> int:
+    """The head's keeper, leader of its process group: runs ``ray start --block`` and
+    stops it once no process that joined is alive, so that a head whose last user was
+    killed (no chance to leave) does not outlive it."""
+    head = subprocess.Popen(command)
+    signal.signal(signal.SIGTERM, lambda *_: head.terminate())
+    while head.poll() is None:
+        time.sleep(2.0)
+        with _locked(blocking=False) as held:
+            if not held:  # a command is starting, joining or leaving: look again later
+                continue
+            state = _read_state()
+            # The starter records the head and registers itself in one locked step, so a
+            # record of this head without a live user means every user is gone.
+            if state is not None and state["pid"] == os.getpid() and not _live_users():
+                (state_dir() / "head.json").unlink(missing_ok=True)
+                head.terminate()
+    return head.wait()
+
+
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
-    """One process at a time reads or changes the shared head's state."""
+def _locked(blocking: bool = True) -> Iterator[bool]:
+    """One process at a time reads or changes the shared head's state; yields whether
+    the lock is held (always, when ``blocking``)."""
     with open(state_dir() / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":  # python -m pipeline.ray_setup STATE_DIR RAY_START_COMMAND...: the keeper
+    os.environ["CATKD_RAY_DIR"] = sys.argv[1]
+    sys.exit(keep_head(sys.argv[2:]))

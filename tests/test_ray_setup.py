@@ -76,3 +76,18 @@ def test_a_dead_heads_record_is_replaced(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cpus 1.0" in done.stdout and "(started;" in done.stderr
     assert not (ray_dir / "head.json").exists()
+
+
+def test_a_head_whose_last_user_was_killed_stops_by_itself(tmp_path):
+    ray_dir = tmp_path / "ray"
+    probe = "from pipeline.ray_setup import init_ray; import time; init_ray(num_cpus=1); print('joined', flush=True); time.sleep(600)"
+    user = subprocess.Popen([sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, text=True)
+    assert user.stdout.readline().strip() == "joined"
+    head = json.loads((ray_dir / "head.json").read_text())
+    user.kill()  # SIGKILL: no chance to leave
+    user.wait()
+    for _ in range(150):
+        if _pid_gone(head["pid"]):
+            break
+        time.sleep(0.2)
+    assert _pid_gone(head["pid"]) and not (ray_dir / "head.json").exists()
