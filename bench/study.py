@@ -291,7 +291,8 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
         if built_now:
             timings[info["cache_id"]] = time.perf_counter() - t
             timings_path.write_text(json.dumps(timings, indent=1))
-        cache_figures[str(views)] = {"build_seconds": timings.get(info["cache_id"]),  # None: built by a run that did not time it "views": views * data_info["train_images"],
+        # build_seconds None: the cache was made by a run that did not time it
+        cache_figures[str(views)] = {"build_seconds": timings.get(info["cache_id"]), "views": views * data_info["train_images"],
                                      "bytes": info["bytes_on_storage"], "bytes_per_view": info["bytes_per_view"]}  # fmt: skip
     seconds["caches"] = time.perf_counter() - t0
 
