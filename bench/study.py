@@ -54,7 +54,7 @@ from pipeline.storage import filesystem  # noqa: E402
 from pipeline.train.config import MODES, TrainConfig  # noqa: E402
 from pipeline.train.evaluate import evaluate_checkpoint  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
-from pipeline.viz import cam_agreement, load_model, load_split, render_cam_report  # noqa: E402
+from pipeline.viz import cam_agreement, load_model, load_split, raw_true_class_cams, render_cam_report  # noqa: E402
 
 CACHED_MODES = ("kd", "catkd", "cat")
 
@@ -187,10 +187,11 @@ def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict
     """Every student's CAM agreement with the teacher on the whole test split, per run and
     averaged per (mode, S)."""
     batch, inputs, classes = load_split(data, "test")
-    teacher = load_model(teacher_weights, len(classes))
     torch.set_num_threads(os.cpu_count() or 1)
+    teacher_cams = raw_true_class_cams(load_model(teacher_weights, len(classes)), inputs, batch["label"])  # once, for every student
     for run in runs:
-        run["cam_agreement"] = cam_agreement(teacher, load_model(run["weights"], len(classes)), inputs, batch["label"], resolution=cfg.resolution)
+        student_cams = raw_true_class_cams(load_model(run["weights"], len(classes)), inputs, batch["label"])
+        run["cam_agreement"] = cam_agreement(teacher_cams, student_cams, resolution=cfg.resolution)
     per_group: dict[str, dict] = {}
     for run in runs:
         key = run["mode"] if run["views"] in (None, cfg.epochs) else f"{run['mode']}-S{run['views']}"

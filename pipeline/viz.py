@@ -39,30 +39,29 @@ def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Te
 
 
 @torch.no_grad()
-def cam_agreement(teacher: CAMClassifier, student: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, *,
-                  resolution: int = 2, batch_size: int = 500) -> dict[str, float]:  # fmt: skip
-    """How closely the student's CAM for the true class follows the teacher's, over
-    ``inputs``: mean cosine similarity of the CAMs pooled to ``resolution`` (what CAT
-    trains), of the full maps, and the fraction of samples whose two maps peak in the same
-    cell (a student map of another size is resized to the teacher's first)."""
-    teacher.eval(), student.eval()
-    pooled, full, same_peak = [], [], []
-    for first in range(0, len(inputs), batch_size):
-        x, y = inputs[first : first + batch_size], labels[first : first + batch_size]
-        rows = torch.arange(len(y))
-        t = teacher(x)[1][rows, y]
-        s = student(x)[1][rows, y]
-        if s.shape[-2:] != t.shape[-2:]:
-            s = F.interpolate(s[:, None], size=t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        pooled.append(F.cosine_similarity(F.adaptive_avg_pool2d(t, resolution).flatten(1), F.adaptive_avg_pool2d(s, resolution).flatten(1)))
-        full.append(F.cosine_similarity(t.flatten(1), s.flatten(1)))
-        same_peak.append(t.flatten(1).argmax(1) == s.flatten(1).argmax(1))
+def raw_true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """(N, h, w) CAM of each sample's true class at the model's own resolution, unscaled."""
+    model.eval()
+    rows = [model(inputs[i : i + batch_size])[1][torch.arange(len(labels[i : i + batch_size])), labels[i : i + batch_size]]
+            for i in range(0, len(inputs), batch_size)]  # fmt: skip
+    return torch.cat(rows)
+
+
+def cam_agreement(teacher_cams: torch.Tensor, student_cams: torch.Tensor, *, resolution: int = 2) -> dict[str, float]:
+    """How closely a student's CAMs for the true class (``raw_true_class_cams``) follow
+    the teacher's: mean cosine similarity of the maps pooled to ``resolution`` (what CAT
+    trains), of the full maps, and the fraction of samples whose two maps peak in the
+    same cell (a student map of another size is resized to the teacher's first)."""
+    t, s = teacher_cams, student_cams
+    if s.shape[-2:] != t.shape[-2:]:
+        s = F.interpolate(s[:, None], size=t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    pooled = F.cosine_similarity(F.adaptive_avg_pool2d(t, resolution).flatten(1), F.adaptive_avg_pool2d(s, resolution).flatten(1))
     return {
-        f"cosine_pooled_r{resolution}": float(torch.cat(pooled).mean()),
-        "cosine_full": float(torch.cat(full).mean()),
-        "peak_cell_agreement": float(torch.cat(same_peak).float().mean()),
+        f"cosine_pooled_r{resolution}": float(pooled.mean()),
+        "cosine_full": float(F.cosine_similarity(t.flatten(1), s.flatten(1)).mean()),
+        "peak_cell_agreement": float((t.flatten(1).argmax(1) == s.flatten(1).argmax(1)).float().mean()),
         "cells": int(t[0].numel()),
-        "samples": len(inputs),
+        "samples": len(t),
     }
 
 
