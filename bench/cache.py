@@ -31,6 +31,7 @@ from catkd.losses import cat_loss
 from catkd.models import build_model, checkpoint_payload
 from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
+from pipeline.cache.builder import BuildTiming
 from pipeline.cache.feed import render_chunks
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
@@ -113,17 +114,22 @@ def speed(args: argparse.Namespace) -> None:
         cifar = AugmentSpec.preset("cifar")
         torch.set_num_threads(1)  # the build's actor has one CPU, so one thread
         batches = prepared_views(shapes, args.views, cifar)
-        bare = bare_forward_rate(teacher, batches, args.batch)
         # The same forward in a 1-CPU Ray actor beside a running Ray, as the build's teacher runs.
         in_actor = ray.get(ray.remote(num_cpus=1)(_bare_in_actor).remote(teacher, [x for _, _, x in batches], args.batch))
         cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
                                batch_size=args.batch, cpus_per_actor=1, progress=False)  # fmt: skip
-        start = time.perf_counter()
-        build_cache(cfg)
-        build = samples * args.views / (time.perf_counter() - start)
-        print(f"build of {samples * args.views:,} views ({args.teacher}, cifar spec, 1 teacher CPU + the feed on the other; actor start included): "
-              f"{build:,.0f} views/s; bare teacher forward over the same views on one thread: {bare:,.0f} views/s in this process, "
-              f"{in_actor:,.0f} in a 1-CPU Ray actor; build / bare: {build / bare:.2f} and {build / in_actor:.2f}")  # fmt: skip
+        # Bare forward before and after the build: this machine's speed drifts, the mean is the fair reference.
+        before = bare_forward_rate(teacher, batches, args.batch)
+        timing = BuildTiming()
+        build_cache(cfg, timing)
+        bare = (before + bare_forward_rate(teacher, batches, args.batch)) / 2
+        wall = timing.ended_at - timing.started_at
+        print(f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, 1 teacher CPU, the feed on the other):\n"
+              f"  end to end {timing.views / wall:,.0f} views/s; bare teacher forward over the same views on one thread {bare:,.0f} views/s "
+              f"(this process, mean of before and after), {in_actor:,.0f} in a 1-CPU Ray actor\n"
+              f"  build / bare: {timing.views / wall / bare:.2f}; start-up until the teacher was ready {timing.startup_s:.1f} s "
+              f"({timing.startup_s / wall:.0%} of the build); teacher busy {timing.busy_fraction:.0%} of its time, "
+              f"at {timing.busy_views_per_s / bare:.2f} of the bare rate while busy")  # fmt: skip
 
 
 def _bare_in_actor(teacher, batches: list, batch_size: int) -> float:

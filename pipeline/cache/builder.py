@@ -42,6 +42,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -69,8 +70,10 @@ from pipeline.ray_setup import init_ray
 from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic
 
 
-def build_cache(cfg: CacheBuildConfig) -> str:
-    """Build (or resume) the cache; returns its URL."""
+def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str:
+    """Build (or resume) the cache; returns its URL. ``timing``, when given, receives
+    where the time went (also printed)."""
+    timing = timing or BuildTiming()
     check_location(cfg.root)
     index = read_index(cfg.data, cfg.split)
     wfs, wpath = filesystem(cfg.weights)
@@ -103,19 +106,66 @@ def build_cache(cfg: CacheBuildConfig) -> str:
         bar.write(f"[cache] resuming: {len(records)} of {len(index.shards)} data shards already complete")
     if todo:
         try:
-            _run_actors(cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
+            timing.teachers = _run_actors(cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
         finally:
             bar.close()
     _remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
+    timing.ended_at = time.time()
+    if timing.teachers:
+        print(timing.summary())
     return url
 
 
+@dataclass
+class TeacherTiming:
+    """One teacher actor's time."""
+
+    ready_at: float  # wall clock when the actor held its teacher
+    busy_s: float = 0.0  # computing targets (forward, pooling); the rest it waited for views
+    views: int = 0
+    done_at: float = 0.0  # wall clock when its last commit had finished
+
+
+@dataclass
+class BuildTiming:
+    """Where a build's time went. Teachers busy most of the time they were held means
+    the build ran at the teachers' speed; a low figure means they waited for the feed."""
+
+    started_at: float = field(default_factory=time.time)
+    ended_at: float = 0.0
+    teachers: list[TeacherTiming] = field(default_factory=list)
+
+    @property
+    def views(self) -> int:
+        return sum(t.views for t in self.teachers)
+
+    @property
+    def startup_s(self) -> float:
+        """From the command's start until the first teacher was ready."""
+        return min(t.ready_at for t in self.teachers) - self.started_at
+
+    @property
+    def busy_fraction(self) -> float:
+        return sum(t.busy_s for t in self.teachers) / sum(t.done_at - t.ready_at for t in self.teachers)
+
+    @property
+    def busy_views_per_s(self) -> float:
+        """Views/s of the teachers while busy: their own speed inside the build."""
+        return self.views / sum(t.busy_s for t in self.teachers)
+
+    def summary(self) -> str:
+        wall = self.ended_at - self.started_at
+        return (f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
+                f"of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); the first was ready after {self.startup_s:.1f} s")  # fmt: skip
+
+
 def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: bytes, todo: list[int],
-                records: dict[int, dict[str, Any]], progress: Callable[[int], None]) -> None:  # fmt: skip
+                records: dict[int, dict[str, Any]], progress: Callable[[int], None]) -> list[TeacherTiming]:  # fmt: skip
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
-    committed targets (``records`` gets each shard's completion record)."""
+    committed targets (``records`` gets each shard's completion record). Returns the
+    timing of each actor that took part."""
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
         raise CacheBuildError(f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)")
@@ -141,6 +191,7 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
         for _ in range(actor_count)
     ]
     lock, stop = threading.Lock(), threading.Event()
+    timings: list[TeacherTiming] = []
 
     def drive(actor) -> None:
         # An actor takes shards only once Ray has placed it: on a Ray shared with other
@@ -162,7 +213,9 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
                     collect(*ray.get(in_flight.popleft()))
         while in_flight:
             collect(*ray.get(in_flight.popleft()))
-        collect(0, ray.get(actor.flush.remote()))
+        records, timing = ray.get(actor.flush.remote())
+        collect(0, records)
+        timings.append(timing)
         ray.kill(actor)  # its CPUs (or GPU) go back now, to whatever else waits for them
 
     def collect(samples: int, committed: list[dict[str, Any]]) -> None:
@@ -186,6 +239,7 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
     finally:
         for actor in actors:
             ray.kill(actor)
+    return timings
 
 
 class _FeedQueue:
@@ -260,20 +314,27 @@ class TeacherActor:
         self.shards: dict[int, ShardTargets] = {}
         self.committer = ThreadPoolExecutor(2)
         self.commits: list[Future] = []
+        self.timing = TeacherTiming(ready_at=time.time())
 
     def _finished(self, wait_all: bool = False) -> list[dict[str, Any]]:
         done = [f for f in self.commits if wait_all or f.done()]
         self.commits = [f for f in self.commits if f not in done]
         return [f.result() for f in done]  # a failed commit raises here, naming its shard
 
-    def flush(self) -> list[dict[str, Any]]:
-        return self._finished(wait_all=True)
+    def flush(self) -> tuple[list[dict[str, Any]], TeacherTiming]:
+        """The records of every commit still pending, and the actor's timing."""
+        records = self._finished(wait_all=True)
+        self.timing.done_at = time.time()
+        return records, self.timing
 
     def consume(self, j: int, chunk: FeedChunk) -> tuple[int, list[dict[str, Any]]]:
         """(samples computed, completion records of shards committed since the last call)."""
         info = self.index.shards[j]
         targets = self.shards.setdefault(j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name)))
+        start = time.perf_counter()
         targets.add(self.runner, chunk.ids, chunk.params, chunk.views)
+        self.timing.busy_s += time.perf_counter() - start
+        self.timing.views += len(chunk.ids) * self.cfg.num_views
         if targets.complete:
             del self.shards[j]
             self.commits.append(self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage)))

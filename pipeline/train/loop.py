@@ -8,6 +8,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,10 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig(**config["cfg"])
     if not cfg.verbose:
         _quiet_ray_train()
+    # The CPU conv backward gives a 1x1 head weight's gradient (C, D, 1, 1) strides
+    # (D, 1, D, D), DDP's bucket (D, 1, 1, 1): the same memory order, so nothing is lost
+    # and the warning (once per rank, three lines each) says nothing useful.
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
