@@ -47,7 +47,7 @@ def test_study_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, str(ROOT / "bench" / "study.py"), str(archive), "--out", str(out), "--subset", "0",
                "--teacher-weights", str(teacher), "--teacher", "resnet20", "--student", "resnet8", "--epochs", "2",
-               "--view-counts", "1", "--seeds", "0", "1", "--view-seeds", "1", "--samples-per-shard", "100", "--loader-workers", "0"]  # fmt: skip
+               "--view-counts", "1", "--seeds", "0", "--view-seeds", "1", "--samples-per-shard", "100", "--loader-workers", "0"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "holds a resnet8: using that as the teacher architecture" in done.stdout
@@ -58,13 +58,14 @@ def test_study_smoke(tmp_path):
     assert 0 <= summary["teacher"]["test_top1"] <= 100
     assert summary["settings"]["beta"] == 0.7 and summary["settings"]["resolution"] == 2 and summary["settings"]["kd_temperature"] == 4.0
     runs = {(r["mode"], r["views"], r["seed"]) for r in summary["runs"]}
-    assert runs == {("ce", None, 0), ("kd", 2, 0), ("catkd", 2, 0), ("online-catkd", 2, 0), ("cat", 2, 0), ("catkd", 1, 0),
-                    ("ce", None, 1), ("kd", 2, 1), ("catkd", 2, 1)}  # fmt: skip
+    assert runs == {("ce", None, 0), ("kd", 2, 0), ("catkd", 2, 0), ("online-catkd", 2, 0), ("cat", 2, 0), ("catkd", 1, 0)}
     assert all(0 <= r["test_top1"] <= 100 and len(r["history"]) == 2 for r in summary["runs"])
     final = {(r["mode"], r["seed"]): r["test_top1"] for r in summary["runs"] if r["views"] in (None, 2)}
     diff = summary["paired_differences"]["catkd_minus_ce"]
-    assert diff["per_seed"] == {str(s): final[("catkd", s)] - final[("ce", s)] for s in (0, 1)}
-    assert diff["seeds"] == 2 and diff["std"] is not None
+    # One seed keeps this test short; the statistics over seeds are checked on the real
+    # three-seed results below.
+    assert diff["per_seed"] == {"0": final[("catkd", 0)] - final[("ce", 0)]}
+    assert diff["seeds"] == 1 and diff["std"] is None
     assert set(summary["cam_agreement"]) == {"ce", "kd", "catkd", "online-catkd", "cat", "catkd-S1"}
     for entry in summary["cam_agreement"].values():
         assert -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 100
@@ -86,6 +87,22 @@ def test_study_smoke(tmp_path):
     text = doc.read_text()
     assert "stale" not in text and "kept too" in text and f"{final[('catkd', 0)]:.2f}" in text
     assert subprocess.run([*report, "--check"], cwd=ROOT).returncode == 0
+
+
+def test_seed_statistics_recomputed_from_the_committed_runs():
+    """groups_of and paired give back, from the runs of the committed three-seed study,
+    the groups and paired differences it recorded (a second seed run is not needed)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from study import groups_of, paired
+
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10.json").read_text())
+    runs, epochs = summary["runs"], summary["settings"]["epochs"]
+    assert len({r["seed"] for r in runs}) == 3
+    assert groups_of(runs) == summary["groups"]
+    for key, (mode, other) in {"catkd_minus_ce": ("catkd", "ce"), "catkd_minus_kd": ("catkd", "kd"), "kd_minus_ce": ("kd", "ce")}.items():
+        assert paired(runs, mode, other, epochs) == summary["paired_differences"][key]
+    catkd_kd = summary["paired_differences"]["catkd_minus_kd"]
+    assert catkd_kd["seeds"] == 3 and catkd_kd["std"] > 0
 
 
 def test_docs_results_are_generated_from_the_committed_json():
