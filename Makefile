@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/catkd demo --out $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) outputs

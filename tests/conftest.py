@@ -22,6 +22,9 @@ def ray_local(tmp_path_factory):
 
     os.environ.pop("RAY_ADDRESS", None)
     os.environ["CATKD_RAY_DIR"] = str(tmp_path_factory.mktemp("ray"))
+    # Ray Train's controller polls its workers every 2 s by default, so each of the
+    # suite's many short trainings waited up to a poll to start and another to finish.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.ray_setup import _pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -25,11 +26,7 @@ def _env(ray_dir: Path) -> dict[str, str]:
 
 
 def _pid_gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] == "Z"
+    return not _pid_alive(pid)
 
 
 def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
