@@ -188,9 +188,9 @@ def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict
     averaged per (mode, S)."""
     batch, inputs, classes = load_split(data, "test")
     torch.set_num_threads(os.cpu_count() or 1)
-    teacher_cams = raw_true_class_cams(load_model(teacher_weights, len(classes)), inputs, batch["label"])  # once, for every student
+    teacher_cams, _ = raw_true_class_cams(load_model(teacher_weights, len(classes)), inputs, batch["label"])  # once, for every student
     for run in runs:
-        student_cams = raw_true_class_cams(load_model(run["weights"], len(classes)), inputs, batch["label"])
+        student_cams, _ = raw_true_class_cams(load_model(run["weights"], len(classes)), inputs, batch["label"])
         run["cam_agreement"] = cam_agreement(teacher_cams, student_cams, resolution=cfg.resolution)
     per_group: dict[str, dict] = {}
     for run in runs:

@@ -21,30 +21,27 @@ from pipeline.storage import filesystem
 
 
 @torch.no_grad()
-def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, H, W) CAM of each sample's true class, upsampled to the input size, in [0, 1],
+def raw_true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, h, w) CAM of each sample's true class at the model's own resolution, unscaled,
     and (N,) the model's predicted classes."""
     model.eval()
     cams, preds = [], []
     for first in range(0, len(inputs), batch_size):
         x, y = inputs[first : first + batch_size], labels[first : first + batch_size]
         logits, cam = model(x)
-        cam = cam[torch.arange(len(y)), y].unsqueeze(1)
-        cams.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1))
+        cams.append(cam[torch.arange(len(y)), y])
         preds.append(logits.argmax(1))
-    cam = torch.cat(cams)
+    return torch.cat(cams), torch.cat(preds)
+
+
+def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, H, W) CAM of each sample's true class, upsampled to the input size, in [0, 1],
+    and (N,) the model's predicted classes."""
+    raw, preds = raw_true_class_cams(model, inputs, labels, batch_size)
+    cam = F.interpolate(raw.unsqueeze(1), size=inputs.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
     low = cam.amin(dim=(1, 2), keepdim=True)
     high = cam.amax(dim=(1, 2), keepdim=True)
-    return (cam - low) / (high - low).clamp_min(1e-8), torch.cat(preds)
-
-
-@torch.no_grad()
-def raw_true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """(N, h, w) CAM of each sample's true class at the model's own resolution, unscaled."""
-    model.eval()
-    rows = [model(inputs[i : i + batch_size])[1][torch.arange(len(labels[i : i + batch_size])), labels[i : i + batch_size]]
-            for i in range(0, len(inputs), batch_size)]  # fmt: skip
-    return torch.cat(rows)
+    return (cam - low) / (high - low).clamp_min(1e-8), preds
 
 
 def cam_agreement(teacher_cams: torch.Tensor, student_cams: torch.Tensor, *, resolution: int = 2) -> dict[str, float]:

@@ -25,10 +25,6 @@ def _env(ray_dir: Path) -> dict[str, str]:
     return env | {"CATKD_RAY_DIR": str(ray_dir)}
 
 
-def _pid_gone(pid: int) -> bool:
-    return not _pid_alive(pid)
-
-
 def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
     data = str(tmp_path / "shapes")
     with ProcessPoolExecutor(1) as pool:
@@ -56,10 +52,10 @@ def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
     # The last one out stopped it.
     assert not (ray_dir / "head.json").exists()
     for _ in range(100):
-        if _pid_gone(head["pid"]):
+        if not _pid_alive(head["pid"]):
             break
         time.sleep(0.2)
-    assert _pid_gone(head["pid"])
+    assert not _pid_alive(head["pid"])
 
 
 def test_a_dead_heads_record_is_replaced(tmp_path):
@@ -84,7 +80,7 @@ def test_a_head_whose_last_user_was_killed_stops_by_itself(tmp_path):
     user.kill()  # SIGKILL: no chance to leave
     user.wait()
     for _ in range(150):
-        if _pid_gone(head["pid"]):
+        if not _pid_alive(head["pid"]):
             break
         time.sleep(0.2)
-    assert _pid_gone(head["pid"]) and not (ray_dir / "head.json").exists()
+    assert not _pid_alive(head["pid"]) and not (ray_dir / "head.json").exists()
