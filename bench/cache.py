@@ -12,15 +12,20 @@
    ImageNet-like JPEGs with 1 and with 2 CPUs (each sample decoded once for its S views);
 4. a build long enough that start-up is under 10% of it (CIFAR-size shapes, cifar spec,
    20,000 views) against the bare teacher forward over the same views, both on one
-   thread for the teacher.
+   thread for the teacher and in the same memory format (channels-last by default);
+5. with ``--ablations``, the two CPU settings the build applies, each against its
+   absence, alternating: channels-last against contiguous tensors (the bench's teacher,
+   and tv_resnet34 at the imagenet spec), and glibc malloc keeping freed memory
+   (``pipeline.malloc``) against its defaults (two fresh processes).
 
     .venv/bin/python bench/cache.py storage ../shared/data/cifar10-jpeg.tar.gz --subset 2000 --views 2
-    .venv/bin/python bench/cache.py speed
+    .venv/bin/python bench/cache.py speed --ablations
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -32,6 +37,8 @@ from catkd.models import build_model, checkpoint_payload
 from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
 from pipeline.cache.builder import BuildTiming
+from pipeline.cache.teacher import TeacherRunner, TeacherSettings
+from pipeline.malloc import keep_freed_memory
 from pipeline.cache.feed import render_chunks
 from pipeline.cache.verify import cache_info
 from pipeline.ray_setup import init_ray
@@ -39,17 +46,25 @@ from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.data.shard_format import decode_image, load_shard, read_index
 
 
-def prepared_views(data: str, views: int, spec: AugmentSpec) -> list[tuple[int, int, torch.Tensor]]:
-    """(shard, view, normalised batch) for every data shard and view."""
+def prepared_views(data: str, views: int, spec: AugmentSpec, channels_last: bool) -> list[tuple[int, int, torch.Tensor]]:
+    """(shard, view, normalised batch) for every data shard and view, in the memory
+    format the build's teacher uses: on CPU, channels-last convolutions are 1.2-1.3x
+    faster, so a bare figure in another format is no fair reference."""
     index = read_index(data, "train")
     out = []
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     for j, info in enumerate(index.shards):
         samples = load_shard(data, index, info)
         images = [decode_image(s, index.image_shape, info.name) for s in samples]
         ids = np.array([s.id for s in samples])
         for view in range(views):
-            out.append((j, view, normalize_batch(spec, render_views(spec, images, ids, view)[1])))
+            out.append((j, view, normalize_batch(spec, render_views(spec, images, ids, view)[1]).contiguous(memory_format=layout)))
     return out
+
+
+def bare_teacher(teacher: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
+    """The teacher as the build's runner holds it (``pipeline.cache.teacher.TeacherRunner``)."""
+    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
 
 
 @torch.inference_mode()
@@ -94,6 +109,7 @@ def speed(args: argparse.Namespace) -> None:
     from bench.imagenet_like import make_folder
 
     init_ray()
+    keep_freed_memory()  # the bare forward in this process runs as the build's teacher does
     with tempfile.TemporaryDirectory() as tmp:
         make_folder(f"{tmp}/folder", args.feed_images, 10)
         data = f"{tmp}/imagenet-like"
@@ -113,18 +129,29 @@ def speed(args: argparse.Namespace) -> None:
         torch.save(checkpoint_payload(teacher, args.teacher), weights)
         cifar = AugmentSpec.preset("cifar")
         torch.set_num_threads(1)  # the build's actor has one CPU, so one thread
-        batches = prepared_views(shapes, args.views, cifar)
+        if args.ablations:
+            for arch, classes, preset, views in ((args.teacher, 10, "cifar", 2048), ("tv_resnet34", 1000, "imagenet", 32)):
+                rates = layout_rates(arch, classes, AugmentSpec.preset(preset), views, min(args.batch, views))
+                print(f"teacher runner on one thread, {arch} at the {preset} spec: contiguous {rates[False]:,.1f} views/s, "
+                      f"channels_last {rates[True]:,.1f} views/s ({rates[True] / rates[False]:.2f}x)")  # fmt: skip
+        cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
+                               batch_size=args.batch, cpus_per_actor=1, channels_last=args.channels_last, progress=False)  # fmt: skip
+        batches = prepared_views(shapes, args.views, cifar, cfg.channels_last)
+        teacher = bare_teacher(teacher, cfg.channels_last)
+        if args.ablations:
+            rates = malloc_rates(teacher, [x for _, _, x in batches[:4]], args.batch)
+            print(f"bare forward in a fresh 1-CPU process, {args.teacher}: glibc defaults {rates[False]:,.0f} views/s, "
+                  f"freed memory kept {rates[True]:,.0f} views/s ({rates[True] / rates[False]:.2f}x)")  # fmt: skip
         # The same forward in a 1-CPU Ray actor beside a running Ray, as the build's teacher runs.
         in_actor = ray.get(ray.remote(num_cpus=1)(_bare_in_actor).remote(teacher, [x for _, _, x in batches], args.batch))
-        cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
-                               batch_size=args.batch, cpus_per_actor=1, progress=False)  # fmt: skip
         # Bare forward before and after the build: this machine's speed drifts, the mean is the fair reference.
         before = bare_forward_rate(teacher, batches, args.batch)
         timing = BuildTiming()
         build_cache(cfg, timing)
         bare = (before + bare_forward_rate(teacher, batches, args.batch)) / 2
         wall = timing.ended_at - timing.started_at
-        print(f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, 1 teacher CPU, the feed on the other):\n"
+        layout = "channels_last" if cfg.channels_last else "contiguous"
+        print(f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, {layout}, 1 teacher CPU, the feed on the other):\n"
               f"  end to end {timing.views / wall:,.0f} views/s; bare teacher forward over the same views on one thread {bare:,.0f} views/s "
               f"(this process, mean of before and after), {in_actor:,.0f} in a 1-CPU Ray actor\n"
               f"  build / bare: {timing.views / wall / bare:.2f}; start-up until the teacher was ready {timing.startup_s:.1f} s "
@@ -132,9 +159,58 @@ def speed(args: argparse.Namespace) -> None:
               f"at {timing.busy_views_per_s / bare:.2f} of the bare rate while busy")  # fmt: skip
 
 
+def layout_rates(arch: str, num_classes: int, spec: AugmentSpec, views: int, batch: int, rounds: int = 4) -> dict[bool, float]:
+    """Views/s of the build's runner with contiguous (False) and channels-last (True)
+    tensors on this process's threads, alternating rounds so that drift hits both."""
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes, bias=True).eval()
+    runners = {cl: TeacherRunner(copy.deepcopy(model), spec, TeacherSettings(batch_size=batch, channels_last=cl), torch.device("cpu")) for cl in (False, True)}
+    x = torch.randint(0, 256, (views, 3, spec.size, spec.size), dtype=torch.uint8)
+    seconds = {cl: 0.0 for cl in runners}
+    for cl, runner in runners.items():  # warm-up: first-call allocations and kernel choice
+        runner.targets(x[:batch])
+    for _ in range(rounds):
+        for cl, runner in runners.items():
+            start = time.perf_counter()
+            runner.targets(x)
+            seconds[cl] += time.perf_counter() - start
+    return {cl: rounds * views / s for cl, s in seconds.items()}
+
+
 def _bare_in_actor(teacher, batches: list, batch_size: int) -> float:
     torch.set_num_threads(1)
+    keep_freed_memory()  # as the build's teacher actor does
     return bare_forward_rate(teacher, [(0, 0, x) for x in batches], batch_size)
+
+
+class _BareForward:
+    """A process that holds the teacher and measures its bare forward, with or without
+    ``keep_freed_memory`` (a process-wide setting, hence one process for each)."""
+
+    def __init__(self, teacher, batches: list, batch_size: int, keep: bool) -> None:
+        torch.set_num_threads(1)
+        if keep:
+            keep_freed_memory()
+        self.teacher, self.batches, self.batch_size = teacher, [(0, 0, x) for x in batches], batch_size
+        bare_forward_rate(teacher, self.batches[:1], batch_size)  # warm-up
+
+    def rate(self) -> float:
+        return bare_forward_rate(self.teacher, self.batches, self.batch_size)
+
+
+def malloc_rates(teacher, batches: list, batch_size: int, rounds: int = 3) -> dict[bool, float]:
+    """Views/s of the bare forward with glibc's defaults (False) and with freed memory
+    kept (True), in two fresh actors taking turns (never both at once)."""
+    import ray
+
+    actors = {keep: ray.remote(num_cpus=1)(_BareForward).remote(teacher, batches, batch_size, keep) for keep in (False, True)}
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(rounds):
+        for keep, actor in actors.items():
+            rates[keep].append(ray.get(actor.rate.remote()))
+    for actor in actors.values():
+        ray.kill(actor)
+    return {keep: float(np.mean(r)) for keep, r in rates.items()}
 
 
 def main() -> None:
@@ -146,6 +222,8 @@ def main() -> None:
     fast.add_argument("--views", type=int, default=4)
     fast.add_argument("--teacher", default="resnet56")
     fast.add_argument("--batch", type=int, default=256)
+    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="the build's (and the bare forward's) memory format")
+    fast.add_argument("--ablations", action="store_true", help="also: each CPU setting of the build against its absence (channels-last, malloc)")
     fast.set_defaults(func=speed)
     forms = sub.add_parser("storage", help="bytes per view and CAT-loss error of each storage form")
     forms.set_defaults(func=storage)
@@ -161,6 +239,7 @@ def main() -> None:
 
 def storage(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.cpus)
+    keep_freed_memory()  # as the build's teacher does
     init_ray()
     spec = AugmentSpec.preset("cifar")
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,8 +250,8 @@ def storage(args: argparse.Namespace) -> None:
         teacher = build_model(args.teacher, num_classes, bias=True).eval()
         weights = f"{tmp}/teacher.pth"
         torch.save(checkpoint_payload(teacher, args.teacher), weights)
-        batches = prepared_views(data, args.views, spec)
-        bare = bare_forward_rate(teacher, batches, args.batch)
+        batches = prepared_views(data, args.views, spec, channels_last=True)  # the build's default
+        bare = bare_forward_rate(bare_teacher(teacher, True), batches, args.batch)
 
         rows, caches = [], {}
         forms = [("float32", "fp32"), ("float16", "fp32"), ("int8", "fp32"), ("features", "fp32"), ("float16", "bf16")]

@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=256, help="views per teacher forward pass (as large as the GPU allows)")
     b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the cache identity")  # fmt: skip
-    b.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster convolutions on GPUs)")
+    b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual choice on GPUs)")  # fmt: skip
     b.add_argument("--feed-tasks", type=int, help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)")
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")

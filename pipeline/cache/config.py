@@ -28,7 +28,7 @@ class CacheBuildConfig:
     cpus_per_actor: int = 1  # Ray sets the actor's torch threads to this
     batch_size: int = 256  # views per teacher forward pass
     precision: Precision = "fp32"  # fp32, tf32 (GPU) or bf16 autocast: part of the identity
-    channels_last: bool = False
+    channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (docs/cache.md) and on GPUs; rounding only, not identity
     feed_tasks: int | None = None  # shards rendering at once; default: the CPUs the actors leave free (at least 1)
     chunk_views: int = 512  # views per chunk streamed from a feed task to an actor
     orphan_lease_s: float = 3600.0  # uncommitted data folders older than this are leftovers of crashed writers

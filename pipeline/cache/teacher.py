@@ -27,6 +27,7 @@ from catkd.models import CAMClassifier
 from pipeline.cache.layout import DATA_DIR, DONE_DIR, encode_targets, write_group
 from pipeline.data.shard_format import sample_key
 from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.malloc import keep_freed_memory
 from pipeline.storage import create_exclusive, filesystem, join, zarr_store
 
 Precision = Literal["fp32", "tf32", "bf16"]
@@ -69,7 +70,7 @@ class TeacherSettings:
     resolution: int = 2
     binarize: bool = False
     precision: Precision = "fp32"
-    channels_last: bool = False
+    channels_last: bool = True  # see CacheBuildConfig.channels_last
     batch_size: int = 256  # views per forward pass
     keep_features: bool = False  # the `features` storage form needs pooled features
 
@@ -79,6 +80,8 @@ class TeacherRunner:
 
     def __init__(self, model: CAMClassifier, spec: AugmentSpec, settings: TeacherSettings, device: torch.device) -> None:
         self.spec, self.settings, self.device = spec, settings, device
+        if device.type == "cpu":
+            keep_freed_memory()  # 1.2x on CPU: activations are not page-faulted in at every batch
         model = model.eval().to(device)
         self.model = model.to(memory_format=torch.channels_last) if settings.channels_last else model
         self.pin = device.type == "cuda"
