@@ -62,9 +62,10 @@ def prepared_views(data: str, views: int, spec: AugmentSpec, channels_last: bool
     return out
 
 
-def bare_teacher(teacher: torch.nn.Module, channels_last: bool) -> torch.nn.Module:
-    """The teacher as the build's runner holds it (``pipeline.cache.teacher.TeacherRunner``)."""
-    return teacher.to(memory_format=torch.channels_last) if channels_last else teacher
+def bare_teacher(teacher: torch.nn.Module, spec: AugmentSpec, channels_last: bool) -> torch.nn.Module:
+    """The teacher as the build's runner holds it on CPU (memory format, eval mode), from
+    ``pipeline.cache.teacher.TeacherRunner`` itself so that the two cannot drift apart."""
+    return TeacherRunner(teacher, spec, TeacherSettings(channels_last=channels_last), torch.device("cpu")).model
 
 
 @torch.inference_mode()
@@ -137,13 +138,15 @@ def speed(args: argparse.Namespace) -> None:
         cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
                                batch_size=args.batch, cpus_per_actor=1, channels_last=args.channels_last, progress=False)  # fmt: skip
         batches = prepared_views(shapes, args.views, cifar, cfg.channels_last)
-        teacher = bare_teacher(teacher, cfg.channels_last)
+        teacher = bare_teacher(teacher, cifar, cfg.channels_last)
         if args.ablations:
             rates = malloc_rates(teacher, [x for _, _, x in batches[:4]], args.batch)
             print(f"bare forward in a fresh 1-CPU process, {args.teacher}: glibc defaults {rates[False]:,.0f} views/s, "
                   f"freed memory kept {rates[True]:,.0f} views/s ({rates[True] / rates[False]:.2f}x)")  # fmt: skip
         # The same forward in a 1-CPU Ray actor beside a running Ray, as the build's teacher runs.
-        in_actor = ray.get(ray.remote(num_cpus=1)(_bare_in_actor).remote(teacher, [x for _, _, x in batches], args.batch))
+        in_actor_process = _bare_forward_actor(teacher, [x for _, _, x in batches], args.batch, keep=True)
+        in_actor = ray.get(in_actor_process.rate.remote())
+        ray.kill(in_actor_process)
         # Bare forward before and after the build: this machine's speed drifts, the mean is the fair reference.
         before = bare_forward_rate(teacher, batches, args.batch)
         timing = BuildTiming()
@@ -177,15 +180,10 @@ def layout_rates(arch: str, num_classes: int, spec: AugmentSpec, views: int, bat
     return {cl: rounds * views / s for cl, s in seconds.items()}
 
 
-def _bare_in_actor(teacher, batches: list, batch_size: int) -> float:
-    torch.set_num_threads(1)
-    keep_freed_memory()  # as the build's teacher actor does
-    return bare_forward_rate(teacher, [(0, 0, x) for x in batches], batch_size)
-
-
 class _BareForward:
-    """A process that holds the teacher and measures its bare forward, with or without
-    ``keep_freed_memory`` (a process-wide setting, hence one process for each)."""
+    """A 1-CPU process that holds the teacher and measures its bare forward on one thread,
+    with or without ``keep_freed_memory`` (a process-wide setting, hence one process
+    for each; the build's teacher actor keeps it)."""
 
     def __init__(self, teacher, batches: list, batch_size: int, keep: bool) -> None:
         torch.set_num_threads(1)
@@ -198,12 +196,18 @@ class _BareForward:
         return bare_forward_rate(self.teacher, self.batches, self.batch_size)
 
 
+def _bare_forward_actor(teacher, batches: list, batch_size: int, keep: bool):
+    import ray
+
+    return ray.remote(num_cpus=1)(_BareForward).remote(teacher, batches, batch_size, keep)
+
+
 def malloc_rates(teacher, batches: list, batch_size: int, rounds: int = 3) -> dict[bool, float]:
     """Views/s of the bare forward with glibc's defaults (False) and with freed memory
     kept (True), in two fresh actors taking turns (never both at once)."""
     import ray
 
-    actors = {keep: ray.remote(num_cpus=1)(_BareForward).remote(teacher, batches, batch_size, keep) for keep in (False, True)}
+    actors = {keep: _bare_forward_actor(teacher, batches, batch_size, keep) for keep in (False, True)}
     rates: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(rounds):
         for keep, actor in actors.items():
@@ -250,8 +254,9 @@ def storage(args: argparse.Namespace) -> None:
         teacher = build_model(args.teacher, num_classes, bias=True).eval()
         weights = f"{tmp}/teacher.pth"
         torch.save(checkpoint_payload(teacher, args.teacher), weights)
-        batches = prepared_views(data, args.views, spec, channels_last=True)  # the build's default
-        bare = bare_forward_rate(bare_teacher(teacher, True), batches, args.batch)
+        channels_last = CacheBuildConfig.channels_last  # the builds below keep the default
+        batches = prepared_views(data, args.views, spec, channels_last)
+        bare = bare_forward_rate(bare_teacher(teacher, spec, channels_last), batches, args.batch)
 
         rows, caches = [], {}
         forms = [("float32", "fp32"), ("float16", "fp32"), ("int8", "fp32"), ("features", "fp32"), ("float16", "bf16")]
