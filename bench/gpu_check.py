@@ -1,25 +1,31 @@
-"""One prepared GPU check: the cache build and CAT-KD training from the cache on a CUDA GPU.
+"""One prepared GPU check: views rendered on the device, the cache build and training
+from the cache against the student alone and online CAT-KD, on one CUDA GPU.
 
-On a machine with a CUDA GPU, in a few minutes, on generated ImageNet-like JPEGs
+On a machine with a CUDA GPU, in about ten minutes, on generated ImageNet-like JPEGs
 (``bench/imagenet_like.py``, nothing downloaded) sharded with the shorter side at 256:
 
 1. the bare teacher forward rate (``tv_resnet34``, random weights, bf16 autocast,
    channels_last) on uint8 batches already on the GPU: the ceiling for the build;
-2. an imagenet-spec cache build with that teacher: CPU workers decode each sample once
-   and render its S views (``pipeline.cache.feed.render_chunks``), the teacher turns
-   them into targets (``pipeline.cache.teacher``) and commits each data shard: build
-   views/s, and the GPU's busy fraction sampled through NVML during the build;
-3. CAT-KD training of ``tv_resnet18`` from that cache for a few hundred steps (the
-   loader joins cached targets; bf16, channels_last): images/s and the fraction of
-   step time spent waiting for data.
+2. the renderers on the same views: the largest pixel difference between the CPU
+   renderer and the device renderer, and between host JPEG decoding and nvJPEG, with
+   the CAT-loss difference each makes (docs/cache.md states the bound);
+3. an imagenet-spec cache build with that teacher, S = 4: loader workers read shards
+   and pack the JPEG bytes (``pipeline.cache.feed``), nvJPEG decodes and the device
+   renderer renders all S views on the GPU, the teacher turns them into targets and
+   each data shard is committed: build views/s, and the GPU's busy fraction (NVML);
+4. ``tv_resnet18`` training for a few hundred steps, three ways through the same
+   loader with the device renderer (bf16, channels_last): the student alone (``ce``),
+   CAT-KD from the cache, and online CAT-KD with the live teacher; images/s and the
+   fraction of step time spent waiting for data; and the ceiling: the cached CAT-KD
+   step on one batch already on the device.
 
-It drives the same classes that the Ray actors, Ray tasks and Ray Train workers wrap,
-in one process with a worker pool, because the lent GPU machines have no Ray (its wheel
-is larger than what can be carried there); the figures are those of one GPU fed by
-the machine's CPUs, which is what one Ray worker with its CPUs gets.
+By default it drives the classes that the Ray actors, tasks and Train workers wrap in
+one process with a worker pool (``path: in-process``), so it runs where Ray is not
+installed. With ``--ray`` it also runs ``catkd cache build --gpus-per-actor 1`` and
+``catkd train ... use_gpu=true`` as a user would (``ray`` in the JSON).
 
-    python bench/gpu_check.py --work /tmp/gpu_check
-    python bench/gpu_check.py --work /tmp/gpu_dry --dry-run   # tiny, on the CPU: checks the script itself
+    python bench/gpu_check.py --work /tmp/gpu_check --out docs/results/gpu_check_h200.json [--ray]
+    python bench/gpu_check.py --work /tmp/gpu_dry --dry-run [--ray]   # tiny, on the CPU: checks the script itself
 """
 
 from __future__ import annotations
@@ -29,32 +35,39 @@ import contextlib
 import io
 import json
 import os
+import re
+import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bench.imagenet_like import make_folder  # noqa: E402
+from catkd.losses import teacher_cam_targets  # noqa: E402
 from catkd.models import build_model, checkpoint_payload, load_checkpoint  # noqa: E402
 from pipeline.cache.config import CacheBuildConfig, expected_identity  # noqa: E402
 from pipeline.cache.feed import render_chunks  # noqa: E402
 from pipeline.cache.identity import file_sha256  # noqa: E402
 from pipeline.cache.manifest import write_manifest  # noqa: E402
-from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings, build_device, commit_shard  # noqa: E402
+from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings, commit_shard  # noqa: E402
+from pipeline.data import host_images  # noqa: E402
+from pipeline.data.device_render import batch_views, render_packed  # noqa: E402
+from pipeline.data.host_images import FALLBACK_REASONS  # noqa: E402
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader  # noqa: E402
-from pipeline.data.shard_format import read_index  # noqa: E402
+from pipeline.data.shard_format import decode_image, load_shard, read_index  # noqa: E402
 from pipeline.data.shard_writer import ShardConfig, shard_dataset  # noqa: E402
-from pipeline.data.views import AugmentSpec, normalize_batch  # noqa: E402
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views, view_params  # noqa: E402
 from pipeline.storage import filesystem, join  # noqa: E402
 from pipeline.train.config import load_config  # noqa: E402
+from pipeline.train.step import cached_targets, live_targets, loss_terms  # noqa: E402
 
 PAPER_CONFIG = os.path.join(ROOT, "jobs", "configs", "paper", "imagenet_tv_resnet34_tv_resnet18.yaml")
-from pipeline.train.step import cached_targets, loss_terms  # noqa: E402
 
 
 class GpuBusy:
@@ -87,8 +100,9 @@ class GpuBusy:
 
 
 class FeedStream(torch.utils.data.IterableDataset):
-    """Each DataLoader worker renders whole data shards (its share) into chunks of
-    (ids, params, views) tensors, which reach the main process through shared memory."""
+    """Each DataLoader worker turns whole data shards (its share) into chunks of ids,
+    params and either rendered views (cpu renderer) or packed images (device renderer),
+    which reach the main process through shared memory."""
 
     def __init__(self, data: str, spec: AugmentSpec, views: int, chunk_samples: int) -> None:
         self.data, self.spec, self.views, self.chunk_samples = data, spec, views, chunk_samples
@@ -100,7 +114,8 @@ class FeedStream(torch.utils.data.IterableDataset):
         torch.set_num_threads(1)
         for j in range(worker, len(self.index.shards), workers):
             for c in render_chunks(self.data, self.index, j, self.spec, self.views, self.chunk_samples):
-                yield {"j": j, "ids": torch.from_numpy(c.ids), "params": torch.from_numpy(c.params), "views": torch.from_numpy(c.views)}
+                chunk = {"j": j, "ids": torch.from_numpy(c.ids), "params": torch.from_numpy(c.params)}
+                yield chunk | ({"views": torch.from_numpy(c.views)} if c.views is not None else {"images": {k: torch.from_numpy(v) for k, v in c.images.items()}})
 
 
 def _sync(device: torch.device) -> None:
@@ -122,23 +137,22 @@ def bare_forward(model: torch.nn.Module, spec: AugmentSpec, batch: int, device: 
     return count / (time.perf_counter() - start)
 
 
-def build(cfg: CacheBuildConfig, workers: int) -> tuple[str, float, float | None]:
-    """The cache build, in-process: (url, views/s, GPU busy fraction)."""
+def build(cfg: CacheBuildConfig, spec: AugmentSpec, workers: int) -> tuple[str, float, float | None, dict[str, int]]:
+    """The cache build, in-process: (url, views/s, GPU busy fraction, host-decoded images by reason)."""
     index = read_index(cfg.data, cfg.split)
     fs, wpath = filesystem(cfg.weights)
     weights = fs.cat_file(wpath)
-    identity = expected_identity(cfg, index, file_sha256(weights))
+    identity = expected_identity(cfg, index, file_sha256(weights), spec)
     url = join(cfg.root, identity.cache_id)
     model = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes)
-    settings = TeacherSettings(cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size)
-    spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
-    runner = TeacherRunner(model, spec, settings, build_device(cfg.gpus_per_actor))
+    runner = TeacherRunner(model, spec, TeacherSettings.from_config(cfg), torch.device("cuda" if cfg.gpus_per_actor else "cpu"))
     runner.targets(torch.zeros((cfg.batch_size, 3, 224, 224), dtype=torch.uint8))  # warm-up: cuDNN picks its kernels
     feed = FeedStream(cfg.data, spec, cfg.num_views, max(1, cfg.chunk_views // cfg.num_views))
     cuda = runner.device.type == "cuda"
     loader = torch.utils.data.DataLoader(feed, batch_size=None, num_workers=workers, pin_memory=cuda, prefetch_factor=4)
     pending: dict[int, ShardTargets] = {}
     commits = {}
+    fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)
     start = time.perf_counter()
     busy = GpuBusy() if cuda else None
     # Commits (zarr compression) run in threads while the teacher goes on, as in the actor.
@@ -147,45 +161,69 @@ def build(cfg: CacheBuildConfig, workers: int) -> tuple[str, float, float | None
             j = chunk["j"]
             info = index.shards[j]
             targets = pending.setdefault(j, ShardTargets(j, info.first_id, info.count, cfg.num_views, info.name))
-            targets.add(runner, chunk["ids"].numpy(), chunk["params"].numpy(), chunk["views"])
+            targets.add(runner, chunk["ids"].numpy(), chunk["params"].numpy(), chunk.get("views"), chunk.get("images"))
             if targets.complete:
+                fallbacks += targets.fallbacks
                 commits[j] = committer.submit(commit_shard, url, j, info.first_id, targets.arrays(cfg.storage))
                 del pending[j]
         records = {j: future.result() for j, future in commits.items()}
     seconds = time.perf_counter() - start
     fs, root = filesystem(url)
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
-    return url, index.num_samples * cfg.num_views / seconds, busy.fraction if busy else None
+    return url, index.num_samples * cfg.num_views / seconds, busy.fraction if busy else None, host_images.fallback_counts(fallbacks)
 
 
-def train(data: str, cache: str, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+def _train_config(data: str, cache: str | None, args: argparse.Namespace, mode: str):
     # The paper's ImageNet recipe (jobs/configs/paper), its lr scaled to this batch.
-    cfg = load_config(PAPER_CONFIG, [f"student={args.student}", f"data={data}", f"cache={cache}", f"num_views={args.views}",
-                                     f"batch_size={args.train_batch}", f"lr={0.2 * args.train_batch / 512}", f"bf16={args.precision == 'bf16'}"])  # fmt: skip
-    stream = ShardStream(ReaderConfig(data=data, batch_size=cfg.batch_size, spec=AugmentSpec.preset("imagenet"), num_views=args.views, normalize=False, cache=cache))
+    overrides = [f"mode={mode}", f"student={args.student}", f"teacher={args.teacher}", f"data={data}", f"cache={cache or 'null'}",
+                 f"num_views={args.views}", f"batch_size={args.train_batch}", f"lr={0.2 * args.train_batch / 512}",
+                 f"bf16={args.precision == 'bf16'}", f"use_gpu={not args.dry_run}"]  # fmt: skip
+    if mode == "online-catkd":
+        overrides.append(f"teacher_weights={os.path.join(args.work, 'teacher.pt')}")
+    return load_config(PAPER_CONFIG, overrides)
+
+
+def _student_step(cfg, model, optimizer, x, labels, t_cam, t_logits, teacher=None) -> torch.Tensor:
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        if teacher is not None:
+            t_cam, t_logits = live_targets(cfg, teacher, x)
+        logits, cam = model(x)
+    terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
+    optimizer.zero_grad(set_to_none=True)
+    terms["loss"].backward()
+    optimizer.step()
+    return terms["loss"].detach()
+
+
+def train(data: str, cache: str | None, args: argparse.Namespace, device: torch.device, mode: str, spec: AugmentSpec, teacher=None) -> dict[str, float]:
+    """``args.steps`` training steps of the student in ``mode`` through the loader, as the
+    Ray Train loop runs them (views rendered on the device with the device renderer):
+    images/s and the fraction of step time spent waiting for data; ``ceiling`` also
+    times the same student on one batch already on the device."""
+    cfg = _train_config(data, cache, args, mode)
+    stream = ShardStream(ReaderConfig(data=data, batch_size=cfg.batch_size, spec=spec, num_views=args.views if cache else 0, normalize=False, cache=cache))
     model = build_model(cfg.student, stream.index.num_classes).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    spec = stream.cfg.spec
     warmup, steps, epoch, images, wait = 10, 0, 0, 0, 0.0
     timed_start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
+    fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)
     loader = make_loader(stream, args.workers, pin_memory=device.type == "cuda")  # workers persist across epochs, as in the Ray loop
+    last_batch = None
     while steps < args.steps:
         stream.set_epoch(epoch)
         last = time.perf_counter()
         for batch in loader:
             if steps >= warmup:
                 wait += time.perf_counter() - last
-            x = normalize_batch(spec, batch["image"].to(device, non_blocking=True)).contiguous(memory_format=torch.channels_last)
+            views, batch_fallbacks = batch_views(spec, batch, device, data)
+            if batch_fallbacks is not None:
+                fallbacks += batch_fallbacks
+            x = normalize_batch(spec, views).contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
             t_cam, t_logits = cached_targets(batch, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                logits, cam = model(x)
-            terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            loss_sum += terms["loss"].detach()
+            loss_sum += _student_step(cfg, model, optimizer, x, labels, t_cam, t_logits, teacher)
+            last_batch = (x, labels, t_cam, t_logits)
             steps += 1
             if steps == warmup:
                 _sync(device)
@@ -198,7 +236,92 @@ def train(data: str, cache: str, args: argparse.Namespace, device: torch.device)
         epoch += 1
     _sync(device)
     elapsed = time.perf_counter() - timed_start
-    return {"steps": steps, "epochs": epoch, "images_per_s": images / elapsed, "data_wait_fraction": wait / elapsed, "mean_loss": float(loss_sum) / steps}
+    out = {"mode": mode, "steps": steps, "images_per_s": images / elapsed, "data_wait_fraction": wait / elapsed,
+           "mean_loss": float(loss_sum) / steps, "host_decoded": host_images.fallback_counts(fallbacks)}  # fmt: skip
+    if mode == "catkd":  # the ceiling: the same steps on one batch already on the device
+        for _ in range(3):
+            _student_step(cfg, model, optimizer, *last_batch)
+        _sync(device)
+        start, count = time.perf_counter(), max(10, args.steps // 4)
+        for _ in range(count):
+            _student_step(cfg, model, optimizer, *last_batch)
+        _sync(device)
+        out["ceiling_images_per_s"] = count * len(last_batch[1]) / (time.perf_counter() - start)
+    return out
+
+
+def renderer_bounds(data: str, teacher: torch.nn.Module, device: torch.device, views: int, resolution: int, count: int = 256) -> dict[str, float]:
+    """On the same views of ``count`` training images: the largest pixel difference
+    between the CPU renderer and the device renderer, and between host JPEG decoding
+    and the device decoder (nvJPEG on a GPU), with the CAT-loss difference each makes
+    (the teacher's pooled CAMs from one against the other, as the loss compares them)."""
+    index = read_index(data, "train")
+    samples = load_shard(data, index, index.shards[0])[:count]
+    ids = np.array([s.id for s in samples], np.int64)
+    cpu_spec = AugmentSpec.preset("imagenet")
+    decoded = [decode_image(s, index.image_shape, "bounds") for s in samples]
+    params = np.stack([view_params(cpu_spec, ids, v, np.array([d.shape[:2] for d in decoded])) for v in range(views)], axis=1)
+    cpu = torch.stack([render_views(cpu_spec, decoded, ids, v, params[:, v])[1] for v in range(views)], 1).flatten(0, 1)
+    device_spec = AugmentSpec.preset("imagenet", renderer="device", decoder="cpu")
+    rendered, _ = render_packed(device_spec, host_images.pack(samples, index.image_shape, "bounds", "cpu"), params, ids, device, "bounds")
+    nvjpeg_spec = AugmentSpec.preset("imagenet", renderer="device", decoder="nvjpeg")
+    nvjpeg, _ = render_packed(nvjpeg_spec, host_images.pack(samples, index.image_shape, "bounds", "nvjpeg"), params, ids, device, "bounds")
+    rendered, nvjpeg = rendered.flatten(0, 1), nvjpeg.flatten(0, 1)
+
+    @torch.inference_mode()
+    def pooled(batch: torch.Tensor) -> torch.Tensor:
+        out = []
+        for part in batch.split(128):
+            _, cam = teacher(normalize_batch(cpu_spec, part.to(device)).contiguous(memory_format=torch.channels_last))
+            out.append(teacher_cam_targets(cam.float(), resolution))
+        return torch.cat(out)
+
+    reference = pooled(cpu)
+    figures = {"views": len(cpu)}
+    for name, other, base in (("renderer", rendered, cpu), ("decoder", nvjpeg, rendered)):
+        diff = (other.cpu().int() - base.cpu().int()).abs()
+        targets, base_targets = pooled(other), pooled(base)
+        figures[f"{name}_max_pixel_difference"] = int(diff.max())
+        figures[f"{name}_fraction_of_pixels_differing"] = float((diff > 0).double().mean())
+        # The CAT loss between teacher targets of the two: what the student would be pulled by, relative to the targets' own scale.
+        figures[f"{name}_cat_loss_difference"] = float(torch.nn.functional.mse_loss(targets, base_targets) / reference.pow(2).mean())
+    return figures
+
+
+def _catkd(*args: str) -> str:
+    """One ``catkd`` command as a user runs it; its output (a failure ends the check)."""
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT)
+    if result.returncode != 0:
+        raise SystemExit(f"catkd {' '.join(args[:2])} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result.stdout + result.stderr
+
+
+def ray_path(args: argparse.Namespace, data: str, weights: str, resolution: int, device: torch.device) -> dict:
+    """The build and the three trainings through the real commands on Ray:
+    ``catkd cache build --gpus-per-actor 1`` and ``catkd train ... use_gpu=true``.
+    Training figures are those of the last of ``--ray-epochs`` epochs (metrics.jsonl)."""
+    on_gpu = device.type == "cuda"
+    build_args = ["cache", "build", "--data", data, "--teacher", args.teacher, "--weights", weights, "--root", os.path.join(args.work, "ray-caches"),
+                  "--views", str(args.views), "--resolution", str(resolution), "--spec", "imagenet", "--precision", args.precision,
+                  "--batch-size", str(args.batch), "--gpus-per-actor", "1" if on_gpu else "0"]  # fmt: skip
+    if on_gpu:  # a dry run on the CPU takes the cpu renderer: the device renderer needs CUDA
+        build_args += ["--renderer", args.renderer, "--decoder", args.decoder, "--cpus-per-actor", "1"]
+    with GpuBusy() if on_gpu else contextlib.nullcontext() as busy:
+        out = _catkd(*build_args)
+    rate = float(re.search(r"\[cache\] built [\d,]+ views in [\d.]+ s \(([\d,]+) views/s\)", out).group(1).replace(",", ""))
+    url = re.search(r"^url (\S+)", out, re.M).group(1)
+    figures = {"build_views_per_s": rate, "gpu_busy_fraction": busy.fraction if on_gpu else None, "build_line": re.findall(r"^\[cache\] built.*$", out, re.M)}
+    for mode, label in (("ce", "alone"), ("catkd", "cached"), ("online-catkd", "online")):
+        overrides = [f"mode={mode}", f"student={args.student}", f"teacher={args.teacher}", f"data={data}", f"epochs={args.ray_epochs}", "num_workers=1",
+                     f"use_gpu={str(on_gpu).lower()}", f"batch_size={args.train_batch}", f"lr={0.2 * args.train_batch / 512}", f"bf16={str(args.precision == 'bf16').lower()}",
+                     f"loader_workers={args.workers}", f"cpus_per_worker={args.workers + 1}", f"storage_path={os.path.join(args.work, 'ray-runs')}", f"name={label}",
+                     "test_split=train", "warmup_epochs=0"]  # fmt: skip
+        overrides += [f"cache={url}"] if mode == "catkd" else [f"teacher_weights={weights}", "cache=null"] if mode == "online-catkd" else ["cache=null"]
+        _catkd("train", PAPER_CONFIG, *overrides)
+        with open(os.path.join(args.work, "ray-runs", label, "metrics.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+        figures[label] = {"images_per_s": last["images_per_s"], "data_wait_fraction": last["data_wait_fraction"]}
+    return figures
 
 
 def main() -> None:
@@ -214,6 +337,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--precision", choices=["bf16", "fp32", "tf32"], default="bf16", help="teacher and student compute precision")
+    parser.add_argument("--renderer", choices=["device", "cpu"], default="device", help="view renderer of the build and the trainings")
+    parser.add_argument("--decoder", choices=["nvjpeg", "cpu"], default="nvjpeg", help="JPEG decoder (nvjpeg needs --renderer device)")
+    parser.add_argument("--ray", action="store_true", help="also run the build and the trainings through the real catkd commands on Ray")
+    parser.add_argument("--ray-epochs", type=int, default=2, help="epochs of each Ray training (the last one's figures count)")
     parser.add_argument("--out", help="write the figures here as JSON")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, to check the script before spending GPU time")
     args = parser.parse_args()
@@ -246,24 +373,43 @@ def main() -> None:
     print(f"bare teacher forward ({args.teacher}, {args.precision}, channels_last, batch {args.batch}): {bare:,.0f} images/s", flush=True)
 
     resolution = load_config(PAPER_CONFIG, ["cache=-", "data=-"]).resolution
+    render_spec = AugmentSpec.preset("imagenet", renderer=args.renderer, decoder=args.decoder)
+    bounds = renderer_bounds(data, teacher, device, args.views, resolution, count=16 if args.dry_run else 256)
+    print(f"renderers on {bounds['views']} views: device vs cpu renderer: largest pixel difference {bounds['renderer_max_pixel_difference']} "
+          f"({100 * bounds['renderer_fraction_of_pixels_differing']:.4f}% of pixels), CAT loss {bounds['renderer_cat_loss_difference']:.2e} of the targets' scale; "
+          f"nvJPEG vs host decoding: {bounds['decoder_max_pixel_difference']} ({100 * bounds['decoder_fraction_of_pixels_differing']:.2f}% of pixels), "
+          f"CAT loss {bounds['decoder_cat_loss_difference']:.2e}", flush=True)  # fmt: skip
     cfg = CacheBuildConfig(data=data, teacher=args.teacher, weights=weights, root=os.path.join(args.work, "caches"), num_views=args.views, spec="imagenet",
-                           resolution=resolution,
+                           resolution=resolution, renderer=args.renderer, decoder=args.decoder,
                            precision=args.precision, channels_last=True, gpus_per_actor=0 if args.dry_run else 1, batch_size=args.batch, progress=False)  # fmt: skip
-    url, rate, busy = build(cfg, args.workers)
+    url, rate, busy, host_decoded = build(cfg, render_spec, args.workers)
     busy_text = f"GPU busy {100 * busy:.0f}% of the build" if busy is not None else "no GPU"
-    print(f"cache build: {rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
-          f"{args.images * args.views:,} views -> {url}", flush=True)  # fmt: skip
-    trained = train(data, url, args, device)
-    print(f"training {args.student} (catkd from the cache, {args.precision}, channels_last, batch {args.train_batch}, {args.workers} loader workers): "
-          f"{trained['images_per_s']:,.0f} images/s, data wait {100 * trained['data_wait_fraction']:.1f}% of step time "
-          f"({trained['steps']} steps, mean loss {trained['mean_loss']:.3f})", flush=True)  # fmt: skip
-    figures = {"gpu": gpu, "torch": torch.__version__, "cpus": os.cpu_count(), "loader_workers": args.workers, "data": made,
+    print(f"cache build ({args.renderer} renderer, {args.decoder} decoder): {rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
+          f"{args.images * args.views:,} views -> {url}; decoded on the host instead of nvJPEG: {host_decoded or 'none'}", flush=True)  # fmt: skip
+    live_teacher = teacher.eval().to(device).to(memory_format=torch.channels_last)
+    runs = {}
+    for mode, cache, label in (("ce", None, "alone"), ("catkd", url, "cached"), ("online-catkd", None, "online")):
+        runs[label] = train(data, cache, args, device, mode, render_spec, live_teacher if mode == "online-catkd" else None)
+        print(f"training {args.student} {label} ({mode}; {args.precision}, channels_last, batch {args.train_batch}, {args.workers} loader workers): "
+              f"{runs[label]['images_per_s']:,.0f} images/s, data wait {100 * runs[label]['data_wait_fraction']:.1f}% of step time", flush=True)  # fmt: skip
+    ceiling = runs["cached"]["ceiling_images_per_s"]
+    cached = runs["cached"]["images_per_s"]
+    print(f"ceiling (the cached CAT-KD step on a batch already on the device): {ceiling:,.0f} images/s; cached/ceiling {cached / ceiling:.2f} (target 0.9), "
+          f"cached/alone {cached / runs['alone']['images_per_s']:.2f} (target 0.95), cached/online {cached / runs['online']['images_per_s']:.2f} (target 1.3)", flush=True)  # fmt: skip
+    figures = {"gpu": gpu, "path": "in-process", "torch": torch.__version__, "cpus": os.cpu_count(), "loader_workers": args.workers, "data": made,
                "bare_forward_images_per_s": bare, "build_views_per_s": rate, "build_vs_bare": rate / bare, "gpu_busy_fraction": busy,
-               "train": trained, "settings": vars(args)}  # fmt: skip
+               "build_host_decoded": host_decoded, "renderer_bounds": bounds,
+               "train": {"alone": runs["alone"]["images_per_s"], "cached": cached, "online": runs["online"]["images_per_s"], "ceiling": ceiling,
+                         "cached_data_wait_fraction": runs["cached"]["data_wait_fraction"], "runs": runs},
+               "settings": vars(args)}  # fmt: skip
+    if args.ray:
+        ray_figures = ray_path(args, data, weights, resolution, device)
+        print(f"ray path: cache build {ray_figures['build_views_per_s']:,.0f} views/s ({ray_figures['build_views_per_s'] / bare:.2f} of the bare forward); "
+              + "; ".join(f"{k} {ray_figures[k]['images_per_s']:,.0f} images/s (data wait {100 * ray_figures[k]['data_wait_fraction']:.0f}%)" for k in ("alone", "cached", "online")), flush=True)  # fmt: skip
+        figures["ray"] = ray_figures | {"path": "ray"}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=1)
-
 
 if __name__ == "__main__":
     main()

@@ -85,6 +85,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
         num_views=args.views, resolution=args.resolution, spec=args.spec, spec_seed=args.spec_seed,
         storage=args.storage, binarize=args.binarize, actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
         batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last, feed_tasks=args.feed_tasks,
+        renderer=args.renderer, decoder=args.decoder,
     )
     url = build_cache(cfg)
     print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
@@ -197,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual choice on GPUs)")  # fmt: skip
     b.add_argument("--feed-tasks", type=int, help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)")
+    b.add_argument("--renderer", choices=["auto", "cpu", "device"], default="auto",
+                   help="where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have one); part of the identity")  # fmt: skip
+    b.add_argument("--decoder", choices=["auto", "cpu", "nvjpeg"], default="auto",
+                   help="JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device renderer); part of the identity")  # fmt: skip
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")

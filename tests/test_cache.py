@@ -250,7 +250,7 @@ def test_old_cache_format_is_refused_with_a_clear_message(setup, float16_cache, 
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["identity"]["format_version"] = 1
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match="cache format version 1, this catkd reads version 2.*rebuild it"):
+    with pytest.raises(CacheMismatchError, match="cache format version 1, this catkd reads version 3.*rebuild it"):
         TargetCache(str(old))
 
 

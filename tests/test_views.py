@@ -95,7 +95,8 @@ def test_changed_spec_is_detected():
 
 def test_spec_identity_holds_normalisation_and_renderer_version():
     d = IMAGENET.to_dict()
-    assert d["mean"] == [0.485, 0.456, 0.406] and d["std"] == [0.229, 0.224, 0.225] and d["renderer"] == RENDERER_VERSION
+    assert d["mean"] == [0.485, 0.456, 0.406] and d["std"] == [0.229, 0.224, 0.225] and d["renderer_version"] == RENDERER_VERSION
+    assert (d["renderer"], d["decoder"]) == ("cpu", "cpu")
     assert AugmentSpec.from_dict(d) == IMAGENET
     batch = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     assert torch.allclose(normalize_batch(IMAGENET, batch)[0, :, 0, 0], (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std))
@@ -107,8 +108,8 @@ def test_cache_of_another_renderer_is_refused_with_a_clear_message():
     def identity(spec):
         return CacheIdentity("resnet8", "w", "f", "train", spec, 2, 2, 10)
 
-    old = {k: v for k, v in CIFAR.to_dict().items() if k not in ("renderer", "mean", "std")}
+    old = {k: v for k, v in CIFAR.to_dict().items() if k not in ("renderer_version", "mean", "std")}
     message = first_difference(identity(CIFAR.to_dict()), identity(old))
     assert message.startswith("spec.mean:")
-    message = first_difference(identity(CIFAR.to_dict()), identity(CIFAR.to_dict() | {"renderer": 1}))
-    assert "spec.renderer: the run needs 2, the cache holds 1" in message and "rebuild the cache" in message
+    message = first_difference(identity(CIFAR.to_dict()), identity(CIFAR.to_dict() | {"renderer_version": 1}))
+    assert "spec.renderer_version: the run needs 2, the cache holds 1" in message and "rebuild the cache" in message

@@ -64,8 +64,8 @@ from pipeline.cache.teacher import (
     commit_shard,
     read_done,
 )
+from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.shard_format import ShardIndex, read_index
-from pipeline.data.views import AugmentSpec
 from pipeline.ray_setup import init_ray
 from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic
 
@@ -114,7 +114,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()
     if timing.teachers:
-        print(timing.summary())
+        print(timing.summary(cfg.num_views))
     return url
 
 
@@ -126,6 +126,7 @@ class TeacherTiming:
     busy_s: float = 0.0  # computing targets (forward, pooling); the rest it waited for views
     views: int = 0
     done_at: float = 0.0  # wall clock when its last commit had finished
+    decode_fallbacks: list[int] = field(default_factory=lambda: [0] * len(FALLBACK_REASONS))  # by FALLBACK_REASONS
 
 
 @dataclass
@@ -155,10 +156,17 @@ class BuildTiming:
         """Views/s of the teachers while busy: their own speed inside the build."""
         return self.views / sum(t.busy_s for t in self.teachers)
 
-    def summary(self) -> str:
+    @property
+    def decode_fallbacks(self) -> np.ndarray:
+        """Images decoded on the host although the decoder is nvjpeg, by FALLBACK_REASONS."""
+        return np.sum([t.decode_fallbacks for t in self.teachers], axis=0) if self.teachers else np.zeros(len(FALLBACK_REASONS), np.int64)
+
+    def summary(self, num_views: int = 1) -> str:
         wall = self.ended_at - self.started_at
-        return (f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
+        line = (f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
                 f"of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); the first was ready after {self.startup_s:.1f} s")  # fmt: skip
+        fallbacks = describe_fallbacks(self.decode_fallbacks, self.views // max(1, num_views))
+        return line + (f"\n[cache] {fallbacks}" if fallbacks else "")
 
 
 def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: bytes, todo: list[int],
@@ -181,7 +189,7 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
     if free < 1:
         print(f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores", file=sys.stderr)
     chunk_samples = max(1, cfg.chunk_views // cfg.num_views)
-    spec = AugmentSpec.preset(cfg.spec, cfg.spec_seed)
+    spec = cfg.augment_spec()
     index_ref, weights_ref = ray.put(index), ray.put(weights)
     # At most two rendered chunks wait per shard: the feed runs ahead, memory stays bounded.
     render = ray.remote(render_chunks).options(num_cpus=feed_cpus, _generator_backpressure_num_objects=2)
@@ -309,8 +317,7 @@ class TeacherActor:
         self.cfg, self.index, self.url = cfg, index, url
         device = build_device(cfg.gpus_per_actor)
         model = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes)
-        settings = TeacherSettings(cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features")
-        self.runner = TeacherRunner(model, AugmentSpec.preset(cfg.spec, cfg.spec_seed), settings, device)
+        self.runner = TeacherRunner(model, cfg.augment_spec(), TeacherSettings.from_config(cfg), device)
         self.shards: dict[int, ShardTargets] = {}
         self.committer = ThreadPoolExecutor(2)
         self.commits: list[Future] = []
@@ -332,10 +339,11 @@ class TeacherActor:
         info = self.index.shards[j]
         targets = self.shards.setdefault(j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name)))
         start = time.perf_counter()
-        targets.add(self.runner, chunk.ids, chunk.params, chunk.views)
+        targets.add(self.runner, chunk.ids, chunk.params, chunk.views, chunk.images)
         self.timing.busy_s += time.perf_counter() - start
         self.timing.views += len(chunk.ids) * self.cfg.num_views
         if targets.complete:
             del self.shards[j]
+            self.timing.decode_fallbacks = (np.array(self.timing.decode_fallbacks) + targets.fallbacks).tolist()
             self.commits.append(self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage)))
         return len(chunk.ids), self._finished()

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from pipeline.cache.identity import CacheIdentity, StorageForm
-from pipeline.cache.teacher import Precision
+from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
-from pipeline.data.views import AugmentSpec
+from pipeline.data.views import DECODERS, RENDERERS, AugmentSpec
 
 
 @dataclass
@@ -32,16 +33,36 @@ class CacheBuildConfig:
     feed_tasks: int | None = None  # shards rendering at once; default: the CPUs the actors leave free (at least 1)
     chunk_views: int = 512  # views per chunk streamed from a feed task to an actor
     orphan_lease_s: float = 3600.0  # uncommitted data folders older than this are leftovers of crashed writers
+    # Where views are rendered and who decodes JPEGs (both part of the identity). auto:
+    # on the teacher's GPU with nvJPEG when actors have GPUs, on the host CPUs otherwise.
+    renderer: Literal["auto", "cpu", "device"] = "auto"
+    decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
     progress: bool = True
 
+    def augment_spec(self) -> AugmentSpec:
+        """The spec every part of the build renders with: made here, nowhere else."""
+        on_gpu = self.gpus_per_actor > 0
+        renderer = self.renderer if self.renderer != "auto" else ("device" if on_gpu else "cpu")
+        decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and on_gpu else "cpu")
+        if renderer not in RENDERERS or decoder not in DECODERS:
+            raise ValueError(f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}")
+        if (renderer == "device" or decoder == "nvjpeg") and not on_gpu:
+            raise CacheBuildError(
+                f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none (--gpus-per-actor 0): "
+                "use --renderer cpu --decoder cpu, or give the actors a GPU"
+            )
+        return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 
-def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str) -> CacheIdentity:
+
+def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str, spec: AugmentSpec | None = None) -> CacheIdentity:
+    """The identity of ``cfg``'s cache; ``spec`` replaces ``cfg.augment_spec()`` for a
+    caller that renders otherwise (bench/gpu_check.py's dry run: the device renderer on CPU)."""
     return CacheIdentity(
         teacher_arch=cfg.teacher,
         teacher_sha256=weights_sha,
         dataset_fingerprint=index.fingerprint,
         split=cfg.split,
-        spec=AugmentSpec.preset(cfg.spec, cfg.spec_seed).to_dict(),
+        spec=(spec or cfg.augment_spec()).to_dict(),
         num_views=cfg.num_views,
         resolution=cfg.resolution,
         num_classes=index.num_classes,

@@ -1,7 +1,12 @@
-"""The CPU side of a cache build, free of Ray: shards -> rendered views.
+"""The CPU side of a cache build, free of Ray: shards -> rendered views, or images for
+the device renderer.
 
-``render_chunks`` reads one data shard, decodes each sample once, and yields it in
-chunks of consecutive samples with all S views rendered by the one view renderer.
+``render_chunks`` reads one data shard and yields it in chunks of consecutive samples
+with the view parameters of all S views. With the cpu renderer it decodes each sample
+once and renders its S views here; with the device renderer it only decodes (or, for
+nvJPEG, leaves the JPEG bytes as they are) and packs the images, which reach the
+teacher's device once per sample and are rendered there: S times fewer pixels (or,
+as JPEG bytes, about 20 times fewer still) through the object store.
 The builder runs it as a Ray generator task per data shard, one CPU each, so as many
 shards render in parallel as there are CPUs for it, streaming chunks to the teacher
 actors while they work; ``bench/gpu_check.py`` runs it in a process pool.
@@ -14,8 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.data import host_images
 from pipeline.data.shard_format import ShardIndex, decode_image, load_shard
-from pipeline.data.views import AugmentSpec, render_views
+from pipeline.data.views import NUM_PARAMS, AugmentSpec, render_views, view_params
 from pipeline.storage import join
 
 
@@ -24,7 +30,8 @@ class FeedChunk:
     j: int  # data shard
     ids: np.ndarray  # (m,) consecutive sample ids
     params: np.ndarray  # (m, S, 5) int32 view parameters
-    views: np.ndarray  # (m, S, 3, H, W) uint8
+    views: np.ndarray | None = None  # (m, S, 3, H, W) uint8: the cpu renderer's views
+    images: dict[str, np.ndarray] | None = None  # host_images.pack: for the device renderer
 
 
 def render_chunks(data: str, index: ShardIndex, j: int, spec: AugmentSpec, num_views: int, chunk_samples: int) -> Iterator[FeedChunk]:
@@ -33,13 +40,23 @@ def render_chunks(data: str, index: ShardIndex, j: int, spec: AugmentSpec, num_v
     samples = load_shard(data, index, info)
     for start in range(0, len(samples), chunk_samples):
         part = samples[start : start + chunk_samples]
-        images = [decode_image(s, index.image_shape, source) for s in part]  # once, for all S views
         ids = np.array([s.id for s in part], np.int64)
-        params = np.empty((len(part), num_views, 5), np.int32)
-        views = None
-        for view in range(num_views):
-            p, batch = render_views(spec, images, ids, view)
-            if views is None:
-                views = np.empty((len(part), num_views, *batch.shape[1:]), np.uint8)
-            params[:, view], views[:, view] = p, batch.numpy()
-        yield FeedChunk(j, ids, params, views)
+        if spec.renderer == "device":
+            images = host_images.pack(part, index.image_shape, source, spec.decoder)
+            hw = host_images.image_sizes(images)
+            params = np.stack([view_params(spec, ids, view, hw) for view in range(num_views)], axis=1).astype(np.int32)
+            yield FeedChunk(j, ids, params, images=images)
+        else:
+            yield FeedChunk(j, ids, *_render_all(spec, [decode_image(s, index.image_shape, source) for s in part], ids, num_views))
+
+
+def _render_all(spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int) -> tuple[np.ndarray, np.ndarray]:
+    """(params (m, S, 5) int32, views (m, S, 3, H, W) uint8) of images decoded once for all S views."""
+    params = np.empty((len(images), num_views, NUM_PARAMS), np.int32)
+    views = None
+    for view in range(num_views):
+        p, batch = render_views(spec, images, ids, view)
+        if views is None:
+            views = np.empty((len(images), num_views, *batch.shape[1:]), np.uint8)
+        params[:, view], views[:, view] = p, batch.numpy()
+    return params, views

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 # 2: precision in the identity, the view renderer's version and normalisation in the
-# spec, class-mixed data (index version 2). A version-1 cache is refused: rebuild it.
-FORMAT_VERSION = 2
+# spec, class-mixed data (index version 2). 3: the spec names the renderer (cpu or
+# device) and the JPEG decoder (cpu or nvjpeg) that made the views. Older caches are
+# refused: rebuild them.
+FORMAT_VERSION = 3
 TargetKind = Literal["cam", "binarized_cam"]
 StorageForm = Literal["float16", "float32", "int8", "features"]
 
@@ -51,7 +53,7 @@ class CacheIdentity:
         if version != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"cache format version {version}, this catkd reads version {FORMAT_VERSION} (older caches lack the "
-                "compute precision, the view renderer's version and class-mixed data in their identity); rebuild it with `catkd cache build`"
+                "compute precision, the view renderer and decoder, or class-mixed data in their identity); rebuild it with `catkd cache build`"
             )
         return cls(**data)
 
@@ -65,8 +67,11 @@ def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: t
         if isinstance(want[name], dict) and isinstance(have[name], dict):  # name the key inside (spec)
             key = next(k for k in sorted(set(want[name]) | set(have[name])) if want[name].get(k) != have[name].get(k))
             message = f"{name}.{key}: the run needs {want[name].get(key)!r}, the cache holds {have[name].get(key, '(absent)')!r}"
-            if key == "renderer":
+            if key == "renderer_version":
                 message += "; the view renderer changed since this cache was built, so its targets were computed on other pixels: rebuild the cache"
+            elif key in ("renderer", "decoder"):
+                message += (f"; the teacher saw views made by the {have[name].get(key)} {key}, and another {key} gives other pixels "
+                            f"(docs/cache.md gives the measured difference): set {key}={have[name].get(key)} to see what the teacher saw")  # fmt: skip
             return message
         return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"
     return None

@@ -17,7 +17,7 @@ import posixpath
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -25,10 +25,15 @@ import torch
 from catkd.losses import teacher_cam_targets
 from catkd.models import CAMClassifier
 from pipeline.cache.layout import DATA_DIR, DONE_DIR, encode_targets, write_group
+from pipeline.data.device_render import render_packed
+from pipeline.data.host_images import FALLBACK_REASONS
 from pipeline.data.shard_format import sample_key
 from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.malloc import keep_freed_memory
 from pipeline.storage import create_exclusive, filesystem, join, zarr_store
+
+if TYPE_CHECKING:
+    from pipeline.cache.config import CacheBuildConfig
 
 Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
@@ -73,6 +78,11 @@ class TeacherSettings:
     channels_last: bool = True  # see CacheBuildConfig.channels_last
     batch_size: int = 256  # views per forward pass
     keep_features: bool = False  # the `features` storage form needs pooled features
+
+    @classmethod
+    def from_config(cls, cfg: CacheBuildConfig) -> TeacherSettings:
+        """The settings of a build's teachers: the one mapping from its configuration."""
+        return cls(cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features")
 
 
 class TeacherRunner:
@@ -126,9 +136,15 @@ class ShardTargets:
         self.j, self.first_id, self.count, self.num_views, self.source = j, first_id, count, num_views, source
         self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.received = 0
+        self.fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)  # images decoded on the host instead of nvJPEG
 
-    def add(self, runner: TeacherRunner, ids: np.ndarray, params: np.ndarray, views: np.ndarray | torch.Tensor) -> None:
-        """ids (m,), params (m, S, 5), views (m, S, 3, H, W) uint8 of consecutive samples."""
+    def add(self, runner: TeacherRunner, ids: np.ndarray, params: np.ndarray, views: np.ndarray | torch.Tensor | None = None, images: dict | None = None) -> None:
+        """ids (m,), params (m, S, 5) of consecutive samples, and either their views
+        (m, S, 3, H, W) uint8 (cpu renderer) or their packed images (device renderer:
+        rendered here, on the teacher's device)."""
+        if views is None:
+            views, fallbacks = render_packed(runner.spec, images, params, ids, runner.device, self.source)
+            self.fallbacks += fallbacks
         m, views_per = views.shape[:2]
         cam, logits, feats = runner.targets(torch.as_tensor(views).flatten(0, 1))  # (m * S, ...), sample-major
         cam, logits = cam.reshape(m, views_per, *cam.shape[1:]), logits.reshape(m, views_per, -1)

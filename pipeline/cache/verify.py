@@ -16,7 +16,9 @@ from pipeline.cache.identity import file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings, array_checksums
 from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
-from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views
+from pipeline.data import host_images
+from pipeline.data.device_render import render_packed
+from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views, replay_params
 from pipeline.storage import filesystem, join
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's
@@ -76,12 +78,33 @@ def verify_cache(url: str, *, sample_views: int = 2, weights: str | None = None,
     return sorted(problems)
 
 
+def recompute_skipped(cache: TargetCache) -> str | None:
+    """Why targets cannot be recomputed here, or None."""
+    if cache.identity.spec.get("decoder") == "nvjpeg" and not torch.cuda.is_available():
+        return "the cache's JPEGs were decoded by nvJPEG, which needs a GPU, and another decoder gives other pixels"
+    return None
+
+
 def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
+    if sample_views and (reason := recompute_skipped(cache)):
+        print(f"[verify] targets not recomputed: {reason}; checksums and finite values are still checked")
     built_on = cache.manifest.get("build", {}).get("device", "cpu")
     if sample_views and built_on == "cuda" and not torch.cuda.is_available():
         precision = cache.identity.precision
         print(f"[verify] the cache was built on a GPU in {precision}; no GPU here, so targets are recomputed on the CPU "
               f"in {precision if precision == 'bf16' else 'fp32'} and compared within the {precision} tolerance")  # fmt: skip
+
+
+def _render_as_built(runner: TeacherRunner, sample, index, j: int, view: int, stored_params: np.ndarray, source: str) -> torch.Tensor:
+    """One sample's view (1, 3, H, W) uint8, made by the renderer the cache was built with."""
+    ids = np.array([sample.id])
+    if runner.spec.renderer == "device":
+        packed = host_images.pack([sample], index.image_shape, index.shards[j].name, runner.spec.decoder)
+        params = replay_params(runner.spec, ids, view, host_images.image_sizes(packed), stored_params, source)
+        views, _ = render_packed(runner.spec, packed, params[:, None], ids, runner.device, source)
+        return views[:, 0]
+    image = decode_image(sample, index.image_shape, index.shards[j].name)
+    return render_views(runner.spec, [image], ids, view, stored_params, source)[1]
 
 
 def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int) -> list[str]:
@@ -100,7 +123,7 @@ def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int)
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             k = int(np.argwhere(~np.isfinite(values))[0][0])
             problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
-    if sample_views and not problems:
+    if sample_views and not problems and recompute_skipped(cache) is None:
         problems += _recompute(cache, j, sample_views, weights, seed)
     return problems
 
@@ -125,9 +148,8 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
         stored = cache.read(j, view)
         sample = samples[k]
-        image = decode_image(sample, index.image_shape, index.shards[j].name)
         try:
-            _, views = render_views(runner.spec, [image], np.array([sample.id]), view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
+            views = _render_as_built(runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
         except ViewMismatchError as exc:
             problems.append(str(exc))
             continue

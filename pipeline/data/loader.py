@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views
+from pipeline.data import host_images
+from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views, replay_params
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.storage import join
@@ -131,12 +132,21 @@ class ShardStream(IterableDataset):
         return [decode_image(s, self.index.image_shape, source) for s in samples]
 
     def _train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
-        images = self._decode(samples)
+        """One training batch. With the cpu renderer its views are rendered here; with the
+        device renderer the batch carries the packed images (``host_images.pack``) and
+        their view parameters, and the training loop renders them on its device."""
         ids = np.array([s.id for s in samples], np.int64)
         cached = samples[0].target is not None
         stored = np.stack([s.target["params"] for s in samples]) if cached else None
-        params, views = render_views(self.cfg.spec, images, ids, self.view, stored, self.cfg.cache or "")
-        batch = self._collate(samples, views, params)
+        spec = self.cfg.spec
+        if spec.renderer == "device":
+            source = join(self.cfg.data, f"{self.cfg.split} shards")
+            packed = host_images.pack(samples, self.index.image_shape, source, spec.decoder)
+            params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self.cfg.cache or "")
+            batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
+        else:
+            params, views = render_views(spec, self._decode(samples), ids, self.view, stored, self.cfg.cache or "")
+            batch = self._collate(samples, views, params)
         if cached:  # t_logits, t_cam (and t_cam_scale for int8), or t_features: as stored
             for name in samples[0].target:
                 if name != "params":
@@ -153,13 +163,14 @@ class ShardStream(IterableDataset):
         if batch:
             yield self._collate(batch, eval_transform(self.cfg.spec, self._decode(batch)), None)
 
-    def _collate(self, samples: list[Sample], images: torch.Tensor, params: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def _collate(self, samples: list[Sample], images: torch.Tensor | None, params: np.ndarray | None) -> dict[str, torch.Tensor]:
         out = {
             "ids": torch.tensor([s.id for s in samples], dtype=torch.int64),
-            "image": normalize_batch(self.cfg.spec, images) if self.cfg.normalize else images,
             "label": torch.tensor([s.label for s in samples], dtype=torch.int64),
             "view": torch.tensor(self.view if params is not None else -1),
         }
+        if images is not None:  # None: packed images for the device renderer
+            out["image"] = normalize_batch(self.cfg.spec, images) if self.cfg.normalize else images
         if params is not None:
             out["params"] = torch.from_numpy(params)
         if self.index.has_boxes:

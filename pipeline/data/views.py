@@ -9,6 +9,13 @@ sees exactly the image the teacher saw.
 
 Nothing random happens outside the parameters: colour jitter or mixing would make the
 cached teacher targets wrong for what the student sees, so specs offer none.
+
+Where the views are rendered is part of the spec: ``renderer`` is ``cpu`` (this
+module, on the host, per image) or ``device`` (``pipeline.data.device_render``: the
+decoded image goes to the device once and all its views are rendered there in
+batches), ``decoder`` is ``cpu`` (libjpeg-turbo through torchvision) or ``nvjpeg``
+(the GPU's JPEG decoder). The pairs do not give identical pixels, so caches record
+them and students must match them (``pipeline.train.run.resolve``).
 """
 
 from __future__ import annotations
@@ -29,10 +36,15 @@ MEAN_STD = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-# Version of ``render_views``: bump it whenever a change could alter one rendered pixel.
-# It is part of the spec, hence of every cache identity, so caches rendered by another
-# version are refused instead of silently disagreeing with what students see.
+# Version of the renderers (``render_views`` and ``device_render``): bump it whenever a
+# change could alter one rendered pixel. It is part of the spec, hence of every cache
+# identity, so caches rendered by another version are refused instead of silently
+# disagreeing with what students see.
 RENDERER_VERSION = 2
+RENDERERS = ("cpu", "device")
+DECODERS = ("cpu", "nvjpeg")
+Renderer = Literal["cpu", "device"]
+Decoder = Literal["cpu", "nvjpeg"]
 
 
 @dataclass(frozen=True)
@@ -46,14 +58,24 @@ class AugmentSpec:
     eval_resize: int = 256  # imagenet eval: shorter side before the centre crop
     mean: tuple[float, float, float] = MEAN_STD["cifar"][0]  # normalisation, per RGB channel
     std: tuple[float, float, float] = MEAN_STD["cifar"][1]
-    renderer: int = RENDERER_VERSION
+    renderer_version: int = RENDERER_VERSION
+    renderer: Renderer = "cpu"  # where views are cropped and resized: the host, or the training/teacher device
+    decoder: Decoder = "cpu"  # who decodes JPEGs: the host's libjpeg-turbo, or nvJPEG on the GPU
+
+    def __post_init__(self) -> None:
+        if self.renderer not in RENDERERS:
+            raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got {self.renderer!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.decoder == "nvjpeg" and self.renderer != "device":
+            raise ValueError("decoder nvjpeg decodes on the GPU, so the views must be rendered there too: set renderer=device")
 
     @classmethod
-    def preset(cls, name: SpecName, seed: int = 0) -> AugmentSpec:
+    def preset(cls, name: SpecName, seed: int = 0, renderer: Renderer = "cpu", decoder: Decoder = "cpu") -> AugmentSpec:
         if name not in MEAN_STD:
             raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
         mean, std = MEAN_STD[name]
-        return cls(name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std)
+        return cls(name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std, renderer=renderer, decoder=decoder)
 
     @classmethod
     def from_dict(cls, data: dict) -> AugmentSpec:
@@ -199,13 +221,18 @@ def render_views(
     render through here, so teacher and student see the same pixels. With
     ``stored_params`` (from a cache) those are applied: they are authoritative, and
     recomputing them only detects a spec that changed (``ViewMismatchError``)."""
-    hw = np.array([im.shape[:2] for im in images], np.int64)
-    if stored_params is None:
-        params = view_params(spec, ids, view, hw)
-    else:
-        params = np.asarray(stored_params, np.int64)
-        check_params(spec, ids, view, hw, params, source)
+    params = replay_params(spec, ids, view, np.array([im.shape[:2] for im in images], np.int64), stored_params, source)
     return params, _apply(spec, images, params)
+
+
+def replay_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray | None, source: str = "") -> np.ndarray:
+    """The parameters to render: the stored ones (authoritative; recomputing them only
+    detects a changed spec) or, without a cache, the spec's."""
+    if stored is None:
+        return view_params(spec, ids, view, image_hw)
+    params = np.asarray(stored, np.int64)
+    check_params(spec, ids, view, image_hw, params, source)
+    return params
 
 
 def eval_transform(spec: AugmentSpec, images: list[np.ndarray]) -> torch.Tensor:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipeline.data.views import AugmentSpec
+
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
 MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
 
@@ -26,6 +28,11 @@ class TrainConfig:
     test_split: str = "test"
     spec: str = "cifar"
     spec_seed: int = 0
+    # Where views are rendered and who decodes JPEGs. auto: as the cache's views were
+    # made (a student sees what its teacher saw); without a cache, on the GPU with
+    # nvJPEG when use_gpu, else on the host. Set, they must match the cache's.
+    renderer: Literal["auto", "cpu", "device"] = "auto"
+    decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
     num_views: int = 0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
     view_offset: int = 0
     # teacher side
@@ -86,6 +93,15 @@ class TrainConfig:
             self.ce_weight = 0.0  # CAT only: no labels used
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1):
             raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs}")
+
+    def augment_spec(self) -> AugmentSpec:
+        """The spec this run renders with; ``auto`` choices as for a run without a cache
+        (``pipeline.train.run.resolve`` first replaces them with the cache's)."""
+        renderer = self.renderer if self.renderer != "auto" else ("device" if self.use_gpu else "cpu")
+        decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and self.use_gpu else "cpu")
+        if (renderer == "device" or decoder == "nvjpeg") and not self.use_gpu:
+            raise ValueError(f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true")
+        return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 
     @property
     def global_batch(self) -> int:

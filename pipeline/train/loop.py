@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from catkd.models import CAMClassifier, build_model, load_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch
+from pipeline.data.device_render import batch_views
+from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
+from pipeline.data.views import normalize_batch
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
@@ -33,7 +35,7 @@ def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) ->
         split=split,
         batch_size=cfg.batch_size,
         train=train,
-        spec=AugmentSpec.preset(cfg.spec, cfg.spec_seed),
+        spec=cfg.augment_spec(),
         num_views=cfg.num_views,
         view_offset=cfg.view_offset,
         seed=cfg.seed,
@@ -147,9 +149,14 @@ def train_loop(config: dict[str, Any]) -> None:
 NONFINITE_CHECK_STEPS = 50
 
 
-def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor], spec, device: torch.device) -> torch.Tensor:
-    """The batch's uint8 images on the device, normalised, in the run's memory format."""
-    x = normalize_batch(spec, batch["image"].to(device, non_blocking=True))
+def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor], spec, device: torch.device, fallbacks: np.ndarray | None = None) -> torch.Tensor:
+    """The batch's views on the device (rendered there with the device renderer),
+    normalised, in the run's memory format; ``fallbacks`` accumulates the images
+    decoded on the host although the decoder is nvjpeg."""
+    views, batch_fallbacks = batch_views(spec, batch, device, cfg.data)
+    if fallbacks is not None and batch_fallbacks is not None:
+        fallbacks += batch_fallbacks
+    x = normalize_batch(spec, views)
     return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
 
 
@@ -178,10 +185,11 @@ def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, pro
     bad = torch.zeros((), dtype=torch.bool, device=device)
     bad_ids = torch.full((4,), -1, dtype=torch.int64, device=device)
     seen, wait = 0, 0.0
+    fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)
     start = last = time.perf_counter()
     for step, batch in enumerate(loader):
         wait += time.perf_counter() - last
-        x = _inputs(cfg, batch, spec, device)
+        x = _inputs(cfg, batch, spec, device, fallbacks)
         labels = batch["label"].to(device, non_blocking=True)
         t_cam, t_logits = cached_targets(batch, device, head_weight)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -208,8 +216,9 @@ def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, pro
     elapsed = time.perf_counter() - start
     names = sorted(sums)
     device_totals = torch.stack([sums[n] for n in names] + [correct[0], correct[1]]) if names else correct
-    totals = _all_reduce(device_totals.tolist() + [seen, wait, elapsed], device)
+    totals = _all_reduce(device_totals.tolist() + fallbacks.tolist() + [seen, wait, elapsed], device)
     world_seen = totals[-3]
+    host_decoded = np.array(totals[-3 - len(FALLBACK_REASONS) : -3], np.int64)
     world = max(1, int(dist.get_world_size()) if dist.is_initialized() else 1)
     metrics = {f"train_{n}": totals[i] / world_seen for i, n in enumerate(names)}
     metrics |= {
@@ -218,6 +227,11 @@ def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, pro
         "images_per_s": world_seen / (totals[-1] / world),
         "data_wait_fraction": totals[-2] / totals[-1],
     }
+    if spec.decoder == "nvjpeg":
+        metrics["host_decoded"] = float(host_decoded.sum())  # images nvJPEG did not decode
+        note = describe_fallbacks(host_decoded, int(world_seen))
+        if note and rank == 0:
+            _say(f"[train] epoch {progress.epoch + 1}: {note}")
     return metrics
 
 

@@ -20,8 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from catkd.models import build_model
-from pipeline.data.views import AugmentSpec
-from pipeline.cache.identity import CacheIdentity, file_sha256
+from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.ray_setup import init_ray
 from pipeline.data.shard_format import read_index
@@ -47,9 +46,19 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     index = read_index(cfg.data, cfg.train_split)
     read_index(cfg.data, cfg.test_split)
     if cfg.mode not in ("kd", "catkd", "cat"):
+        cfg.augment_spec()  # a renderer this run cannot use is refused here, before any worker starts
         return cfg  # num_views 0: a new view every epoch, as plain training augments
     cache = TargetCache(cfg.cache)
     found = cache.identity
+    # The cache decides how views are made unless the run says; a GPU-made cache needs a GPU.
+    made_by = {key: found.spec.get(key, "cpu") for key in ("renderer", "decoder")}
+    cfg = dataclasses.replace(cfg, **{key: made_by[key] if getattr(cfg, key) == "auto" else getattr(cfg, key) for key in made_by})
+    if not cfg.use_gpu and (cfg.renderer == "device" or cfg.decoder == "nvjpeg"):
+        raise CacheMismatchError(
+            f"{cfg.cache}: its views were made by the {made_by['renderer']} renderer and the {made_by['decoder']} decoder, on a GPU; "
+            f"this run would make them with renderer={cfg.renderer} decoder={cfg.decoder} but has no GPU (use_gpu=false): "
+            "train with use_gpu=true, or build a cache with --renderer cpu --decoder cpu"
+        )
     ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
     weights_sha = found.teacher_sha256
     if cfg.teacher_weights:
@@ -60,7 +69,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         teacher_sha256=weights_sha,
         dataset_fingerprint=index.fingerprint,
         split=cfg.train_split,
-        spec=AugmentSpec.preset(cfg.spec, cfg.spec_seed).to_dict(),
+        spec=cfg.augment_spec().to_dict(),
         num_views=cfg.num_views if cfg.num_views > 0 else found.num_views,
         resolution=cfg.resolution,
         num_classes=index.num_classes,
