@@ -256,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from catkd.models import ConversionError
     from pipeline.data.views import ViewMismatchError
     from pipeline.cache import CacheBuildError, CacheMismatchError
+    from pipeline.data.device_render import DeviceRenderError
     from pipeline.data.shard_format import ShardError
     from pipeline.data.sources import SourceError
     from pipeline.storage import StorageError
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Command = args.func
     try:
         return func(args)
-    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError, ResumeError) as exc:
+    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError, ResumeError, DeviceRenderError) as exc:
         # Bad input: one clear line naming the file and sample, and a non-zero exit.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -140,13 +140,14 @@ def upload(
     data = torch.as_tensor(packed["host_data"])
     offsets, ids = np.asarray(packed["host_offsets"]).tolist(), np.asarray(ids).tolist()
     hw, encoded = np.asarray(packed["host_hw"]).tolist(), np.asarray(packed["host_encoded"]).tolist()
-    on_device = data.to(device, non_blocking=True)
     images: list[torch.Tensor | None] = [None] * len(hw)
     jpegs = [k for k, flag in enumerate(encoded) if flag]
-    for k, flag in enumerate(encoded):
-        if not flag:
-            h, w = hw[k]
-            images[k] = on_device[offsets[k] : offsets[k + 1]].view(h, w, 3).permute(2, 0, 1)
+    if len(jpegs) < len(encoded):  # decoded pixels: the whole buffer in one copy, then views of it
+        on_device = data.to(device, non_blocking=True)
+        for k, flag in enumerate(encoded):
+            if not flag:
+                h, w = hw[k]
+                images[k] = on_device[offsets[k] : offsets[k + 1]].view(h, w, 3).permute(2, 0, 1)
     rejected = 0
     if jpegs:
         chunks = [data[offsets[k] : offsets[k + 1]] for k in jpegs]
