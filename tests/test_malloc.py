@@ -37,7 +37,10 @@ def test_kept_memory_removes_the_page_faults_of_each_forward():
     default, kept = _forward_faults("default"), _forward_faults("keep")
     assert kept["applied"] is True
     # glibc's defaults hand large activations back and fault them in again: thousands of
-    # 4 KiB pages per batch of 256. Kept, the heap is reused.
+    # 4 KiB pages per batch of 256 (about 66,000 here). Kept, the heap is reused: 400 to
+    # 3,700 faults per forward in repeated runs on the 2-core machine (the spread is the
+    # kernel's, from run to run), so the bound is a tenth, not the twentieth that failed
+    # one run in a suite.
     assert default["faults_per_forward"] > 1000, default
-    assert kept["faults_per_forward"] < default["faults_per_forward"] / 20, (default, kept)
+    assert kept["faults_per_forward"] < default["faults_per_forward"] / 10, (default, kept)
 
