@@ -51,12 +51,10 @@ from pipeline.data.shard_format import read_index  # noqa: E402
 from pipeline.data.shard_writer import ShardConfig, shard_dataset  # noqa: E402
 from pipeline.ray_setup import init_ray  # noqa: E402
 from pipeline.storage import filesystem  # noqa: E402
-from pipeline.train.config import MODES, TrainConfig  # noqa: E402
+from pipeline.train.config import CACHED_MODES, MODES, TrainConfig  # noqa: E402
 from pipeline.train.evaluate import evaluate_checkpoint  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
 from pipeline.viz import cam_agreement, load_model, load_split, raw_true_class_cams, render_cam_report  # noqa: E402
-
-CACHED_MODES = ("kd", "catkd", "cat")
 
 
 @dataclass

@@ -253,21 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from catkd.models import ConversionError
-    from pipeline.data.views import ViewMismatchError
-    from pipeline.cache import CacheBuildError, CacheMismatchError
-    from pipeline.data.device_render import DeviceRenderError
-    from pipeline.data.shard_format import ShardError
-    from pipeline.data.sources import SourceError
-    from pipeline.storage import StorageError
-    from pipeline.train.run import ResumeError
+    from catkd.errors import CatkdError
 
     args = build_parser().parse_args(argv)
     func: Command = args.func
     try:
         return func(args)
-    except (ShardError, SourceError, CacheBuildError, CacheMismatchError, ConversionError, ViewMismatchError, StorageError, ResumeError, DeviceRenderError) as exc:
-        # Bad input: one clear line naming the file and sample, and a non-zero exit.
+    except CatkdError as exc:
+        # Bad input: one clear line naming the field, file or sample, and exit status 2.
+        # Anything else is a bug and keeps its traceback.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

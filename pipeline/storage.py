@@ -12,6 +12,8 @@ import uuid
 import fsspec
 from fsspec import AbstractFileSystem
 
+from catkd.errors import CatkdError
+
 
 def filesystem(url: str) -> tuple[AbstractFileSystem, str]:
     """(filesystem, path inside it) for ``url``."""
@@ -98,7 +100,7 @@ def zarr_store(url: str, *, read_only: bool = False):
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options={"skip_instance_cache": True})
 
 
-class StorageError(OSError):
+class StorageError(CatkdError, OSError):
     """A location that cannot be used: missing bucket, refused credentials, ..."""
 
 

@@ -27,13 +27,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from catkd.errors import CatkdError
 from catkd.models.cam import CAMClassifier
 
 CHECKPOINT_FORMAT = "catkd.model"
 CHECKPOINT_VERSION = 1
 
 
-class ConversionError(ValueError):
+class ConversionError(CatkdError, ValueError):
     """A model or checkpoint cannot be put in CAM form."""
 
 
@@ -193,7 +194,9 @@ def read_checkpoint(file: str | IO[bytes]) -> dict[str, Any]:
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConversionError(f"{source}: cannot be read as a PyTorch checkpoint ({exc})") from exc
+        # torch's first line says what is wrong; the rest is advice about weights_only
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConversionError(f"{source}: cannot be read as a PyTorch checkpoint ({reason[:200]})") from None
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return {"state": obj["state_dict"], "arch": obj["arch"], "num_classes": obj["num_classes"]}
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):  # the reference code base

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from catkd.errors import CatkdError
 from catkd.models.cam import CAMClassifier
 
 Builder = Callable[..., CAMClassifier]
@@ -32,12 +33,16 @@ def list_models(family: str | None = None) -> list[str]:
     return [n for n, e in _REGISTRY.items() if family is None or e.family == family]
 
 
+class UnknownModelError(CatkdError, LookupError):
+    """A model name the registry does not hold."""
+
+
 def model_entry(name: str) -> ModelEntry:
     try:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(_REGISTRY)
-        raise KeyError(f"unknown model {name!r}; known models: {known}") from None
+        raise UnknownModelError(f"unknown model {name!r}; known models: {known}") from None
 
 
 def build_model(name: str, num_classes: int, *, bias: bool = False) -> CAMClassifier:

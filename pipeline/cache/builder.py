@@ -49,6 +49,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
+from catkd.errors import ConfigError
 from catkd.models import load_checkpoint
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
@@ -74,13 +75,17 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     """Build (or resume) the cache; returns its URL. ``timing``, when given, receives
     where the time went (also printed)."""
     timing = timing or BuildTiming()
+    cfg.augment_spec()  # a renderer the actors cannot run is refused before anything is read
     check_location(cfg.root)
     index = read_index(cfg.data, cfg.split)
     wfs, wpath = filesystem(cfg.weights)
-    weights = wfs.cat_file(wpath)
+    try:
+        weights = wfs.cat_file(wpath)
+    except FileNotFoundError:
+        raise ConfigError(f"weights: {cfg.weights}: no such file") from None
     identity = expected_identity(cfg, index, file_sha256(weights))
     if cfg.storage == "features" and cfg.binarize:
-        raise ValueError("the features form stores pooled features; binarised targets are not linear in them")
+        raise ConfigError("the features form stores pooled features; binarised targets are not linear in them")
     teacher = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes)  # fail fast on a wrong checkpoint
     url = join(cfg.root, identity.cache_id)
     fs, root = filesystem(url)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
 from typing import Literal
+
+from catkd.errors import ConfigError
+from catkd.models import list_models
 
 from pipeline.cache.identity import CacheIdentity, StorageForm
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
-from pipeline.data.views import DECODERS, RENDERERS, AugmentSpec
+from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
+from pipeline.settings import check_value
 
 
 @dataclass
@@ -39,19 +46,39 @@ class CacheBuildConfig:
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            check_value(name, value, _hints()[name])
+        for name, low in (("num_views", 1), ("resolution", 1), ("actors", 1), ("cpus_per_actor", 1), ("batch_size", 1), ("chunk_views", 1), ("spec_seed", 0)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        if self.gpus_per_actor < 0:
+            raise ConfigError(f"gpus_per_actor: must not be negative, got {self.gpus_per_actor}")
+        if self.feed_tasks is not None and self.feed_tasks < 1:
+            raise ConfigError(f"feed_tasks: must be at least 1, got {self.feed_tasks}")
+        if self.spec not in MEAN_STD:
+            raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
+        if self.teacher not in list_models():
+            raise ConfigError(f"teacher: unknown model {self.teacher!r}; `catkd models` lists them")
+
     def augment_spec(self) -> AugmentSpec:
         """The spec every part of the build renders with: made here, nowhere else."""
         on_gpu = self.gpus_per_actor > 0
         renderer = self.renderer if self.renderer != "auto" else ("device" if on_gpu else "cpu")
         decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and on_gpu else "cpu")
         if renderer not in RENDERERS or decoder not in DECODERS:
-            raise ValueError(f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}")
+            raise ConfigError(f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}")
         if (renderer == "device" or decoder == "nvjpeg") and not on_gpu:
             raise CacheBuildError(
                 f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none (--gpus-per-actor 0): "
                 "use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+
+
+@functools.cache
+def _hints() -> dict:
+    return typing.get_type_hints(CacheBuildConfig)
 
 
 def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str, spec: AugmentSpec | None = None) -> CacheIdentity:

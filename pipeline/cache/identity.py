@@ -12,6 +12,9 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
+from catkd.errors import CatkdError
+
+
 # 2: precision in the identity, the view renderer's version and normalisation in the
 # spec, class-mixed data (index version 2). 3: the spec names the renderer (cpu or
 # device) and the JPEG decoder (cpu or nvjpeg) that made the views. Older caches are
@@ -21,7 +24,7 @@ TargetKind = Literal["cam", "binarized_cam"]
 StorageForm = Literal["float16", "float32", "int8", "features"]
 
 
-class CacheMismatchError(ValueError):
+class CacheMismatchError(CatkdError, ValueError):
     """A cache that is not the one a run needs (or is partial, or foreign)."""
 
 

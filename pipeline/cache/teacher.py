@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from catkd.errors import CatkdError
 from catkd.losses import teacher_cam_targets
 from catkd.models import CAMClassifier
 from pipeline.cache.layout import DATA_DIR, DONE_DIR, encode_targets, write_group
@@ -39,7 +40,7 @@ Precision = Literal["fp32", "tf32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 
 
-class CacheBuildError(RuntimeError):
+class CacheBuildError(CatkdError, RuntimeError):
     """The build cannot produce correct targets; the message names shard and sample."""
 
 

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from catkd.errors import CatkdError
 from pipeline.data import host_images
 from pipeline.data.views import AugmentSpec
 
@@ -36,7 +37,7 @@ from pipeline.data.views import AugmentSpec
 VIEWS_PER_CALL = 256
 
 
-class DeviceRenderError(RuntimeError):
+class DeviceRenderError(CatkdError, RuntimeError):
     """The device renderer cannot render this batch (out of device memory)."""
 
 

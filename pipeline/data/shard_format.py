@@ -33,6 +33,7 @@ from torchvision.io import decode_image as decode_image_tensor
 # work and are the fastest decoders we have, so the per-call warning is silenced here.
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
 
+from catkd.errors import CatkdError
 from pipeline.storage import filesystem, join, write_atomic
 
 INDEX_FORMAT = "catkd.shards"
@@ -44,7 +45,7 @@ RAW_FORMAT = "rgb"
 _TORCHVISION_FORMATS = {"jpg", "png", "gif", "webp"}
 
 
-class ShardError(ValueError):
+class ShardError(CatkdError, ValueError):
     """Bad shard data; the message names the file and, where known, the sample key."""
 
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from catkd.errors import CatkdError
 from pipeline.data import synthetic
 from pipeline.data.shard_format import sample_key
 from pipeline.storage import filesystem, is_local, join
@@ -43,7 +44,7 @@ _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.o
 _COPY_CHUNK = 8 << 20  # bytes per read while decompressing an archive
 
 
-class SourceError(ValueError):
+class SourceError(CatkdError, ValueError):
     """A source that cannot be read; the message names the file or folder."""
 
 

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from catkd.errors import CatkdError
+
+
 NUM_PARAMS = 5  # x0, y0, w, h, flip
 SpecName = Literal["cifar", "imagenet"]
 MEAN_STD = {
@@ -151,7 +154,7 @@ def _resized_crop_box(spec: AugmentSpec, u: np.ndarray, height: int, width: int)
     return (width - w) // 2, (height - h) // 2, w, h, flip
 
 
-class ViewMismatchError(ValueError):
+class ViewMismatchError(CatkdError, ValueError):
     """Stored view parameters differ from what the spec gives now: the spec changed."""
 
 

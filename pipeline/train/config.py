@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import yaml
-
-from pipeline.data.views import AugmentSpec
+from catkd.errors import ConfigError
+from catkd.models import list_models
+from pipeline.data.views import MEAN_STD, AugmentSpec
+from pipeline.settings import check_value, load_settings
 
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
 MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
+CACHED_MODES = ("kd", "catkd", "cat")
 
 
 @dataclass
@@ -80,19 +83,42 @@ class TrainConfig:
     compile: bool = False  # wrap the student in torch.compile (docs/training.md says when it helps)
 
     def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():  # types first: the checks below compare values
+            check_value(name, value, _HINTS[name])
         if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        needs_cache = self.mode in ("kd", "catkd", "cat")
-        if needs_cache and not self.cache:
-            raise ValueError(f"mode {self.mode} reads teacher targets from a cache: set cache=URL")
+            raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 1), ("loader_workers", 0), ("cpus_per_worker", 0), ("resolution", 1),
+                          ("num_views", 0), ("view_offset", 0), ("shuffle_buffer", 1), ("lr_base_batch", 1), ("max_failures", -1), ("spec_seed", 0)):  # fmt: skip
+            if getattr(self, name) < low:
+                raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
+        for name in ("lr", "kd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("beta", "ce_weight", "kd_weight", "momentum", "weight_decay", "lr_decay_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.select_n is not None and self.select_n < 1:
+            raise ConfigError(f"select_n: must be at least 1 (or null: every class), got {self.select_n}")
+        if self.spec not in MEAN_STD:
+            raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
+        for name in ("student", "teacher"):
+            if getattr(self, name) is not None and getattr(self, name) not in list_models():
+                raise ConfigError(f"{name}: unknown model {getattr(self, name)!r}; `catkd models` lists them")
+        if self.needs_cache and not self.cache:
+            raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
         if self.mode == "online-catkd" and not (self.teacher and self.teacher_weights):
-            raise ValueError("mode online-catkd runs a live teacher: set teacher= and teacher_weights=")
+            raise ConfigError("teacher: mode online-catkd runs a live teacher: set teacher= and teacher_weights=")
         if not self.data:
-            raise ValueError("set data=URL (the shards from catkd shard)")
+            raise ConfigError("data: set data=URL (the shards from catkd shard)")
         if self.mode == "cat":
             self.ce_weight = 0.0  # CAT only: no labels used
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1):
-            raise ValueError(f"warmup_epochs must be in 0..epochs-1, got {self.warmup_epochs}")
+            raise ConfigError(f"warmup_epochs: must be in 0..epochs-1, got {self.warmup_epochs}")
+
+    @property
+    def needs_cache(self) -> bool:
+        """Whether the run reads teacher targets from a cache (kd, catkd, cat)."""
+        return self.mode in CACHED_MODES
 
     def augment_spec(self) -> AugmentSpec:
         """The spec this run renders with; ``auto`` choices as for a run without a cache
@@ -100,7 +126,7 @@ class TrainConfig:
         renderer = self.renderer if self.renderer != "auto" else ("device" if self.use_gpu else "cpu")
         decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and self.use_gpu else "cpu")
         if (renderer == "device" or decoder == "nvjpeg") and not self.use_gpu:
-            raise ValueError(f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true")
+            raise ConfigError(f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true")
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 
     @property
@@ -123,42 +149,14 @@ class TrainConfig:
             return 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
         return self.lr_decay_rate ** sum(epoch >= m for m in self.lr_decay_epochs)
 
-    @property
-    def uses_cam_targets(self) -> bool:
-        return self.mode in ("catkd", "cat", "online-catkd")
 
-
-def _coerce(value: str, current: Any, name: str) -> Any:
-    parsed = yaml.safe_load(value)  # numbers, booleans, lists, null as YAML reads them
-    if current is None or parsed is None:
-        return parsed
-    if isinstance(current, bool) and not isinstance(parsed, bool):
-        raise ValueError(f"{name}: expected true/false, got {value!r}")
-    if isinstance(current, float) and isinstance(parsed, int):
-        return float(parsed)
-    if isinstance(current, str) and not isinstance(parsed, str):
-        return value
-    return parsed
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) then ``key=value`` overrides; unknown keys are errors."""
-    values: dict[str, Any] = {}
-    if path:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ValueError(f"{path}: unknown config keys {unknown}")
-    defaults = TrainConfig.__dataclass_fields__
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"override {item!r}: unknown key or not key=value; keys: {', '.join(fields)}")
-        default = defaults[key].default if defaults[key].default is not dataclasses.MISSING else defaults[key].default_factory()
-        values[key] = _coerce(raw, values.get(key, default), key)
-    return TrainConfig(**values)
+    """YAML file (optional) then ``key=value`` overrides, typed as the fields are;
+    unknown keys, wrong types and values out of range are ConfigErrors."""
+    return load_settings(TrainConfig, path, overrides)
 
 
 # Fields a resumed run may change: they do not change what the run computes.

@@ -6,6 +6,7 @@ import io
 
 import torch
 
+from catkd.errors import ConfigError
 from catkd.models import load_checkpoint, read_checkpoint
 from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
@@ -16,13 +17,16 @@ from pipeline.storage import filesystem
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", arch: str | None = None, spec: str = "cifar",
                         batch_size: int = 256, device: str | None = None, loader_workers: int = 2) -> dict[str, float]:  # fmt: skip
     fs, path = filesystem(checkpoint)
-    raw = fs.cat_file(path)
-    info = read_checkpoint(io.BytesIO(raw))
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{checkpoint}: no such checkpoint") from None
+    info = read_checkpoint(_named(raw, checkpoint))
     arch = arch or info["arch"]
     if arch is None:
-        raise ValueError(f"{checkpoint}: the checkpoint does not name its architecture; pass --arch")
+        raise ConfigError(f"{checkpoint}: the checkpoint does not name its architecture; pass --arch")
     stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=batch_size, train=False, spec=AugmentSpec.preset(spec), normalize=False))
-    model = load_checkpoint(io.BytesIO(raw), arch, stream.index.num_classes)
+    model = load_checkpoint(_named(raw, checkpoint), arch, stream.index.num_classes)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(target)
     seen = top1 = top5 = 0
@@ -32,3 +36,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", arch
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
         top1, top5, seen = top1 + int(top[:, 0].sum()), top5 + int(top.any(1).sum()), seen + len(labels)
     return {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen, "samples": seen, "arch": arch, "device": str(target)}
+
+
+def _named(raw: bytes, name: str) -> io.BytesIO:
+    """The checkpoint's bytes, named for error messages."""
+    buf = io.BytesIO(raw)
+    buf.name = name
+    return buf

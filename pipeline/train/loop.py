@@ -41,7 +41,7 @@ def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) ->
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         normalize=False,  # uint8 leaves the loader; normalised on the device
-        cache=cfg.cache if train and cfg.mode in ("kd", "catkd", "cat") else None,
+        cache=cfg.cache if train and cfg.needs_cache else None,
     )
     return ShardStream(reader_cfg, rank, world)
 

@@ -19,6 +19,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from catkd.errors import CatkdError
 from catkd.models import build_model
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256
 from pipeline.cache.reader import TargetCache
@@ -30,7 +31,7 @@ from pipeline.train.config import TrainConfig, resume_conflicts
 from pipeline.train.loop import train_loop
 
 
-class ResumeError(ValueError):
+class ResumeError(CatkdError, ValueError):
     """A rerun whose configuration differs from the run it would resume."""
 
 
@@ -45,7 +46,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     )
     index = read_index(cfg.data, cfg.train_split)
     read_index(cfg.data, cfg.test_split)
-    if cfg.mode not in ("kd", "catkd", "cat"):
+    if not cfg.needs_cache:
         cfg.augment_spec()  # a renderer this run cannot use is refused here, before any worker starts
         return cfg  # num_views 0: a new view every epoch, as plain training augments
     cache = TargetCache(cfg.cache)

@@ -1,0 +1,80 @@
+"""Every subcommand turns bad input into one line on stderr naming the field or file,
+and exit status 2 (DESIGN section 8); run in-process through ``pipeline.cli.main``."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "shapes"
+    shard_dataset(ShardConfig("synthetic:shapes", str(out), samples_per_shard=20, synthetic={"train_samples": 40, "test_samples": 10}, progress=False))
+    return str(out)
+
+
+def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
+    not_a_checkpoint = f"{tmp}/notes.txt"
+    with open(not_a_checkpoint, "w") as f:
+        f.write("not a checkpoint\n")
+    train = ["train", f"data={shards}", "mode=ce", f"storage_path={tmp}/runs"]
+    build = ["cache", "build", "--data", shards, "--teacher", "resnet8", "--weights", f"{tmp}/teacher.pt", "--root", f"{tmp}/caches"]
+    return [
+        (train + ["epochs=abc"], "epochs: expected an integer, got 'abc'"),
+        (train + ["mode=cee"], "mode: expected one of ce, kd, catkd, cat, online-catkd, got 'cee'"),
+        (train + ["bogus_key=1"], "bogus_key: unknown key"),
+        (train + ["epochs=-1"], "epochs: must be at least 1, got -1"),
+        (train + ["resolution=0"], "resolution: must be at least 1, got 0"),
+        (train + ["beta=lots"], "beta: expected a number, got 'lots'"),
+        (train + ["bf16=maybe"], "bf16: expected true or false, got 'maybe'"),
+        (train + ["lr_decay_epochs=[1, x]"], "lr_decay_epochs[1]: expected an integer, got 'x'"),
+        (train + ["student=resnet999"], "student: unknown model 'resnet999'"),
+        (train + ["mode=catkd"], "cache: mode catkd reads teacher targets from a cache"),
+        (["train", f"{tmp}/nowhere.yaml", "epochs=1"], f"{tmp}/nowhere.yaml: cannot read the config file"),
+        (["train", f"data={tmp}/no-shards", "mode=ce", f"storage_path={tmp}/runs"], f"{tmp}/no-shards"),
+        (train + ["renderer=device"], "use_gpu=false"),
+        (build[:2] + ["--data", shards, "--teacher", "resnet8", "--weights", "w", "--root", "r", "--views", "0"], "num_views: must be at least 1, got 0"),
+        (build[:2] + ["--data", shards, "--teacher", "nonesuch", "--weights", "w", "--root", "r"], "teacher: unknown model 'nonesuch'"),
+        (build, f"weights: {tmp}/teacher.pt: no such file"),
+        (build + ["--renderer", "device"], "runs on the teacher's GPU"),
+        (["eval", not_a_checkpoint, "--data", shards], f"{not_a_checkpoint}: cannot be read as a PyTorch checkpoint"),
+        (["eval", f"{tmp}/missing.pt", "--data", shards], f"{tmp}/missing.pt: no such checkpoint"),
+        (["cache", "info", f"{tmp}"], f"{tmp}: not a catkd cache"),
+        (["cache", "verify", f"{tmp}"], f"{tmp}: not a catkd cache"),
+        (["shard", f"imagefolder:{tmp}/nowhere", f"{tmp}/out"], f"{tmp}/nowhere: source path does not exist"),
+    ]
+
+
+def test_bad_inputs_give_one_line_and_exit_2(shards, tmp_path, capsys):
+    failures = []
+    for argv, expected in _cases(shards, str(tmp_path)):
+        status = main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        if status != 2 or len(err) != 1 or expected not in err[0] or not err[0].startswith(f"catkd {argv[0]}: error: "):
+            failures.append(f"{' '.join(argv)}: exit {status}, stderr {err}")
+    assert not failures, "\n".join(failures)
+
+
+def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
+    import pipeline.cli as cli
+
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "cmd_models", broken)
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    parser._subparsers._group_actions[0].choices["models"].set_defaults(func=broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["models"])
+
+
+def test_overrides_are_typed_as_their_fields():
+    from pipeline.train.config import load_config
+
+    cfg = load_config(None, ["data=/d", "mode=ce", "weight_decay=1e-4", "beta=2", "select_n=null", "name=123", "lr_decay_epochs=[3, 5]", "bf16=true"])
+    assert cfg.weight_decay == 1e-4 and cfg.beta == 2.0 and isinstance(cfg.beta, float) and cfg.select_n is None
+    assert cfg.name == "123" and cfg.lr_decay_epochs == [3, 5] and cfg.bf16 is True
