@@ -14,3 +14,13 @@ class CatkdError(Exception):
 
 class ConfigError(CatkdError, ValueError):
     """A configuration value of the wrong type, out of range, or an unknown key."""
+
+
+def user_error(exc: BaseException) -> BaseException:
+    """What to raise for an exception that came back from a worker (a Ray task error, or
+    a pool future's): the user error it carries as its cause, rebuilt plain so that it
+    prints as one line, or, for anything else (a bug), the exception itself."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, CatkdError):
+        return type(cause)(str(cause))
+    return exc

@@ -192,6 +192,26 @@ def test_device_path_of_the_loader_gives_the_cpu_renderer_views(setup):
     assert host_images.fallback_counts(fallbacks) == {"progressive": 1, "grayscale": 1}
 
 
+def test_training_inputs_from_packed_batches_equal_the_cpu_path(setup):
+    """The train loop's input step (pipeline.train.loop._inputs) on a device-path batch:
+    rendered, normalised and counted on the device (here the CPU) as the loader's
+    cpu-rendered batch is normalised."""
+    from pipeline.train.loop import _inputs
+
+    cfg = TrainConfig(mode="ce", data=setup["data"], spec="imagenet", channels_last=True)
+    for renderer, decoder in (("cpu", "cpu"), ("device", "nvjpeg")):
+        stream = ShardStream(ReaderConfig(data=setup["data"], batch_size=24, spec=_small_spec(renderer, decoder), num_views=1, normalize=False), 0, 1)
+        batch = next(iter(make_loader(stream, 0)))
+        fallbacks = np.zeros(len(host_images.FALLBACK_REASONS), np.int64)
+        x = _inputs(cfg, batch, stream.cfg.spec, torch.device("cpu"), fallbacks)
+        assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+        if renderer == "cpu":
+            reference = x
+        else:
+            assert (x - reference).abs().max() <= 1 / (255 * min(IMAGENET.std)) + 1e-6
+            assert host_images.fallback_counts(fallbacks) == {"progressive": 1, "grayscale": 1}
+
+
 def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup):
     from catkd.models import load_checkpoint
 

@@ -52,11 +52,6 @@ class CAMClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_head(self.forward_features(x))
 
-    def pooled_cam(self, features: torch.Tensor, resolution: int) -> torch.Tensor:
-        """``P(cam)`` from pooled features: ``W . P(features)``, exact and cheaper."""
-        pooled = nn.functional.adaptive_avg_pool2d(features, resolution)
-        return self.head(pooled)
-
     def classifier_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in classifier form: a Linear head named ``source_head``.
 

@@ -49,7 +49,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from catkd.errors import ConfigError
+from catkd.errors import ConfigError, user_error
 from catkd.models import load_checkpoint
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
@@ -247,8 +247,10 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
                     stop.set()
                     raise
     except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if isinstance(exc.cause, Exception) else exc
-        raise CacheBuildError(str(cause)) from None
+        error = user_error(exc)
+        if error is exc:
+            raise
+        raise error from None
     finally:
         for actor in actors:
             ray.kill(actor)

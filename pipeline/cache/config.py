@@ -11,7 +11,7 @@ from typing import Literal
 from catkd.errors import ConfigError
 from catkd.models import list_models
 
-from pipeline.cache.identity import CacheIdentity, StorageForm
+from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
@@ -84,16 +84,5 @@ def _hints() -> dict:
 def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str, spec: AugmentSpec | None = None) -> CacheIdentity:
     """The identity of ``cfg``'s cache; ``spec`` replaces ``cfg.augment_spec()`` for a
     caller that renders otherwise (bench/gpu_check.py's dry run: the device renderer on CPU)."""
-    return CacheIdentity(
-        teacher_arch=cfg.teacher,
-        teacher_sha256=weights_sha,
-        dataset_fingerprint=index.fingerprint,
-        split=cfg.split,
-        spec=(spec or cfg.augment_spec()).to_dict(),
-        num_views=cfg.num_views,
-        resolution=cfg.resolution,
-        num_classes=index.num_classes,
-        target_kind="binarized_cam" if cfg.binarize else "cam",
-        storage=cfg.storage,
-        precision=cfg.precision,
-    )
+    return identity_of(teacher=cfg.teacher, weights_sha=weights_sha, index=index, split=cfg.split, spec=(spec or cfg.augment_spec()).to_dict(),
+                       num_views=cfg.num_views, resolution=cfg.resolution, binarize=cfg.binarize, storage=cfg.storage, precision=cfg.precision)  # fmt: skip

@@ -61,6 +61,28 @@ class CacheIdentity:
         return cls(**data)
 
 
+def identity_of(
+    *, teacher: str, weights_sha: str, index: Any, split: str, spec: dict[str, Any], num_views: int, resolution: int,
+    binarize: bool, storage: StorageForm, precision: str,
+) -> CacheIdentity:
+    """The identity of the cache these settings make or need (``index``: the split's
+    ShardIndex): the one mapping from settings to identity fields, for the builder and
+    for a training run checking its cache."""
+    return CacheIdentity(
+        teacher_arch=teacher,
+        teacher_sha256=weights_sha,
+        dataset_fingerprint=index.fingerprint,
+        split=split,
+        spec=spec,
+        num_views=num_views,
+        resolution=resolution,
+        num_classes=index.num_classes,
+        target_kind="binarized_cam" if binarize else "cam",
+        storage=storage,
+        precision=precision,
+    )
+
+
 def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: tuple[str, ...] = ()) -> str | None:
     """The first identity field (in declaration order) whose values differ, as a message."""
     want, have = asdict(expected), asdict(found)

@@ -29,7 +29,6 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.cache.identity import StorageForm
 
-NUM_PARAMS = 5
 MANIFEST = "manifest.json"  # written last: the cache is complete
 DONE_DIR = "done"  # done/shard-<j>.json: completion record of data shard j
 DATA_DIR = "data"  # data/<writer uuid>/shard-<j>.zarr: its targets

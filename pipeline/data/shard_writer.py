@@ -35,6 +35,7 @@ try:
 except ImportError:  # a machine without Ray (bench/gpu_check.py) shards with a local process pool
     ray = None
 
+from catkd.errors import user_error
 from pipeline.data.shard_format import RAW_FORMAT, ShardError, ShardIndex, ShardInfo, index_name, read_index, sample_key, shard_name, write_index
 from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
 from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
@@ -189,8 +190,7 @@ def _run_bounded(tasks: Iterator[ShardTask], bar: tqdm, pool: Executor | None) -
             try:
                 record = future.result()
             except Exception as exc:  # a Ray task error carries the task's own exception as its cause
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), Exception) else exc
-                failure = failure or (type(cause)(str(cause)) if isinstance(cause, (ShardError, SourceError)) else cause)
+                failure = failure or user_error(exc)
                 exhausted = True
                 continue
             bar.update(record["info"]["count"])

@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from catkd.errors import CatkdError
 from catkd.models import build_model
-from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256
+from pipeline.cache.identity import CacheMismatchError, file_sha256, identity_of
 from pipeline.cache.reader import TargetCache
 from pipeline.ray_setup import init_ray
 from pipeline.data.shard_format import read_index
@@ -65,18 +65,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.teacher_weights:
         fs, path = filesystem(cfg.teacher_weights)
         weights_sha = file_sha256(fs.cat_file(path))
-    expected = CacheIdentity(
-        teacher_arch=cfg.teacher or found.teacher_arch,
-        teacher_sha256=weights_sha,
-        dataset_fingerprint=index.fingerprint,
-        split=cfg.train_split,
-        spec=cfg.augment_spec().to_dict(),
-        num_views=cfg.num_views if cfg.num_views > 0 else found.num_views,
-        resolution=cfg.resolution,
-        num_classes=index.num_classes,
-        target_kind="binarized_cam" if cfg.binarize else "cam",
-        storage=found.storage,
-        precision=found.precision,
+    expected = identity_of(
+        teacher=cfg.teacher or found.teacher_arch, weights_sha=weights_sha, index=index, split=cfg.train_split, spec=cfg.augment_spec().to_dict(),
+        num_views=cfg.num_views if cfg.num_views > 0 else found.num_views, resolution=cfg.resolution, binarize=cfg.binarize,
+        storage=found.storage, precision=found.precision,
     )
     cache.check(expected, ignore=tuple(ignore))
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
