@@ -127,9 +127,13 @@ class ShardStream(IterableDataset):
         rng.shuffle(pool)
         yield from pool
 
+    @property
+    def _source(self) -> str:
+        """What decoding errors name: the split's shards."""
+        return join(self.cfg.data, f"{self.cfg.split} shards")
+
     def _decode(self, samples: list[Sample]) -> list[np.ndarray]:
-        source = join(self.cfg.data, f"{self.cfg.split} shards")
-        return [decode_image(s, self.index.image_shape, source) for s in samples]
+        return [decode_image(s, self.index.image_shape, self._source) for s in samples]
 
     def _train_batch(self, samples: list[Sample]) -> dict[str, torch.Tensor]:
         """One training batch. With the cpu renderer its views are rendered here; with the
@@ -140,8 +144,7 @@ class ShardStream(IterableDataset):
         stored = np.stack([s.target["params"] for s in samples]) if cached else None
         spec = self.cfg.spec
         if spec.renderer == "device":
-            source = join(self.cfg.data, f"{self.cfg.split} shards")
-            packed = host_images.pack(samples, self.index.image_shape, source, spec.decoder)
+            packed = host_images.pack(samples, self.index.image_shape, self._source, spec.decoder)
             params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self.cfg.cache or "")
             batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
         else:
