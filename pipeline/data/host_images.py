@@ -72,18 +72,23 @@ def jpeg_frame(data: bytes) -> JpegFrame | None:
 
 def nvjpeg_refusal(sample: Sample) -> str | None:
     """Why nvJPEG will not get this sample (a FALLBACK_REASONS entry), or None."""
+    return _screen(sample)[0]
+
+
+def _screen(sample: Sample) -> tuple[str | None, JpegFrame | None]:
+    """(why nvJPEG will not get the sample or None, its frame header when readable)."""
     if sample.fmt != "jpg":
-        return "not_jpeg"
+        return "not_jpeg", None
     frame = jpeg_frame(sample.image)
     if frame is None or frame.height == 0 or frame.width == 0:
-        return "unreadable_header"
+        return "unreadable_header", None
     if frame.marker not in _SEQUENTIAL or frame.precision != 8:
-        return "progressive"
+        return "progressive", frame
     if frame.components == 1:
-        return "grayscale"
+        return "grayscale", frame
     if frame.components != 3:
-        return "cmyk"
-    return None
+        return "cmyk", frame
+    return None, frame
 
 
 def pack(samples: list[Sample], shape: list[int] | None, source: str, decoder: str) -> dict[str, np.ndarray]:
@@ -96,9 +101,8 @@ def pack(samples: list[Sample], shape: list[int] | None, source: str, decoder: s
     encoded = np.zeros(len(samples), bool)
     fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)
     for k, sample in enumerate(samples):
-        reason = nvjpeg_refusal(sample) if decoder == "nvjpeg" else None
-        if decoder == "nvjpeg" and reason is None:
-            frame = jpeg_frame(sample.image)
+        reason, frame = _screen(sample) if decoder == "nvjpeg" else (None, None)
+        if decoder == "nvjpeg" and reason is None:  # the header was read once, by the screen
             hw[k] = frame.height, frame.width
             encoded[k] = True
             parts.append(np.frombuffer(sample.image, np.uint8))
