@@ -34,19 +34,21 @@ import torch
 
 from catkd.losses import cat_loss
 from catkd.models import build_model, checkpoint_payload
-from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
 from pipeline.cache.builder import BuildTiming
-from pipeline.cache.teacher import TeacherRunner, TeacherSettings
-from pipeline.malloc import keep_freed_memory
 from pipeline.cache.feed import render_chunks
+from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.cache.verify import cache_info
-from pipeline.ray_setup import init_ray
-from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.data.shard_format import decode_image, load_shard, read_index
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
+from pipeline.malloc import keep_freed_memory
+from pipeline.ray_setup import init_ray
 
 
-def prepared_views(data: str, views: int, spec: AugmentSpec, channels_last: bool) -> list[tuple[int, int, torch.Tensor]]:
+def prepared_views(
+    data: str, views: int, spec: AugmentSpec, channels_last: bool
+) -> list[tuple[int, int, torch.Tensor]]:
     """(shard, view, normalised batch) for every data shard and view, in the memory
     format the build's teacher uses: on CPU, channels-last convolutions are 1.2-1.3x
     faster, so a bare figure in another format is no fair reference."""
@@ -58,7 +60,13 @@ def prepared_views(data: str, views: int, spec: AugmentSpec, channels_last: bool
         images = [decode_image(s, index.image_shape, info.name) for s in samples]
         ids = np.array([s.id for s in samples])
         for view in range(views):
-            out.append((j, view, normalize_batch(spec, render_views(spec, images, ids, view)[1]).contiguous(memory_format=layout)))
+            out.append(
+                (
+                    j,
+                    view,
+                    normalize_batch(spec, render_views(spec, images, ids, view)[1]).contiguous(memory_format=layout),
+                )
+            )
     return out
 
 
@@ -87,7 +95,9 @@ def feed_rate(data: str, spec: AugmentSpec, views: int, cpus: int) -> float:
 
     @ray.remote(num_cpus=1)
     def drain(j: int) -> int:  # one task renders one shard, as the builder's feed tasks do
-        return sum(len(c.ids) * views for c in render_chunks(data, ray.get(index_ref), j, spec, views, max(1, 512 // views)))
+        return sum(
+            len(c.ids) * views for c in render_chunks(data, ray.get(index_ref), j, spec, views, max(1, 512 // views))
+        )
 
     start = time.perf_counter()
     pending, total = list(range(len(index.shards))), 0
@@ -114,16 +124,29 @@ def speed(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         make_folder(f"{tmp}/folder", args.feed_images, 10)
         data = f"{tmp}/imagenet-like"
-        shard_dataset(ShardConfig(f"imagefolder:{tmp}/folder", data, samples_per_shard=args.feed_images // 8, progress=False))
+        shard_dataset(
+            ShardConfig(f"imagefolder:{tmp}/folder", data, samples_per_shard=args.feed_images // 8, progress=False)
+        )
         spec = AugmentSpec.preset("imagenet")
         rates = {cpus: feed_rate(data, spec, args.views, cpus) for cpus in (1, 2)}
         rates = {cpus: max(rates[cpus], feed_rate(data, spec, args.views, cpus)) for cpus in (1, 2)}  # best of two
-        print(f"feed at the imagenet spec, {args.feed_images} ImageNet-like JPEGs x {args.views} views: "
-              f"1 CPU {rates[1]:,.0f} views/s, 2 CPUs {rates[2]:,.0f} views/s ({rates[2] / rates[1]:.2f}x)")  # fmt: skip
+        print(
+            f"feed at the imagenet spec, {args.feed_images} ImageNet-like JPEGs x {args.views} views: "
+            f"1 CPU {rates[1]:,.0f} views/s, 2 CPUs {rates[2]:,.0f} views/s ({rates[2] / rates[1]:.2f}x)"
+        )
 
         shapes = f"{tmp}/shapes"
         samples = args.build_views // args.views
-        shard_dataset(ShardConfig("synthetic:shapes", shapes, splits=["train"], samples_per_shard=1000, synthetic={"train_samples": samples}, progress=False))
+        shard_dataset(
+            ShardConfig(
+                "synthetic:shapes",
+                shapes,
+                splits=["train"],
+                samples_per_shard=1000,
+                synthetic={"train_samples": samples},
+                progress=False,
+            )
+        )
         torch.manual_seed(0)
         teacher = build_model(args.teacher, 10, bias=True).eval()
         weights = f"{tmp}/teacher.pth"
@@ -131,18 +154,34 @@ def speed(args: argparse.Namespace) -> None:
         cifar = AugmentSpec.preset("cifar")
         torch.set_num_threads(1)  # the build's actor has one CPU, so one thread
         if args.ablations:
-            for arch, classes, preset, views in ((args.teacher, 10, "cifar", 2048), ("tv_resnet34", 1000, "imagenet", 32)):
+            for arch, classes, preset, views in (
+                (args.teacher, 10, "cifar", 2048),
+                ("tv_resnet34", 1000, "imagenet", 32),
+            ):
                 rates = layout_rates(arch, classes, AugmentSpec.preset(preset), views, min(args.batch, views))
-                print(f"teacher runner on one thread, {arch} at the {preset} spec: contiguous {rates[False]:,.1f} views/s, "
-                      f"channels_last {rates[True]:,.1f} views/s ({rates[True] / rates[False]:.2f}x)")  # fmt: skip
-        cfg = CacheBuildConfig(data=shapes, teacher=args.teacher, weights=weights, root=f"{tmp}/cache", num_views=args.views,
-                               batch_size=args.batch, cpus_per_actor=1, channels_last=args.channels_last, progress=False)  # fmt: skip
+                print(
+                    f"teacher runner on one thread, {arch} at the {preset} spec: contiguous {rates[False]:,.1f} views/s, "
+                    f"channels_last {rates[True]:,.1f} views/s ({rates[True] / rates[False]:.2f}x)"
+                )
+        cfg = CacheBuildConfig(
+            data=shapes,
+            teacher=args.teacher,
+            weights=weights,
+            root=f"{tmp}/cache",
+            num_views=args.views,
+            batch_size=args.batch,
+            cpus_per_actor=1,
+            channels_last=args.channels_last,
+            progress=False,
+        )
         batches = prepared_views(shapes, args.views, cifar, cfg.channels_last)
         teacher = bare_teacher(teacher, cifar, cfg.channels_last)
         if args.ablations:
             rates = malloc_rates(teacher, [x for _, _, x in batches[:4]], args.batch)
-            print(f"bare forward in a fresh 1-CPU process, {args.teacher}: glibc defaults {rates[False]:,.0f} views/s, "
-                  f"freed memory kept {rates[True]:,.0f} views/s ({rates[True] / rates[False]:.2f}x)")  # fmt: skip
+            print(
+                f"bare forward in a fresh 1-CPU process, {args.teacher}: glibc defaults {rates[False]:,.0f} views/s, "
+                f"freed memory kept {rates[True]:,.0f} views/s ({rates[True] / rates[False]:.2f}x)"
+            )
         # The same forward in a 1-CPU Ray actor beside a running Ray, as the build's teacher runs.
         in_actor_process = _bare_forward_actor(teacher, [x for _, _, x in batches], args.batch, keep=True)
         in_actor = ray.get(in_actor_process.rate.remote())
@@ -154,20 +193,29 @@ def speed(args: argparse.Namespace) -> None:
         bare = (before + bare_forward_rate(teacher, batches, args.batch)) / 2
         wall = timing.ended_at - timing.started_at
         layout = "channels_last" if cfg.channels_last else "contiguous"
-        print(f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, {layout}, 1 teacher CPU, the feed on the other):\n"
-              f"  end to end {timing.views / wall:,.0f} views/s; bare teacher forward over the same views on one thread {bare:,.0f} views/s "
-              f"(this process, mean of before and after), {in_actor:,.0f} in a 1-CPU Ray actor\n"
-              f"  build / bare: {timing.views / wall / bare:.2f}; start-up until the teacher was ready {timing.startup_s:.1f} s "
-              f"({timing.startup_s / wall:.0%} of the build); teacher busy {timing.busy_fraction:.0%} of its time, "
-              f"at {timing.busy_views_per_s / bare:.2f} of the bare rate while busy")  # fmt: skip
+        print(
+            f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, {layout}, 1 teacher CPU, the feed on the other):\n"
+            f"  end to end {timing.views / wall:,.0f} views/s; bare teacher forward over the same views on one thread {bare:,.0f} views/s "
+            f"(this process, mean of before and after), {in_actor:,.0f} in a 1-CPU Ray actor\n"
+            f"  build / bare: {timing.views / wall / bare:.2f}; start-up until the teacher was ready {timing.startup_s:.1f} s "
+            f"({timing.startup_s / wall:.0%} of the build); teacher busy {timing.busy_fraction:.0%} of its time, "
+            f"at {timing.busy_views_per_s / bare:.2f} of the bare rate while busy"
+        )
 
 
-def layout_rates(arch: str, num_classes: int, spec: AugmentSpec, views: int, batch: int, rounds: int = 4) -> dict[bool, float]:
+def layout_rates(
+    arch: str, num_classes: int, spec: AugmentSpec, views: int, batch: int, rounds: int = 4
+) -> dict[bool, float]:
     """Views/s of the build's runner with contiguous (False) and channels-last (True)
     tensors on this process's threads, alternating rounds so that drift hits both."""
     torch.manual_seed(0)
     model = build_model(arch, num_classes, bias=True).eval()
-    runners = {cl: TeacherRunner(copy.deepcopy(model), spec, TeacherSettings(batch_size=batch, channels_last=cl), torch.device("cpu")) for cl in (False, True)}
+    runners = {
+        cl: TeacherRunner(
+            copy.deepcopy(model), spec, TeacherSettings(batch_size=batch, channels_last=cl), torch.device("cpu")
+        )
+        for cl in (False, True)
+    }
     x = torch.randint(0, 256, (views, 3, spec.size, spec.size), dtype=torch.uint8)
     seconds = {cl: 0.0 for cl in runners}
     for cl, runner in runners.items():  # warm-up: first-call allocations and kernel choice
@@ -226,8 +274,17 @@ def main() -> None:
     fast.add_argument("--views", type=int, default=4)
     fast.add_argument("--teacher", default="resnet56")
     fast.add_argument("--batch", type=int, default=256)
-    fast.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True, help="the build's (and the bare forward's) memory format")
-    fast.add_argument("--ablations", action="store_true", help="also: each CPU setting of the build against its absence (channels-last, malloc)")
+    fast.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the build's (and the bare forward's) memory format",
+    )
+    fast.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also: each CPU setting of the build against its absence (channels-last, malloc)",
+    )
     fast.set_defaults(func=speed)
     forms = sub.add_parser("storage", help="bytes per view and CAT-loss error of each storage form")
     forms.set_defaults(func=storage)
@@ -248,7 +305,17 @@ def storage(args: argparse.Namespace) -> None:
     spec = AugmentSpec.preset("cifar")
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/shards"
-        shard_dataset(ShardConfig(f"imagefolder:{args.archive}", data, splits=["train"], subset=args.subset, samples_per_shard=500, encoding="raw", progress=False))
+        shard_dataset(
+            ShardConfig(
+                f"imagefolder:{args.archive}",
+                data,
+                splits=["train"],
+                subset=args.subset,
+                samples_per_shard=500,
+                encoding="raw",
+                progress=False,
+            )
+        )
         num_classes = read_index(data, "train").num_classes
         torch.manual_seed(0)
         teacher = build_model(args.teacher, num_classes, bias=True).eval()
@@ -261,8 +328,18 @@ def storage(args: argparse.Namespace) -> None:
         rows, caches = [], {}
         forms = [("float32", "fp32"), ("float16", "fp32"), ("int8", "fp32"), ("features", "fp32"), ("float16", "bf16")]
         for storage, precision in forms:
-            cfg = CacheBuildConfig(data=data, teacher=args.teacher, weights=weights, root=f"{tmp}/caches-{storage}-{precision}", num_views=args.views,
-                                   storage=storage, batch_size=args.batch, cpus_per_actor=args.cpus, precision=precision, progress=False)  # fmt: skip
+            cfg = CacheBuildConfig(
+                data=data,
+                teacher=args.teacher,
+                weights=weights,
+                root=f"{tmp}/caches-{storage}-{precision}",
+                num_views=args.views,
+                storage=storage,
+                batch_size=args.batch,
+                cpus_per_actor=args.cpus,
+                precision=precision,
+                progress=False,
+            )
             storage = f"{storage}+bf16" if precision == "bf16" else storage
             start = time.perf_counter()
             caches[storage] = TargetCache(build_cache(cfg))  # includes starting the actor and loading the teacher
@@ -279,11 +356,17 @@ def storage(args: argparse.Namespace) -> None:
                     stored = torch.from_numpy(cache.read(j, view)["cam"])
                     for normalize in (False, True):
                         ref = float(cat_loss(student_cam, exact, 2, normalize))
-                        errors[storage][normalize].append(abs(float(cat_loss(student_cam, stored, 2, normalize)) / ref - 1))
+                        errors[storage][normalize].append(
+                            abs(float(cat_loss(student_cam, stored, 2, normalize)) / ref - 1)
+                        )
 
-    print(f"\nteacher {args.teacher}, {args.subset} CIFAR-10 images x {args.views} views, batch {args.batch}, {args.cpus} CPU threads")
+    print(
+        f"\nteacher {args.teacher}, {args.subset} CIFAR-10 images x {args.views} views, batch {args.batch}, {args.cpus} CPU threads"
+    )
     print(f"bare teacher forward (same batches): {bare:,.0f} views/s")
-    print(f"{'storage':<10}{'build views/s':>15}{'vs bare':>9}{'bytes/view':>12}{'CAT loss rel. err':>19}{'(normalised)':>14}")
+    print(
+        f"{'storage':<10}{'build views/s':>15}{'vs bare':>9}{'bytes/view':>12}{'CAT loss rel. err':>19}{'(normalised)':>14}"
+    )
     for storage, rate, per_view in rows:
         e, en = max(errors[storage][False]), max(errors[storage][True])
         print(f"{storage:<10}{rate:>15,.0f}{rate / bare:>9.2f}{per_view:>12.1f}{e:>19.2e}{en:>14.2e}")

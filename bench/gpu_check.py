@@ -115,7 +115,11 @@ class FeedStream(torch.utils.data.IterableDataset):
         for j in range(worker, len(self.index.shards), workers):
             for c in render_chunks(self.data, self.index, j, self.spec, self.views, self.chunk_samples):
                 chunk = {"j": j, "ids": torch.from_numpy(c.ids), "params": torch.from_numpy(c.params)}
-                yield chunk | ({"views": torch.from_numpy(c.views)} if c.views is not None else {"images": {k: torch.from_numpy(v) for k, v in c.images.items()}})
+                yield chunk | (
+                    {"views": torch.from_numpy(c.views)}
+                    if c.views is not None
+                    else {"images": {k: torch.from_numpy(v) for k, v in c.images.items()}}
+                )
 
 
 def _sync(device: torch.device) -> None:
@@ -123,7 +127,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward(model: torch.nn.Module, spec: AugmentSpec, batch: int, device: torch.device, bf16: bool, seconds: float = 8.0) -> float:
+def bare_forward(
+    model: torch.nn.Module, spec: AugmentSpec, batch: int, device: torch.device, bf16: bool, seconds: float = 8.0
+) -> float:
     x8 = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device=device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         for _ in range(3):
@@ -145,7 +151,9 @@ def build(cfg: CacheBuildConfig, spec: AugmentSpec, workers: int) -> tuple[str, 
     identity = expected_identity(cfg, index, file_sha256(weights), spec)
     url = join(cfg.root, identity.cache_id)
     model = load_checkpoint(io.BytesIO(weights), cfg.teacher, index.num_classes)
-    runner = TeacherRunner(model, spec, TeacherSettings.from_config(cfg), torch.device("cuda" if cfg.gpus_per_actor else "cpu"))
+    runner = TeacherRunner(
+        model, spec, TeacherSettings.from_config(cfg), torch.device("cuda" if cfg.gpus_per_actor else "cpu")
+    )
     runner.targets(torch.zeros((cfg.batch_size, 3, 224, 224), dtype=torch.uint8))  # warm-up: cuDNN picks its kernels
     feed = FeedStream(cfg.data, spec, cfg.num_views, max(1, cfg.chunk_views // cfg.num_views))
     cuda = runner.device.type == "cuda"
@@ -170,14 +178,28 @@ def build(cfg: CacheBuildConfig, spec: AugmentSpec, workers: int) -> tuple[str, 
     seconds = time.perf_counter() - start
     fs, root = filesystem(url)
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
-    return url, index.num_samples * cfg.num_views / seconds, busy.fraction if busy else None, host_images.fallback_counts(fallbacks)
+    return (
+        url,
+        index.num_samples * cfg.num_views / seconds,
+        busy.fraction if busy else None,
+        host_images.fallback_counts(fallbacks),
+    )
 
 
 def _train_config(data: str, cache: str | None, args: argparse.Namespace, mode: str):
     # The paper's ImageNet recipe (jobs/configs/paper), its lr scaled to this batch.
-    overrides = [f"mode={mode}", f"student={args.student}", f"teacher={args.teacher}", f"data={data}", f"cache={cache or 'null'}",
-                 f"num_views={args.views}", f"batch_size={args.train_batch}", f"lr={0.2 * args.train_batch / 512}",
-                 f"bf16={args.precision == 'bf16'}", f"use_gpu={not args.dry_run}"]  # fmt: skip
+    overrides = [
+        f"mode={mode}",
+        f"student={args.student}",
+        f"teacher={args.teacher}",
+        f"data={data}",
+        f"cache={cache or 'null'}",
+        f"num_views={args.views}",
+        f"batch_size={args.train_batch}",
+        f"lr={0.2 * args.train_batch / 512}",
+        f"bf16={args.precision == 'bf16'}",
+        f"use_gpu={not args.dry_run}",
+    ]
     if mode == "online-catkd":
         overrides.append(f"teacher_weights={os.path.join(args.work, 'teacher.pt')}")
     return load_config(PAPER_CONFIG, overrides)
@@ -195,20 +217,39 @@ def _student_step(cfg, model, optimizer, x, labels, t_cam, t_logits, teacher=Non
     return terms["loss"].detach()
 
 
-def train(data: str, cache: str | None, args: argparse.Namespace, device: torch.device, mode: str, spec: AugmentSpec, teacher=None) -> dict[str, float]:
+def train(
+    data: str,
+    cache: str | None,
+    args: argparse.Namespace,
+    device: torch.device,
+    mode: str,
+    spec: AugmentSpec,
+    teacher=None,
+) -> dict[str, float]:
     """``args.steps`` training steps of the student in ``mode`` through the loader, as the
     Ray Train loop runs them (views rendered on the device with the device renderer):
     images/s and the fraction of step time spent waiting for data; ``ceiling`` also
     times the same student on one batch already on the device."""
     cfg = _train_config(data, cache, args, mode)
-    stream = ShardStream(ReaderConfig(data=data, batch_size=cfg.batch_size, spec=spec, num_views=args.views if cache else 0, normalize=False, cache=cache))
+    stream = ShardStream(
+        ReaderConfig(
+            data=data,
+            batch_size=cfg.batch_size,
+            spec=spec,
+            num_views=args.views if cache else 0,
+            normalize=False,
+            cache=cache,
+        )
+    )
     model = build_model(cfg.student, stream.index.num_classes).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     warmup, steps, epoch, images, wait = 10, 0, 0, 0, 0.0
     timed_start = time.perf_counter()
     loss_sum = torch.zeros((), device=device)
     fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)
-    loader = make_loader(stream, args.workers, pin_memory=device.type == "cuda")  # workers persist across epochs, as in the Ray loop
+    loader = make_loader(
+        stream, args.workers, pin_memory=device.type == "cuda"
+    )  # workers persist across epochs, as in the Ray loop
     last_batch = None
     while steps < args.steps:
         stream.set_epoch(epoch)
@@ -236,8 +277,14 @@ def train(data: str, cache: str | None, args: argparse.Namespace, device: torch.
         epoch += 1
     _sync(device)
     elapsed = time.perf_counter() - timed_start
-    out = {"mode": mode, "steps": steps, "images_per_s": images / elapsed, "data_wait_fraction": wait / elapsed,
-           "mean_loss": float(loss_sum) / steps, "host_decoded": host_images.fallback_counts(fallbacks)}  # fmt: skip
+    out = {
+        "mode": mode,
+        "steps": steps,
+        "images_per_s": images / elapsed,
+        "data_wait_fraction": wait / elapsed,
+        "mean_loss": float(loss_sum) / steps,
+        "host_decoded": host_images.fallback_counts(fallbacks),
+    }
     if mode == "catkd":  # the ceiling: the same steps on one batch already on the device
         for _ in range(3):
             _student_step(cfg, model, optimizer, *last_batch)
@@ -250,7 +297,9 @@ def train(data: str, cache: str | None, args: argparse.Namespace, device: torch.
     return out
 
 
-def renderer_bounds(data: str, teacher: torch.nn.Module, device: torch.device, views: int, resolution: int, count: int = 256) -> dict[str, float]:
+def renderer_bounds(
+    data: str, teacher: torch.nn.Module, device: torch.device, views: int, resolution: int, count: int = 256
+) -> dict[str, float]:
     """On the same views of ``count`` training images: the largest pixel difference
     between the CPU renderer and the device renderer, and between host JPEG decoding
     and the device decoder (nvJPEG on a GPU), with the CAT-loss difference each makes
@@ -260,12 +309,18 @@ def renderer_bounds(data: str, teacher: torch.nn.Module, device: torch.device, v
     ids = np.array([s.id for s in samples], np.int64)
     cpu_spec = AugmentSpec.preset("imagenet")
     decoded = [decode_image(s, index.image_shape, "bounds") for s in samples]
-    params = np.stack([view_params(cpu_spec, ids, v, np.array([d.shape[:2] for d in decoded])) for v in range(views)], axis=1)
+    params = np.stack(
+        [view_params(cpu_spec, ids, v, np.array([d.shape[:2] for d in decoded])) for v in range(views)], axis=1
+    )
     cpu = torch.stack([render_views(cpu_spec, decoded, ids, v, params[:, v])[1] for v in range(views)], 1).flatten(0, 1)
     device_spec = AugmentSpec.preset("imagenet", renderer="device", decoder="cpu")
-    rendered, _ = render_packed(device_spec, host_images.pack(samples, index.image_shape, "bounds", "cpu"), params, ids, device, "bounds")
+    rendered, _ = render_packed(
+        device_spec, host_images.pack(samples, index.image_shape, "bounds", "cpu"), params, ids, device, "bounds"
+    )
     nvjpeg_spec = AugmentSpec.preset("imagenet", renderer="device", decoder="nvjpeg")
-    nvjpeg, _ = render_packed(nvjpeg_spec, host_images.pack(samples, index.image_shape, "bounds", "nvjpeg"), params, ids, device, "bounds")
+    nvjpeg, _ = render_packed(
+        nvjpeg_spec, host_images.pack(samples, index.image_shape, "bounds", "nvjpeg"), params, ids, device, "bounds"
+    )
     rendered, nvjpeg = rendered.flatten(0, 1), nvjpeg.flatten(0, 1)
 
     @torch.inference_mode()
@@ -284,7 +339,9 @@ def renderer_bounds(data: str, teacher: torch.nn.Module, device: torch.device, v
         figures[f"{name}_max_pixel_difference"] = int(diff.max())
         figures[f"{name}_fraction_of_pixels_differing"] = float((diff > 0).double().mean())
         # The CAT loss between teacher targets of the two: what the student would be pulled by, relative to the targets' own scale.
-        figures[f"{name}_cat_loss_difference"] = float(torch.nn.functional.mse_loss(targets, base_targets) / reference.pow(2).mean())
+        figures[f"{name}_cat_loss_difference"] = float(
+            torch.nn.functional.mse_loss(targets, base_targets) / reference.pow(2).mean()
+        )
     return figures
 
 
@@ -301,22 +358,69 @@ def ray_path(args: argparse.Namespace, data: str, weights: str, resolution: int,
     ``catkd cache build --gpus-per-actor 1`` and ``catkd train ... use_gpu=true``.
     Training figures are those of the last of ``--ray-epochs`` epochs (metrics.jsonl)."""
     on_gpu = device.type == "cuda"
-    build_args = ["cache", "build", "--data", data, "--teacher", args.teacher, "--weights", weights, "--root", os.path.join(args.work, "ray-caches"),
-                  "--views", str(args.views), "--resolution", str(resolution), "--spec", "imagenet", "--precision", args.precision,
-                  "--batch-size", str(args.batch), "--gpus-per-actor", "1" if on_gpu else "0"]  # fmt: skip
+    build_args = [
+        "cache",
+        "build",
+        "--data",
+        data,
+        "--teacher",
+        args.teacher,
+        "--weights",
+        weights,
+        "--root",
+        os.path.join(args.work, "ray-caches"),
+        "--views",
+        str(args.views),
+        "--resolution",
+        str(resolution),
+        "--spec",
+        "imagenet",
+        "--precision",
+        args.precision,
+        "--batch-size",
+        str(args.batch),
+        "--gpus-per-actor",
+        "1" if on_gpu else "0",
+    ]
     if on_gpu:  # a dry run on the CPU takes the cpu renderer: the device renderer needs CUDA
         build_args += ["--renderer", args.renderer, "--decoder", args.decoder, "--cpus-per-actor", "1"]
     with GpuBusy() if on_gpu else contextlib.nullcontext() as busy:
         out = _catkd(*build_args)
-    rate = float(re.search(r"\[cache\] built [\d,]+ views in [\d.]+ s \(([\d,]+) views/s\)", out).group(1).replace(",", ""))
+    rate = float(
+        re.search(r"\[cache\] built [\d,]+ views in [\d.]+ s \(([\d,]+) views/s\)", out).group(1).replace(",", "")
+    )
     url = re.search(r"^url (\S+)", out, re.M).group(1)
-    figures = {"build_views_per_s": rate, "gpu_busy_fraction": busy.fraction if on_gpu else None, "build_line": re.findall(r"^\[cache\] built.*$", out, re.M)}
+    figures = {
+        "build_views_per_s": rate,
+        "gpu_busy_fraction": busy.fraction if on_gpu else None,
+        "build_line": re.findall(r"^\[cache\] built.*$", out, re.M),
+    }
     for mode, label in (("ce", "alone"), ("catkd", "cached"), ("online-catkd", "online")):
-        overrides = [f"mode={mode}", f"student={args.student}", f"teacher={args.teacher}", f"data={data}", f"epochs={args.ray_epochs}", "num_workers=1",
-                     f"use_gpu={str(on_gpu).lower()}", f"batch_size={args.train_batch}", f"lr={0.2 * args.train_batch / 512}", f"bf16={str(args.precision == 'bf16').lower()}",
-                     f"loader_workers={args.workers}", f"cpus_per_worker={args.workers + 1}", f"storage_path={os.path.join(args.work, 'ray-runs')}", f"name={label}",
-                     "test_split=train", "warmup_epochs=0"]  # fmt: skip
-        overrides += [f"cache={url}"] if mode == "catkd" else [f"teacher_weights={weights}", "cache=null"] if mode == "online-catkd" else ["cache=null"]
+        overrides = [
+            f"mode={mode}",
+            f"student={args.student}",
+            f"teacher={args.teacher}",
+            f"data={data}",
+            f"epochs={args.ray_epochs}",
+            "num_workers=1",
+            f"use_gpu={str(on_gpu).lower()}",
+            f"batch_size={args.train_batch}",
+            f"lr={0.2 * args.train_batch / 512}",
+            f"bf16={str(args.precision == 'bf16').lower()}",
+            f"loader_workers={args.workers}",
+            f"cpus_per_worker={args.workers + 1}",
+            f"storage_path={os.path.join(args.work, 'ray-runs')}",
+            f"name={label}",
+            "test_split=train",
+            "warmup_epochs=0",
+        ]
+        overrides += (
+            [f"cache={url}"]
+            if mode == "catkd"
+            else [f"teacher_weights={weights}", "cache=null"]
+            if mode == "online-catkd"
+            else ["cache=null"]
+        )
         _catkd("train", PAPER_CONFIG, *overrides)
         with open(os.path.join(args.work, "ray-runs", label, "metrics.jsonl")) as f:
             last = [json.loads(line) for line in f][-1]
@@ -336,32 +440,68 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--precision", choices=["bf16", "fp32", "tf32"], default="bf16", help="teacher and student compute precision")
-    parser.add_argument("--renderer", choices=["device", "cpu"], default="device", help="view renderer of the build and the trainings")
-    parser.add_argument("--decoder", choices=["nvjpeg", "cpu"], default="nvjpeg", help="JPEG decoder (nvjpeg needs --renderer device)")
-    parser.add_argument("--ray", action="store_true", help="also run the build and the trainings through the real catkd commands on Ray")
-    parser.add_argument("--ray-epochs", type=int, default=2, help="epochs of each Ray training (the last one's figures count)")
+    parser.add_argument(
+        "--precision", choices=["bf16", "fp32", "tf32"], default="bf16", help="teacher and student compute precision"
+    )
+    parser.add_argument(
+        "--renderer", choices=["device", "cpu"], default="device", help="view renderer of the build and the trainings"
+    )
+    parser.add_argument(
+        "--decoder", choices=["nvjpeg", "cpu"], default="nvjpeg", help="JPEG decoder (nvjpeg needs --renderer device)"
+    )
+    parser.add_argument(
+        "--ray", action="store_true", help="also run the build and the trainings through the real catkd commands on Ray"
+    )
+    parser.add_argument(
+        "--ray-epochs", type=int, default=2, help="epochs of each Ray training (the last one's figures count)"
+    )
     parser.add_argument("--out", help="write the figures here as JSON")
-    parser.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU, to check the script before spending GPU time")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny sizes on the CPU, to check the script before spending GPU time"
+    )
     args = parser.parse_args()
     if args.dry_run:
-        args.images, args.classes, args.views, args.batch, args.train_batch, args.steps, args.workers = 64, 4, 2, 16, 8, 12, 2
+        args.images, args.classes, args.views, args.batch, args.train_batch, args.steps, args.workers = (
+            64,
+            4,
+            2,
+            16,
+            8,
+            12,
+            2,
+        )
         args.teacher = args.student = "tv_resnet18"
         args.precision = "fp32"  # bf16 on a CPU without bf16 units is ~30x slower
     elif not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_check.py needs a CUDA GPU; none is visible to torch here (--dry-run runs it tiny on the CPU)")
+        raise SystemExit(
+            "bench/gpu_check.py needs a CUDA GPU; none is visible to torch here (--dry-run runs it tiny on the CPU)"
+        )
     device = torch.device("cpu" if args.dry_run else "cuda")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (dry run on the CPU)"
-    print(f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); {os.cpu_count()} CPUs, {args.workers} loader workers", flush=True)
+    print(
+        f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); {os.cpu_count()} CPUs, {args.workers} loader workers",
+        flush=True,
+    )
     torch.backends.cudnn.benchmark = True
     os.makedirs(args.work, exist_ok=True)
     t = time.perf_counter()
     made = make_folder(os.path.join(args.work, "folder"), args.images, args.classes)
     data = os.path.join(args.work, "shards-256")
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        shard_dataset(ShardConfig(f"imagefolder:{os.path.join(args.work, 'folder')}", data, samples_per_shard=min(256, args.images // 4),
-                                  max_short_side=256, progress=False), pool=pool)  # fmt: skip
-    print(f"data: {made['images']} ImageNet-like JPEGs ({made['mean_kb']:.0f} KB), sharded at short side 256 in {time.perf_counter() - t:.0f} s", flush=True)
+        shard_dataset(
+            ShardConfig(
+                f"imagefolder:{os.path.join(args.work, 'folder')}",
+                data,
+                samples_per_shard=min(256, args.images // 4),
+                max_short_side=256,
+                progress=False,
+            ),
+            pool=pool,
+        )
+    print(
+        f"data: {made['images']} ImageNet-like JPEGs ({made['mean_kb']:.0f} KB), sharded at short side 256 in {time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
 
     num_classes = read_index(data, "train").num_classes
     torch.manual_seed(0)
@@ -369,47 +509,108 @@ def main() -> None:
     weights = os.path.join(args.work, "teacher.pt")
     torch.save(checkpoint_payload(teacher, args.teacher), weights)
     spec = AugmentSpec.preset("imagenet")
-    bare = bare_forward(teacher.eval().to(device).to(memory_format=torch.channels_last), spec, args.batch, device, args.precision == "bf16", 1.0 if args.dry_run else 8.0)
-    print(f"bare teacher forward ({args.teacher}, {args.precision}, channels_last, batch {args.batch}): {bare:,.0f} images/s", flush=True)
+    bare = bare_forward(
+        teacher.eval().to(device).to(memory_format=torch.channels_last),
+        spec,
+        args.batch,
+        device,
+        args.precision == "bf16",
+        1.0 if args.dry_run else 8.0,
+    )
+    print(
+        f"bare teacher forward ({args.teacher}, {args.precision}, channels_last, batch {args.batch}): {bare:,.0f} images/s",
+        flush=True,
+    )
 
     resolution = load_config(PAPER_CONFIG, ["cache=-", "data=-"]).resolution
     render_spec = AugmentSpec.preset("imagenet", renderer=args.renderer, decoder=args.decoder)
     bounds = renderer_bounds(data, teacher, device, args.views, resolution, count=16 if args.dry_run else 256)
-    print(f"renderers on {bounds['views']} views: device vs cpu renderer: largest pixel difference {bounds['renderer_max_pixel_difference']} "
-          f"({100 * bounds['renderer_fraction_of_pixels_differing']:.4f}% of pixels), CAT loss {bounds['renderer_cat_loss_difference']:.2e} of the targets' scale; "
-          f"nvJPEG vs host decoding: {bounds['decoder_max_pixel_difference']} ({100 * bounds['decoder_fraction_of_pixels_differing']:.2f}% of pixels), "
-          f"CAT loss {bounds['decoder_cat_loss_difference']:.2e}", flush=True)  # fmt: skip
-    cfg = CacheBuildConfig(data=data, teacher=args.teacher, weights=weights, root=os.path.join(args.work, "caches"), num_views=args.views, spec="imagenet",
-                           resolution=resolution, renderer=args.renderer, decoder=args.decoder,
-                           precision=args.precision, channels_last=True, gpus_per_actor=0 if args.dry_run else 1, batch_size=args.batch, progress=False)  # fmt: skip
+    print(
+        f"renderers on {bounds['views']} views: device vs cpu renderer: largest pixel difference {bounds['renderer_max_pixel_difference']} "
+        f"({100 * bounds['renderer_fraction_of_pixels_differing']:.4f}% of pixels), CAT loss {bounds['renderer_cat_loss_difference']:.2e} of the targets' scale; "
+        f"nvJPEG vs host decoding: {bounds['decoder_max_pixel_difference']} ({100 * bounds['decoder_fraction_of_pixels_differing']:.2f}% of pixels), "
+        f"CAT loss {bounds['decoder_cat_loss_difference']:.2e}",
+        flush=True,
+    )
+    cfg = CacheBuildConfig(
+        data=data,
+        teacher=args.teacher,
+        weights=weights,
+        root=os.path.join(args.work, "caches"),
+        num_views=args.views,
+        spec="imagenet",
+        resolution=resolution,
+        renderer=args.renderer,
+        decoder=args.decoder,
+        precision=args.precision,
+        channels_last=True,
+        gpus_per_actor=0 if args.dry_run else 1,
+        batch_size=args.batch,
+        progress=False,
+    )
     url, rate, busy, host_decoded = build(cfg, render_spec, args.workers)
     busy_text = f"GPU busy {100 * busy:.0f}% of the build" if busy is not None else "no GPU"
-    print(f"cache build ({args.renderer} renderer, {args.decoder} decoder): {rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
-          f"{args.images * args.views:,} views -> {url}; decoded on the host instead of nvJPEG: {host_decoded or 'none'}", flush=True)  # fmt: skip
+    print(
+        f"cache build ({args.renderer} renderer, {args.decoder} decoder): {rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
+        f"{args.images * args.views:,} views -> {url}; decoded on the host instead of nvJPEG: {host_decoded or 'none'}",
+        flush=True,
+    )
     live_teacher = teacher.eval().to(device).to(memory_format=torch.channels_last)
     runs = {}
     for mode, cache, label in (("ce", None, "alone"), ("catkd", url, "cached"), ("online-catkd", None, "online")):
-        runs[label] = train(data, cache, args, device, mode, render_spec, live_teacher if mode == "online-catkd" else None)
-        print(f"training {args.student} {label} ({mode}; {args.precision}, channels_last, batch {args.train_batch}, {args.workers} loader workers): "
-              f"{runs[label]['images_per_s']:,.0f} images/s, data wait {100 * runs[label]['data_wait_fraction']:.1f}% of step time", flush=True)  # fmt: skip
+        runs[label] = train(
+            data, cache, args, device, mode, render_spec, live_teacher if mode == "online-catkd" else None
+        )
+        print(
+            f"training {args.student} {label} ({mode}; {args.precision}, channels_last, batch {args.train_batch}, {args.workers} loader workers): "
+            f"{runs[label]['images_per_s']:,.0f} images/s, data wait {100 * runs[label]['data_wait_fraction']:.1f}% of step time",
+            flush=True,
+        )
     ceiling = runs["cached"]["ceiling_images_per_s"]
     cached = runs["cached"]["images_per_s"]
-    print(f"ceiling (the cached CAT-KD step on a batch already on the device): {ceiling:,.0f} images/s; cached/ceiling {cached / ceiling:.2f} (target 0.9), "
-          f"cached/alone {cached / runs['alone']['images_per_s']:.2f} (target 0.95), cached/online {cached / runs['online']['images_per_s']:.2f} (target 1.3)", flush=True)  # fmt: skip
-    figures = {"gpu": gpu, "path": "in-process", "torch": torch.__version__, "cpus": os.cpu_count(), "loader_workers": args.workers, "data": made,
-               "bare_forward_images_per_s": bare, "build_views_per_s": rate, "build_vs_bare": rate / bare, "gpu_busy_fraction": busy,
-               "build_host_decoded": host_decoded, "renderer_bounds": bounds,
-               "train": {"alone": runs["alone"]["images_per_s"], "cached": cached, "online": runs["online"]["images_per_s"], "ceiling": ceiling,
-                         "cached_data_wait_fraction": runs["cached"]["data_wait_fraction"], "runs": runs},
-               "settings": vars(args)}  # fmt: skip
+    print(
+        f"ceiling (the cached CAT-KD step on a batch already on the device): {ceiling:,.0f} images/s; cached/ceiling {cached / ceiling:.2f} (target 0.9), "
+        f"cached/alone {cached / runs['alone']['images_per_s']:.2f} (target 0.95), cached/online {cached / runs['online']['images_per_s']:.2f} (target 1.3)",
+        flush=True,
+    )
+    figures = {
+        "gpu": gpu,
+        "path": "in-process",
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "loader_workers": args.workers,
+        "data": made,
+        "bare_forward_images_per_s": bare,
+        "build_views_per_s": rate,
+        "build_vs_bare": rate / bare,
+        "gpu_busy_fraction": busy,
+        "build_host_decoded": host_decoded,
+        "renderer_bounds": bounds,
+        "train": {
+            "alone": runs["alone"]["images_per_s"],
+            "cached": cached,
+            "online": runs["online"]["images_per_s"],
+            "ceiling": ceiling,
+            "cached_data_wait_fraction": runs["cached"]["data_wait_fraction"],
+            "runs": runs,
+        },
+        "settings": vars(args),
+    }
     if args.ray:
         ray_figures = ray_path(args, data, weights, resolution, device)
-        print(f"ray path: cache build {ray_figures['build_views_per_s']:,.0f} views/s ({ray_figures['build_views_per_s'] / bare:.2f} of the bare forward); "
-              + "; ".join(f"{k} {ray_figures[k]['images_per_s']:,.0f} images/s (data wait {100 * ray_figures[k]['data_wait_fraction']:.0f}%)" for k in ("alone", "cached", "online")), flush=True)  # fmt: skip
+        print(
+            f"ray path: cache build {ray_figures['build_views_per_s']:,.0f} views/s ({ray_figures['build_views_per_s'] / bare:.2f} of the bare forward); "
+            + "; ".join(
+                f"{k} {ray_figures[k]['images_per_s']:,.0f} images/s (data wait {100 * ray_figures[k]['data_wait_fraction']:.0f}%)"
+                for k in ("alone", "cached", "online")
+            ),
+            flush=True,
+        )
         figures["ray"] = ray_figures | {"path": "ray"}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=1)
+
 
 if __name__ == "__main__":
     main()

@@ -18,7 +18,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # (long side, short side / long side, probability): the common ImageNet shapes, then a tail.
-_SHAPES = [(500, 0.75, 0.55), (500, 0.666, 0.15), (500, 1.0, 0.04), (400, 0.75, 0.1), (333, 0.75, 0.1), (800, 0.75, 0.04), (1024, 0.68, 0.02)]
+_SHAPES = [
+    (500, 0.75, 0.55),
+    (500, 0.666, 0.15),
+    (500, 1.0, 0.04),
+    (400, 0.75, 0.1),
+    (333, 0.75, 0.1),
+    (800, 0.75, 0.04),
+    (1024, 0.68, 0.02),
+]
 _GRAIN_SIDE = 1100  # one grain tile per process; each image takes a window of it at a random offset
 
 
@@ -80,13 +88,24 @@ def _write_class(args: tuple[str, int, int, int, str]) -> int:
     return total
 
 
-def make_folder(root: str, images: int = 20_000, classes: int = 100, val_images: int = 0, seed: int = 0, workers: int | None = None) -> dict[str, float]:
+def make_folder(
+    root: str, images: int = 20_000, classes: int = 100, val_images: int = 0, seed: int = 0, workers: int | None = None
+) -> dict[str, float]:
     """``root/train/<class>/*.JPEG`` (and ``root/val/...`` when ``val_images``), made in
     parallel; files already there are kept. Returns counts and mean bytes and pixels."""
     jobs = [(root, seed, c, images // classes, "train") for c in range(classes)]
     jobs += [(root, seed, c, val_images // classes, "val") for c in range(classes) if val_images]
     with ProcessPoolExecutor(workers or os.cpu_count()) as pool:
         total_bytes = sum(pool.map(_write_class, jobs))
-    sizes = [image_size(np.random.default_rng([seed, c, k])) for c in range(min(classes, 10)) for k in range(images // classes)]
+    sizes = [
+        image_size(np.random.default_rng([seed, c, k]))
+        for c in range(min(classes, 10))
+        for k in range(images // classes)
+    ]
     count = (images // classes + val_images // classes) * classes
-    return {"images": count, "classes": classes, "mean_kb": total_bytes / count / 1e3, "mean_pixels": float(np.mean([h * w for h, w in sizes]))}
+    return {
+        "images": count,
+        "classes": classes,
+        "mean_kb": total_bytes / count / 1e3,
+        "mean_pixels": float(np.mean([h * w for h, w in sizes])),
+    }

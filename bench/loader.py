@@ -21,9 +21,9 @@ import torchvision
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from pipeline.data.views import MEAN_STD, AugmentSpec
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.views import MEAN_STD, AugmentSpec
 
 
 def images_per_second(loader, limit: int) -> float:
@@ -37,7 +37,14 @@ def images_per_second(loader, limit: int) -> float:
 
 def imagefolder_loader(root: str, workers: int, batch: int) -> DataLoader:
     mean, std = MEAN_STD["cifar"]
-    tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std)])
+    tf = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
     dataset = torchvision.datasets.ImageFolder(os.path.join(root, "train"), transform=tf)
     return DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True)
 
@@ -58,14 +65,27 @@ def main() -> None:
         shards = {}
         for encoding in ("keep", "raw"):
             shards[encoding] = os.path.join(tmp, f"shards-{encoding}")
-            shard_dataset(ShardConfig(source=f"imagefolder:{args.archive}", out=shards[encoding], splits=["train"], samples_per_shard=5000, encoding=encoding, progress=False))
+            shard_dataset(
+                ShardConfig(
+                    source=f"imagefolder:{args.archive}",
+                    out=shards[encoding],
+                    splits=["train"],
+                    samples_per_shard=5000,
+                    encoding=encoding,
+                    progress=False,
+                )
+            )
 
         def reader(encoding: str, normalize: bool):
-            cfg = ReaderConfig(data=shards[encoding], batch_size=args.batch, spec=AugmentSpec.preset("cifar"), normalize=normalize)
+            cfg = ReaderConfig(
+                data=shards[encoding], batch_size=args.batch, spec=AugmentSpec.preset("cifar"), normalize=normalize
+            )
             return make_loader(ShardStream(cfg), args.workers)
 
         loaders = {
-            "torchvision ImageFolder (JPEG)": lambda: imagefolder_loader(os.path.join(tmp, "folder"), args.workers, args.batch),
+            "torchvision ImageFolder (JPEG)": lambda: imagefolder_loader(
+                os.path.join(tmp, "folder"), args.workers, args.batch
+            ),
             "catkd reader, JPEG shards": lambda: reader("keep", True),
             "catkd reader, raw-pixel shards": lambda: reader("raw", True),
             "catkd reader, raw shards, uint8 out": lambda: reader("raw", False),

@@ -45,7 +45,10 @@ def make_shards(work: str, images: int) -> str:
     if not os.path.exists(os.path.join(data, "train.index.json")):
         make_folder(folder, images, 20)
         with ProcessPoolExecutor(os.cpu_count()) as pool:  # no Ray needed for this bench
-            shard_dataset(ShardConfig(f"imagefolder:{folder}", data, samples_per_shard=250, max_short_side=256, progress=False), pool=pool)
+            shard_dataset(
+                ShardConfig(f"imagefolder:{folder}", data, samples_per_shard=250, max_short_side=256, progress=False),
+                pool=pool,
+            )
     return data
 
 
@@ -74,11 +77,19 @@ def renderer_difference(samples, shape, views: int) -> dict:
     params, cpu = zip(*(render_views(spec, decoded, ids, v) for v in range(views)))
     cpu = torch.stack(cpu, 1)
     start = time.perf_counter()
-    device = render_on_device(spec, [torch.from_numpy(np.ascontiguousarray(d)).permute(2, 0, 1) for d in decoded], torch.from_numpy(np.stack(params, 1)))
+    device = render_on_device(
+        spec,
+        [torch.from_numpy(np.ascontiguousarray(d)).permute(2, 0, 1) for d in decoded],
+        torch.from_numpy(np.stack(params, 1)),
+    )
     seconds = time.perf_counter() - start
     diff = (device.int() - cpu.int()).abs()
-    return {"views": int(cpu.shape[0] * cpu.shape[1]), "max_pixel_difference": int(diff.max()),
-            "fraction_of_pixels_differing": float((diff > 0).double().mean()), "device_renderer_on_cpu_ms_per_view": 1e3 * seconds / (cpu.shape[0] * cpu.shape[1])}  # fmt: skip
+    return {
+        "views": int(cpu.shape[0] * cpu.shape[1]),
+        "max_pixel_difference": int(diff.max()),
+        "fraction_of_pixels_differing": float((diff > 0).double().mean()),
+        "device_renderer_on_cpu_ms_per_view": 1e3 * seconds / (cpu.shape[0] * cpu.shape[1]),
+    }
 
 
 def main() -> None:
@@ -94,19 +105,31 @@ def main() -> None:
     index = read_index(data, "train")
     samples = [s for info in index.shards for s in load_shard(data, index, info)]
     spec = AugmentSpec.preset("imagenet", seed=0)
-    print(f"{len(samples)} ImageNet-like JPEGs at short side 256, S = {args.views} views, one thread, {args.rounds} alternating rounds", flush=True)
+    print(
+        f"{len(samples)} ImageNet-like JPEGs at short side 256, S = {args.views} views, one thread, {args.rounds} alternating rounds",
+        flush=True,
+    )
     rounds = [host_paths(samples, index.image_shape, spec, args.views) for _ in range(args.rounds)]
     figures: dict = {"images": len(samples), "views": args.views, "paths": {}}
     base = min(r["cpu"][0] for r in rounds)
     for name in rounds[0]:
         best = min(r[name][0] for r in rounds)
         per_image_ms, mb = 1e3 * best / len(samples), rounds[0][name][1] / len(samples) / 1e3
-        figures["paths"][name] = {"host_ms_per_image": per_image_ms, "kb_per_image_to_device": mb, "vs_cpu_path": base / best}
-        print(f"  {name:<14} host {per_image_ms:6.2f} ms/image  ({base / best:5.1f}x the cpu path's rate)  {mb:7.1f} KB/image handed on", flush=True)
+        figures["paths"][name] = {
+            "host_ms_per_image": per_image_ms,
+            "kb_per_image_to_device": mb,
+            "vs_cpu_path": base / best,
+        }
+        print(
+            f"  {name:<14} host {per_image_ms:6.2f} ms/image  ({base / best:5.1f}x the cpu path's rate)  {mb:7.1f} KB/image handed on",
+            flush=True,
+        )
     diff = renderer_difference(samples[:200], index.image_shape, args.views)
     figures["renderer_difference"] = diff
-    print(f"device renderer vs cpu renderer on {diff['views']} views: largest pixel difference {diff['max_pixel_difference']}, "
-          f"{100 * diff['fraction_of_pixels_differing']:.5f}% of pixels differ; device renderer on this CPU {diff['device_renderer_on_cpu_ms_per_view']:.2f} ms/view")  # fmt: skip
+    print(
+        f"device renderer vs cpu renderer on {diff['views']} views: largest pixel difference {diff['max_pixel_difference']}, "
+        f"{100 * diff['fraction_of_pixels_differing']:.5f}% of pixels differ; device renderer on this CPU {diff['device_renderer_on_cpu_ms_per_view']:.2f} ms/view"
+    )
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=1)

@@ -104,10 +104,22 @@ def _say(message: str) -> None:
 
 def shard(cfg: StudyConfig, data: str) -> dict:
     start = time.perf_counter()
-    shard_dataset(ShardConfig(f"imagefolder:{cfg.archive}", data, subset=cfg.subset or None, samples_per_shard=cfg.samples_per_shard, encoding="raw"))
+    shard_dataset(
+        ShardConfig(
+            f"imagefolder:{cfg.archive}",
+            data,
+            subset=cfg.subset or None,
+            samples_per_shard=cfg.samples_per_shard,
+            encoding="raw",
+        )
+    )
     index = read_index(data, "train")
-    return {"seconds": time.perf_counter() - start, "train_images": index.num_samples, "test_images": read_index(data, "test").num_samples,
-            "classes": index.classes}  # fmt: skip
+    return {
+        "seconds": time.perf_counter() - start,
+        "train_images": index.num_samples,
+        "test_images": read_index(data, "test").num_samples,
+        "classes": index.classes,
+    }
 
 
 def run_name(mode: str, views: int, seed: int) -> str:
@@ -128,7 +140,9 @@ def planned_runs(cfg: StudyConfig) -> list[tuple[str, int, int]]:
     return runs
 
 
-def mode_config(cfg: StudyConfig, base: TrainConfig, mode: str, views: int, caches: dict[int, str], teacher_weights: str, **changes) -> TrainConfig:
+def mode_config(
+    cfg: StudyConfig, base: TrainConfig, mode: str, views: int, caches: dict[int, str], teacher_weights: str, **changes
+) -> TrainConfig:
     """One student. ce reads no views: num_views 0 draws view e at epoch e, the very views
     a cached run with S = epochs replays, so runs of one seed see the same data in the
     same order; online-catkd replays those views with the teacher live."""
@@ -166,9 +180,17 @@ def groups_of(runs: list[dict]) -> list[dict]:
     grouped: dict[tuple[str, int | None], list[dict]] = {}
     for run in runs:
         grouped.setdefault((run["mode"], run["views"]), []).append(run)
-    return [{"mode": mode, "views": views, "seeds": [r["seed"] for r in members], "top1": [r["test_top1"] for r in members],
-             "top1_mean": statistics.mean(r["test_top1"] for r in members), "top1_std": spread([r["test_top1"] for r in members])}
-            for (mode, views), members in grouped.items()]  # fmt: skip
+    return [
+        {
+            "mode": mode,
+            "views": views,
+            "seeds": [r["seed"] for r in members],
+            "top1": [r["test_top1"] for r in members],
+            "top1_mean": statistics.mean(r["test_top1"] for r in members),
+            "top1_std": spread([r["test_top1"] for r in members]),
+        }
+        for (mode, views), members in grouped.items()
+    ]
 
 
 def paired(runs: list[dict], mode: str, other: str, views: int) -> dict:
@@ -178,7 +200,13 @@ def paired(runs: list[dict], mode: str, other: str, views: int) -> dict:
     seeds = [s for (m, v, s) in final if m == mode and v == views and (other, other_views, s) in final]
     diffs = {str(s): final[(mode, views, s)] - final[(other, other_views, s)] for s in sorted(seeds)}
     values = list(diffs.values())
-    return {"per_seed": diffs, "mean": statistics.mean(values), "std": spread(values), "positive": sum(v > 0 for v in values), "seeds": len(values)}
+    return {
+        "per_seed": diffs,
+        "mean": statistics.mean(values),
+        "std": spread(values),
+        "positive": sum(v > 0 for v in values),
+        "seeds": len(values),
+    }
 
 
 def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict]) -> dict:
@@ -186,14 +214,18 @@ def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict
     averaged per (mode, S)."""
     batch, inputs, classes = load_split(data, "test")
     torch.set_num_threads(os.cpu_count() or 1)
-    teacher_cams, _ = raw_true_class_cams(load_model(teacher_weights, len(classes)), inputs, batch["label"])  # once, for every student
+    teacher_cams, _ = raw_true_class_cams(
+        load_model(teacher_weights, len(classes)), inputs, batch["label"]
+    )  # once, for every student
     for run in runs:
         student_cams, _ = raw_true_class_cams(load_model(run["weights"], len(classes)), inputs, batch["label"])
         run["cam_agreement"] = cam_agreement(teacher_cams, student_cams, resolution=cfg.resolution)
     per_group: dict[str, dict] = {}
     for run in runs:
         key = run["mode"] if run["views"] in (None, cfg.epochs) else f"{run['mode']}-S{run['views']}"
-        per_group.setdefault(key, {"mode": run["mode"], "views": run["views"], "runs": []})["runs"].append(run["cam_agreement"])
+        per_group.setdefault(key, {"mode": run["mode"], "views": run["views"], "runs": []})["runs"].append(
+            run["cam_agreement"]
+        )
     for entry in per_group.values():
         members = entry.pop("runs")
         for metric in ("cosine_pooled_r%d" % cfg.resolution, "cosine_full", "peak_cell_agreement"):
@@ -216,7 +248,14 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         first = run["seed"] == min(r["seed"] for r in runs if (r["mode"], r["views"]) == group)
         epochs = [m["epoch"] for m in run["history"]]
         for ax, key in zip(axes, ("test_top1", "train_top1")):
-            ax.plot(epochs, [m[key] for m in run["history"]], style, color=colours[group], label=label if first else None, lw=1.2)
+            ax.plot(
+                epochs,
+                [m[key] for m in run["history"]],
+                style,
+                color=colours[group],
+                label=label if first else None,
+                lw=1.2,
+            )
     for ax, title in zip(axes, ("test top-1 (%)", "train top-1 (%)")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
@@ -238,15 +277,36 @@ def prepare_teacher(cfg: StudyConfig, base: TrainConfig, data: str) -> tuple[Stu
         if arch != cfg.teacher:
             print(f"[study] {cfg.teacher_weights} holds a {arch}: using that as the teacher architecture")
         cfg = replace(cfg, teacher=arch)
-        info = {"source": cfg.teacher_weights, "trained_here": False, "sha256": hashlib.sha256(raw).hexdigest(), "epochs": None}
+        info = {
+            "source": cfg.teacher_weights,
+            "trained_here": False,
+            "sha256": hashlib.sha256(raw).hexdigest(),
+            "epochs": None,
+        }
         weights = cfg.teacher_weights
     else:
-        run = train(replace(base, student=cfg.teacher, name="teacher", epochs=cfg.teacher_epochs, lr=cfg.lr * cfg.teacher_workers,
-                            lr_decay_epochs=milestones(cfg.teacher_epochs), num_workers=cfg.teacher_workers, cpus_per_worker=0))  # fmt: skip
+        run = train(
+            replace(
+                base,
+                student=cfg.teacher,
+                name="teacher",
+                epochs=cfg.teacher_epochs,
+                lr=cfg.lr * cfg.teacher_workers,
+                lr_decay_epochs=milestones(cfg.teacher_epochs),
+                num_workers=cfg.teacher_workers,
+                cpus_per_worker=0,
+            )
+        )
         weights = run["exported"]["student_cam.pt"]
         info = {"source": weights, "trained_here": True, "epochs": cfg.teacher_epochs, "history": run["history"]}
     metrics = evaluate_checkpoint(weights, data, arch=cfg.teacher, loader_workers=cfg.loader_workers)
-    return cfg, {"arch": cfg.teacher, "test_top1": metrics["top1"], "test_top5": metrics["top5"], "weights": weights, **info}
+    return cfg, {
+        "arch": cfg.teacher,
+        "test_top1": metrics["top1"],
+        "test_top5": metrics["top5"],
+        "weights": weights,
+        **info,
+    }
 
 
 def run_study(cfg: StudyConfig, command: str = "") -> dict:
@@ -261,12 +321,28 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     data_info = shard(cfg, data)
     seconds["shard"] = data_info.pop("seconds")
 
-    base = TrainConfig(mode="ce", student=cfg.student, data=data, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                       lr=cfg.lr * cfg.student_workers, lr_decay_epochs=milestones(cfg.epochs), beta=cfg.beta,
-                       resolution=cfg.resolution, kd_temperature=cfg.kd_temperature,
-                       num_workers=cfg.student_workers, use_gpu=cfg.use_gpu, loader_workers=cfg.loader_workers,
-                       cpus_per_worker=cfg.cpus_per_worker, storage_path=runs_root, shuffle_buffer=cfg.shuffle_buffer)  # fmt: skip
-    _say("2/7 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)"))
+    base = TrainConfig(
+        mode="ce",
+        student=cfg.student,
+        data=data,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr * cfg.student_workers,
+        lr_decay_epochs=milestones(cfg.epochs),
+        beta=cfg.beta,
+        resolution=cfg.resolution,
+        kd_temperature=cfg.kd_temperature,
+        num_workers=cfg.student_workers,
+        use_gpu=cfg.use_gpu,
+        loader_workers=cfg.loader_workers,
+        cpus_per_worker=cfg.cpus_per_worker,
+        storage_path=runs_root,
+        shuffle_buffer=cfg.shuffle_buffer,
+    )
+    _say(
+        "2/7 the teacher: "
+        + (cfg.teacher_weights or f"train {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)")
+    )
     t = time.perf_counter()
     cfg, teacher = prepare_teacher(cfg, base, data)
     teacher_weights = teacher["weights"]
@@ -282,44 +358,77 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for views in cfg.all_view_counts:
         t, wall_start = time.perf_counter(), time.time()
-        caches[views] = build_cache(CacheBuildConfig(data=data, teacher=cfg.teacher, weights=teacher_weights, root=cache_root, num_views=views,
-                                                     resolution=cfg.resolution, actors=cfg.cache_actors,
-                                                     gpus_per_actor=1.0 if cfg.use_gpu else 0.0))  # fmt: skip
+        caches[views] = build_cache(
+            CacheBuildConfig(
+                data=data,
+                teacher=cfg.teacher,
+                weights=teacher_weights,
+                root=cache_root,
+                num_views=views,
+                resolution=cfg.resolution,
+                actors=cfg.cache_actors,
+                gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
+            )
+        )
         info = cache_info(caches[views])
         built_now = datetime.fromisoformat(info["created"].replace("Z", "+00:00")).timestamp() >= wall_start - 1
         if built_now:
             timings[info["cache_id"]] = time.perf_counter() - t
             timings_path.write_text(json.dumps(timings, indent=1))
         # build_seconds None: the cache was made by a run that did not time it
-        cache_figures[str(views)] = {"build_seconds": timings.get(info["cache_id"]), "views": views * data_info["train_images"],
-                                     "bytes": info["bytes_on_storage"], "bytes_per_view": info["bytes_per_view"]}  # fmt: skip
+        cache_figures[str(views)] = {
+            "build_seconds": timings.get(info["cache_id"]),
+            "views": views * data_info["train_images"],
+            "bytes": info["bytes_on_storage"],
+            "bytes_per_view": info["bytes_per_view"],
+        }
     seconds["caches"] = time.perf_counter() - t0
 
     _say("4/7 throughput side by side: each mode alone for one epoch")
     t = time.perf_counter()
     modes = {}
     for mode in MODES:
-        last = train(mode_config(cfg, replace(base, epochs=1), mode, cfg.epochs, caches, teacher_weights, name=f"throughput/{mode}"))["history"][-1]
+        last = train(
+            mode_config(
+                cfg, replace(base, epochs=1), mode, cfg.epochs, caches, teacher_weights, name=f"throughput/{mode}"
+            )
+        )["history"][-1]
         modes[mode] = {k: last[k] for k in ("images_per_s", "data_wait_fraction")}
     batch, inputs, classes = load_split(data, "test")
     x = inputs[: cfg.batch_size]
-    forward = {"teacher": forward_rate(load_model(teacher_weights, len(classes)), x), "student": forward_rate(build_model(cfg.student, len(classes)), x)}
+    forward = {
+        "teacher": forward_rate(load_model(teacher_weights, len(classes)), x),
+        "student": forward_rate(build_model(cfg.student, len(classes)), x),
+    }
     throughput = {"modes": modes, "forward_images_per_s": forward, "caches": cache_figures}
     seconds["throughput"] = time.perf_counter() - t
 
     planned = planned_runs(cfg)
     _say(f"5/7 {len(planned)} student runs, {cfg.concurrent} at a time")
     t = time.perf_counter()
-    configs = [mode_config(cfg, base, mode, views, caches, teacher_weights, seed=seed, name=run_name(mode, views, seed)) for mode, views, seed in planned]
+    configs = [
+        mode_config(cfg, base, mode, views, caches, teacher_weights, seed=seed, name=run_name(mode, views, seed))
+        for mode, views, seed in planned
+    ]
     with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
         results = list(pool.map(train, configs))
     seconds["students"] = time.perf_counter() - t
     runs = []
     for (mode, views, seed), result in zip(planned, results):
         last = result["history"][-1]
-        runs.append({"name": run_name(mode, views, seed), "mode": mode, "views": None if mode == "ce" else views, "seed": seed,
-                     "test_top1": last["test_top1"], "test_top5": last["test_top5"], "train_top1": last["train_top1"],
-                     "weights": result["exported"]["student_cam.pt"], "history": result["history"]})  # fmt: skip
+        runs.append(
+            {
+                "name": run_name(mode, views, seed),
+                "mode": mode,
+                "views": None if mode == "ce" else views,
+                "seed": seed,
+                "test_top1": last["test_top1"],
+                "test_top5": last["test_top5"],
+                "train_top1": last["train_top1"],
+                "weights": result["exported"]["student_cam.pt"],
+                "history": result["history"],
+            }
+        )
 
     _say("6/7 CAM agreement with the teacher on every test image")
     t = time.perf_counter()
@@ -338,17 +447,33 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     summary = {
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
-        "settings": {**asdict(cfg), "student_lr_decay_epochs": milestones(cfg.epochs), "momentum": base.momentum, "weight_decay": base.weight_decay,
-                     "lr_decay_rate": base.lr_decay_rate, "ce_weight": base.ce_weight, "kd_weight": base.kd_weight, "spec": base.spec,
-                     "cache_storage": CacheBuildConfig.storage, "normalize": base.normalize},  # fmt: skip
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if cfg.use_gpu and torch.cuda.is_available() else None},  # fmt: skip
+        "settings": {
+            **asdict(cfg),
+            "student_lr_decay_epochs": milestones(cfg.epochs),
+            "momentum": base.momentum,
+            "weight_decay": base.weight_decay,
+            "lr_decay_rate": base.lr_decay_rate,
+            "ce_weight": base.ce_weight,
+            "kd_weight": base.kd_weight,
+            "spec": base.spec,
+            "cache_storage": CacheBuildConfig.storage,
+            "normalize": base.normalize,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if cfg.use_gpu and torch.cuda.is_available() else None,
+        },
         "data": data_info,
         "teacher": teacher,
         "runs": runs,
         "groups": groups_of(runs),
-        "paired_differences": {"catkd_minus_ce": paired(runs, "catkd", "ce", cfg.epochs), "catkd_minus_kd": paired(runs, "catkd", "kd", cfg.epochs),
-                               "kd_minus_ce": paired(runs, "kd", "ce", cfg.epochs)},  # fmt: skip
+        "paired_differences": {
+            "catkd_minus_ce": paired(runs, "catkd", "ce", cfg.epochs),
+            "catkd_minus_kd": paired(runs, "catkd", "kd", cfg.epochs),
+            "kd_minus_ce": paired(runs, "kd", "ce", cfg.epochs),
+        },
         "cam_agreement": cam,
         "throughput": throughput,
         "seconds": seconds,

@@ -41,9 +41,14 @@ def accuracy(summary: dict) -> str:
     for g in sorted(main, key=lambda g: list(MODE_NAMES).index(g["mode"])):
         per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
         views = "" if g["views"] is None else g["views"]
-        lines.append(f"| {MODE_NAMES[g['mode']]} | {views} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |")
+        lines.append(
+            f"| {MODE_NAMES[g['mode']]} | {views} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |"
+        )
     t = summary["teacher"]
-    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same {summary['data']['test_images']:,} test images."]
+    lines += [
+        "",
+        f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same {summary['data']['test_images']:,} test images.",
+    ]
     return "\n".join(lines)
 
 
@@ -53,7 +58,9 @@ def paired(summary: dict) -> str:
     for key, label in names.items():
         d = summary["paired_differences"][key]
         per_seed = ", ".join(f"{_pm(v)} (seed {s})" for s, v in d["per_seed"].items())
-        lines.append(f"| {label} | {per_seed} | **{_pm(d['mean'])}** | {_std(d['std'])} | {d['positive']} of {d['seeds']} |")
+        lines.append(
+            f"| {label} | {per_seed} | **{_pm(d['mean'])}** | {_std(d['std'])} | {d['positive']} of {d['seeds']} |"
+        )
     return "\n".join(lines)
 
 
@@ -61,27 +68,42 @@ def verdict(summary: dict) -> str:
     """The ordering CAT-KD > KD > vanilla, said plainly: each paired mean against its own
     seed-to-seed spread."""
     sentences = []
-    for key, better, worse in (("catkd_minus_kd", "CAT-KD", "KD"), ("kd_minus_ce", "KD", "vanilla"), ("catkd_minus_ce", "CAT-KD", "vanilla")):
+    for key, better, worse in (
+        ("catkd_minus_kd", "CAT-KD", "KD"),
+        ("kd_minus_ce", "KD", "vanilla"),
+        ("catkd_minus_ce", "CAT-KD", "vanilla"),
+    ):
         d = summary["paired_differences"][key]
         holds = d["mean"] > 0
         sizing = ""
         if d["std"]:
             sizing = f", {abs(d['mean']) / d['std']:.1f} times the spread of the paired differences ({d['std']:.2f})"
-        sentences.append(f"{better} {'>' if holds else '<='} {worse}: {_pm(d['mean'])} points on average{sizing}, "
-                         f"positive in {d['positive']} of {d['seeds']} seeds.")  # fmt: skip
+        sentences.append(
+            f"{better} {'>' if holds else '<='} {worse}: {_pm(d['mean'])} points on average{sizing}, "
+            f"positive in {d['positive']} of {d['seeds']} seeds."
+        )
     order = [summary["paired_differences"][k]["mean"] > 0 for k in ("catkd_minus_kd", "kd_minus_ce")]
-    head = "**CAT-KD > KD > vanilla holds at this budget.**" if all(order) else "**CAT-KD > KD > vanilla does not hold at this budget.**"
+    head = (
+        "**CAT-KD > KD > vanilla holds at this budget.**"
+        if all(order)
+        else "**CAT-KD > KD > vanilla does not hold at this budget.**"
+    )
     return "\n".join([head, "", *[f"- {s}" for s in sentences]])
 
 
 def view_study(summary: dict) -> str:
-    lines = ["| S | seeds | top-1 mean (%) | std | per seed | train top-1 at the end (first seed) |", "|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "| S | seeds | top-1 mean (%) | std | per seed | train top-1 at the end (first seed) |",
+        "|---:|---:|---:|---:|---|---:|",
+    ]
     first_train = {}
     for run in summary["runs"]:
         first_train.setdefault((run["mode"], run["views"]), run["train_top1"])
     for g in sorted((g for g in summary["groups"] if g["mode"] == "catkd"), key=lambda g: g["views"]):
         per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
-        lines.append(f"| {g['views']} | {len(g['top1'])} | {g['top1_mean']:.2f} | {_std(g['top1_std'])} | {per_seed} | {first_train[('catkd', g['views'])]:.1f} |")
+        lines.append(
+            f"| {g['views']} | {len(g['top1'])} | {g['top1_mean']:.2f} | {_std(g['top1_std'])} | {per_seed} | {first_train[('catkd', g['views'])]:.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -90,10 +112,15 @@ def cam_agreement(summary: dict) -> str:
     order = ["ce", "kd", "catkd", "online-catkd", "cat"]
     entries = sorted(summary["cam_agreement"].items(), key=lambda kv: (order.index(kv[1]["mode"]), kv[1]["views"] or 0))
     some = entries[0][1]
-    lines = [f"| student | runs | cosine, pooled {r}x{r} | cosine, full {some['cells']} cells | same peak cell |", "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"| student | runs | cosine, pooled {r}x{r} | cosine, full {some['cells']} cells | same peak cell |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for key, e in entries:
         label = MODE_NAMES[e["mode"]] + ("" if key == e["mode"] else f", S = {e['views']}")
-        lines.append(f"| {label} | {e['runs']} | {e[f'cosine_pooled_r{r}']:.3f} | {e['cosine_full']:.3f} | {100 * e['peak_cell_agreement']:.1f}% |")
+        lines.append(
+            f"| {label} | {e['runs']} | {e[f'cosine_pooled_r{r}']:.3f} | {e['cosine_full']:.3f} | {100 * e['peak_cell_agreement']:.1f}% |"
+        )
     return "\n".join(lines)
 
 
@@ -102,22 +129,40 @@ def speed(summary: dict) -> str:
     base = t["modes"]["ce"]["images_per_s"]
     lines = ["| mode (alone, one epoch) | images/s | vs `ce` | data wait |", "|---|---:|---:|---:|"]
     for mode, m in t["modes"].items():
-        lines.append(f"| {MODE_NAMES[mode]} | {m['images_per_s']:.0f} | {m['images_per_s'] / base:.2f} | {100 * m['data_wait_fraction']:.1f}% |")
+        lines.append(
+            f"| {MODE_NAMES[mode]} | {m['images_per_s']:.0f} | {m['images_per_s'] / base:.2f} | {100 * m['data_wait_fraction']:.1f}% |"
+        )
     s = summary["settings"]
     f = t["forward_images_per_s"]
-    lines += ["", f"Bare forward at batch {s['batch_size']} on one thread: teacher `{s['teacher']}` {f['teacher']:.0f} images/s, "
-              f"student `{s['student']}` {f['student']:.0f} images/s ({f['teacher'] / f['student']:.2f} of the student's rate).", "",
-              "| cache | views | build time | views/s | bytes per view | total size |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"Bare forward at batch {s['batch_size']} on one thread: teacher `{s['teacher']}` {f['teacher']:.0f} images/s, "
+        f"student `{s['student']}` {f['student']:.0f} images/s ({f['teacher'] / f['student']:.2f} of the student's rate).",
+        "",
+        "| cache | views | build time | views/s | bytes per view | total size |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for views, c in sorted(t["caches"].items(), key=lambda kv: int(kv[0])):
         timed = c["build_seconds"] is not None
-        took, rate = (f"{c['build_seconds']:.0f} s", f"{c['views'] / c['build_seconds']:.0f}") if timed else ("not timed", "")
-        lines.append(f"| S = {views} | {c['views']:,} | {took} | {rate} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} MB |")
+        took, rate = (
+            (f"{c['build_seconds']:.0f} s", f"{c['views'] / c['build_seconds']:.0f}") if timed else ("not timed", "")
+        )
+        lines.append(
+            f"| S = {views} | {c['views']:,} | {took} | {rate} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} MB |"
+        )
     seconds = summary["seconds"]
     lines += ["", "Wall time (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in seconds.items()) + "."]
     return "\n".join(lines)
 
 
-TABLES = {"accuracy": accuracy, "paired": paired, "verdict": verdict, "views": view_study, "cams": cam_agreement, "speed": speed}
+TABLES = {
+    "accuracy": accuracy,
+    "paired": paired,
+    "verdict": verdict,
+    "views": view_study,
+    "cams": cam_agreement,
+    "speed": speed,
+}
 
 
 def markdown(summary: dict) -> str:

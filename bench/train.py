@@ -25,8 +25,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(archive: str, subset: int, epochs: int, batch: int, loader_workers: int, workers: list[int], pair: str, work: str,
-            compile_student: bool = False) -> list[dict]:  # fmt: skip
+def measure(
+    archive: str,
+    subset: int,
+    epochs: int,
+    batch: int,
+    loader_workers: int,
+    workers: list[int],
+    pair: str,
+    work: str,
+    compile_student: bool = False,
+) -> list[dict]:
     """Shard, build a cache and train each configuration with the code on sys.path (only
     APIs that both sides have are used)."""
     import torch
@@ -40,34 +49,91 @@ def measure(archive: str, subset: int, epochs: int, batch: int, loader_workers: 
 
     teacher, student = pair.split(":")
     data = f"{work}/shards"
-    shard_dataset(ShardConfig(f"imagefolder:{archive}", data, subset=subset, samples_per_shard=500, encoding="raw", progress=False))
+    shard_dataset(
+        ShardConfig(
+            f"imagefolder:{archive}", data, subset=subset, samples_per_shard=500, encoding="raw", progress=False
+        )
+    )
     num_classes = read_index(data, "train").num_classes
     weights = f"{work}/{teacher}.pth"
     torch.manual_seed(0)
     torch.save(checkpoint_payload(build_model(teacher, num_classes, bias=True), teacher), weights)
-    cache = build_cache(CacheBuildConfig(data=data, teacher=teacher, weights=weights, root=f"{work}/caches", num_views=epochs, progress=False))
+    cache = build_cache(
+        CacheBuildConfig(
+            data=data, teacher=teacher, weights=weights, root=f"{work}/caches", num_views=epochs, progress=False
+        )
+    )
     rows = []
     for n in workers:
-        common = dict(data=data, student=student, epochs=epochs, batch_size=batch, lr_decay_epochs=[epochs], num_workers=n,
-                      loader_workers=loader_workers, storage_path=f"{work}/runs")  # fmt: skip
+        common = dict(
+            data=data,
+            student=student,
+            epochs=epochs,
+            batch_size=batch,
+            lr_decay_epochs=[epochs],
+            num_workers=n,
+            loader_workers=loader_workers,
+            storage_path=f"{work}/runs",
+        )
         # normalize=true: a randomly initialised teacher's CAMs are large; this measures speed.
         for mode, extra in (("ce", {}), ("catkd", {"cache": cache, "normalize": True})):
             last = train(TrainConfig(mode=mode, name=f"{mode}-{n}w", **common, **extra))["history"][-1]
-            rows.append({"mode": mode, "workers": n, "images_per_s": last["images_per_s"], "data_wait_fraction": last["data_wait_fraction"]})
-    if compile_student and "compile" in TrainConfig.__dataclass_fields__:  # item 7 of issue 13: does torch.compile help on CPU?
-        common = dict(data=data, student=student, epochs=epochs, batch_size=batch, lr_decay_epochs=[epochs], num_workers=1,
-                      loader_workers=loader_workers, storage_path=f"{work}/runs")  # fmt: skip
+            rows.append(
+                {
+                    "mode": mode,
+                    "workers": n,
+                    "images_per_s": last["images_per_s"],
+                    "data_wait_fraction": last["data_wait_fraction"],
+                }
+            )
+    if (
+        compile_student and "compile" in TrainConfig.__dataclass_fields__
+    ):  # item 7 of issue 13: does torch.compile help on CPU?
+        common = dict(
+            data=data,
+            student=student,
+            epochs=epochs,
+            batch_size=batch,
+            lr_decay_epochs=[epochs],
+            num_workers=1,
+            loader_workers=loader_workers,
+            storage_path=f"{work}/runs",
+        )
         last = train(TrainConfig(mode="ce", name="ce-compiled", compile=True, **common))["history"][-1]
-        rows.append({"mode": "ce+compile", "workers": 1, "images_per_s": last["images_per_s"], "data_wait_fraction": last["data_wait_fraction"]})
+        rows.append(
+            {
+                "mode": "ce+compile",
+                "workers": 1,
+                "images_per_s": last["images_per_s"],
+                "data_wait_fraction": last["data_wait_fraction"],
+            }
+        )
     return rows
 
 
 def run_side(code: Path, args: argparse.Namespace, out: Path) -> list[dict]:
     """One side's measurement in a process whose imports resolve to ``code``."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PYTHONPATH": str(code)}
-    command = [sys.executable, __file__, args.archive, "--measure-into", str(out), "--subset", str(args.subset), "--epochs", str(args.epochs),
-               "--batch", str(args.batch), "--loader-workers", str(args.loader_workers), "--pair", args.pair,
-               "--workers", *map(str, args.workers), *(["--compile"] if args.compile else [])]  # fmt: skip
+    command = [
+        sys.executable,
+        __file__,
+        args.archive,
+        "--measure-into",
+        str(out),
+        "--subset",
+        str(args.subset),
+        "--epochs",
+        str(args.epochs),
+        "--batch",
+        str(args.batch),
+        "--loader-workers",
+        str(args.loader_workers),
+        "--pair",
+        args.pair,
+        "--workers",
+        *map(str, args.workers),
+        *(["--compile"] if args.compile else []),
+    ]
     subprocess.run(command, cwd=code, env=env, check=True)
     return json.loads(out.read_text())
 
@@ -93,7 +159,11 @@ def main() -> None:
     parser.add_argument("--pair", default="resnet56:resnet20", help="teacher:student")
     parser.add_argument("--before", help="a git revision to compare with (checked out in a worktree)")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of before and after")
-    parser.add_argument("--compile", action="store_true", help="also the student alone with compile=true (1 worker; where the code has it)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also the student alone with compile=true (1 worker; where the code has it)",
+    )
     parser.add_argument("--measure-into", help=argparse.SUPPRESS)  # internal: one side, rows to this JSON file
     args = parser.parse_args()
     archive = str(Path(args.archive).resolve())
@@ -101,7 +171,17 @@ def main() -> None:
 
     if args.measure_into:
         with tempfile.TemporaryDirectory() as work:
-            rows = measure(archive, args.subset, args.epochs, args.batch, args.loader_workers, args.workers, args.pair, work, args.compile)
+            rows = measure(
+                archive,
+                args.subset,
+                args.epochs,
+                args.batch,
+                args.loader_workers,
+                args.workers,
+                args.pair,
+                work,
+                args.compile,
+            )
         Path(args.measure_into).write_text(json.dumps(rows))
         return
 
@@ -109,7 +189,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.before:
             worktree = Path(tmp) / "before"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree), args.before], check=True)
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(worktree), args.before], check=True
+            )
             sides = {"before": worktree, "after": ROOT}
         try:
             results: dict[str, list[list[dict]]] = {side: [] for side in sides}
@@ -121,21 +203,27 @@ def main() -> None:
             if args.before:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     tables = {side: best(rounds) for side, rounds in results.items()}
-    print(f"\n{args.subset} CIFAR-10 images, {args.pair}, batch {args.batch} per worker, {args.loader_workers} loader worker(s) per worker, "
-          f"last of {args.epochs} epochs, best of {args.rounds} round(s); {os.cpu_count()} CPUs")  # fmt: skip
+    print(
+        f"\n{args.subset} CIFAR-10 images, {args.pair}, batch {args.batch} per worker, {args.loader_workers} loader worker(s) per worker, "
+        f"last of {args.epochs} epochs, best of {args.rounds} round(s); {os.cpu_count()} CPUs"
+    )
     header = f"{'mode':<12}{'workers':>4}" + "".join(f"{side + ' img/s':>14}{'wait':>7}" for side in sides)
     print(header + (f"{'after/before':>14}" if "before" in sides else ""))
     for key in tables["after"]:
         line = f"{key[0]:<12}{key[1]:>4}"
         for side in sides:
             row = tables[side].get(key)
-            line += f"{row['images_per_s']:>14.0f}{100 * row['data_wait_fraction']:>6.1f}%" if row else f"{'-':>14}{'':>7}"
+            line += (
+                f"{row['images_per_s']:>14.0f}{100 * row['data_wait_fraction']:>6.1f}%" if row else f"{'-':>14}{'':>7}"
+            )
         if "before" in sides and key in tables["before"]:
             line += f"{tables['after'][key]['images_per_s'] / tables['before'][key]['images_per_s']:>14.2f}"
         print(line)
     compiled, plain = tables["after"].get(("ce+compile", 1)), tables["after"].get(("ce", 1))
     if compiled and plain:
-        print(f"torch.compile, student alone, 1 worker: {compiled['images_per_s'] / plain['images_per_s']:.2f}x the eager rate (last epoch)")
+        print(
+            f"torch.compile, student alone, 1 worker: {compiled['images_per_s'] / plain['images_per_s']:.2f}x the eager rate (last epoch)"
+        )
 
 
 if __name__ == "__main__":

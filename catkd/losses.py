@@ -77,7 +77,9 @@ def cat_loss(
     student = pool_cam(student_cam.float(), resolution).flatten(2)  # (N, C, r*r)
     teacher = pool_cam(teacher_cam.float(), resolution).flatten(2)
     if student.shape != teacher.shape:
-        raise ValueError(f"cat_loss: student CAMs {tuple(student.shape)} and teacher CAMs {tuple(teacher.shape)} differ")
+        raise ValueError(
+            f"cat_loss: student CAMs {tuple(student.shape)} and teacher CAMs {tuple(teacher.shape)} differ"
+        )
     if normalize:
         # F.normalize divides by max(norm, eps): an all-zero map stays zero, never NaN.
         student = F.normalize(student, dim=2)

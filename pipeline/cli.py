@@ -55,12 +55,19 @@ def cmd_shard(args: argparse.Namespace) -> int:
         problems = verify_shards(args.paths[0], args.split or None)
         for problem in problems:
             print(problem, file=sys.stderr)
-        print(f"{args.paths[0]}: {'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}")
+        print(
+            f"{args.paths[0]}: {'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}"
+        )
         return 1 if problems else 0
     if len(args.paths) != 2:
         raise SystemExit("catkd shard takes SOURCE OUT (or --verify OUT)")
     source, out = args.paths
-    synthetic = {"image_size": args.image_size, "train_samples": args.train_samples, "test_samples": args.test_samples, "seed": args.seed}
+    synthetic = {
+        "image_size": args.image_size,
+        "train_samples": args.train_samples,
+        "test_samples": args.test_samples,
+        "seed": args.seed,
+    }
     cfg = ShardConfig(
         source=source,
         out=out,
@@ -81,11 +88,26 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from pipeline.cache import CacheBuildConfig, build_cache
 
     cfg = CacheBuildConfig(
-        data=args.data, teacher=args.teacher, weights=args.weights, root=args.root, split=args.split,
-        num_views=args.views, resolution=args.resolution, spec=args.spec, spec_seed=args.spec_seed,
-        storage=args.storage, binarize=args.binarize, actors=args.actors, gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size, precision=args.precision, channels_last=args.channels_last, feed_tasks=args.feed_tasks,
-        renderer=args.renderer, decoder=args.decoder,
+        data=args.data,
+        teacher=args.teacher,
+        weights=args.weights,
+        root=args.root,
+        split=args.split,
+        num_views=args.views,
+        resolution=args.resolution,
+        spec=args.spec,
+        spec_seed=args.spec_seed,
+        storage=args.storage,
+        binarize=args.binarize,
+        actors=args.actors,
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        channels_last=args.channels_last,
+        feed_tasks=args.feed_tasks,
+        renderer=args.renderer,
+        decoder=args.decoder,
     )
     url = build_cache(cfg)
     print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
@@ -121,7 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(config, overrides)
     result = train(cfg)
     last = result["history"][-1]
-    print(f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder {result['run']}")
+    print(
+        f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder {result['run']}"
+    )
     for name, path in result["exported"].items():
         print(f"[train] exported {name}: {path}")
     return 0
@@ -142,14 +166,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pipeline.train.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, split=args.split, arch=args.arch, spec=args.spec, device=args.device)
-    print(f"{args.checkpoint}: {metrics['arch']} on {args.data} [{args.split}], {metrics['samples']} samples, {metrics['device']}: "
-          f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%")  # fmt: skip
+    metrics = evaluate_checkpoint(
+        args.checkpoint, args.data, split=args.split, arch=args.arch, spec=args.spec, device=args.device
+    )
+    print(
+        f"{args.checkpoint}: {metrics['arch']} on {args.data} [{args.split}], {metrics['samples']} samples, {metrics['device']}: "
+        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="catkd", description="CAT-KD at cluster scale: cached teacher CAMs, distilled students.")
+    parser = argparse.ArgumentParser(
+        prog="catkd", description="CAT-KD at cluster scale: cached teacher CAMs, distilled students."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("models", help="list the model zoo with parameter counts and CAM sizes")
@@ -157,18 +187,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, help="class count (default 100 for CIFAR, 1000 for ImageNet)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("shard", help="dataset -> class-mixed WebDataset shards + index (Ray tasks)", usage="catkd shard SOURCE OUT [options] | catkd shard --verify OUT")
-    p.add_argument("paths", nargs="+", metavar="SOURCE OUT",
-                   help="SOURCE: imagefolder:URL (a folder or a .tar/.tar.gz, local or fsspec), cifar10:PATH, cifar100:PATH or "
-                   "synthetic:shapes; OUT: output URL (path, file://, s3://, ...)")  # fmt: skip
+    p = sub.add_parser(
+        "shard",
+        help="dataset -> class-mixed WebDataset shards + index (Ray tasks)",
+        usage="catkd shard SOURCE OUT [options] | catkd shard --verify OUT",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SOURCE OUT",
+        help="SOURCE: imagefolder:URL (a folder or a .tar/.tar.gz, local or fsspec), cifar10:PATH, cifar100:PATH or "
+        "synthetic:shapes; OUT: output URL (path, file://, s3://, ...)",
+    )
     p.add_argument("--verify", action="store_true", help="re-hash every shard in OUT against its index (no SOURCE)")
     p.add_argument("--order-seed", type=int, default=0, help="seed of the permutation that mixes classes across shards")
-    p.add_argument("--max-short-side", type=int, help="store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet")
+    p.add_argument(
+        "--max-short-side",
+        type=int,
+        help="store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet",
+    )
     p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of images resized by --max-short-side")
     p.add_argument("--split", action="append", help="split to shard (repeatable; default: all)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument("--encoding", choices=["keep", "raw"], default="keep", help="keep the source encoding or store raw RGB pixels")
-    p.add_argument("--subset", type=int, help="keep N samples per split, evenly spaced over the sorted source (class-balanced)")
+    p.add_argument(
+        "--encoding", choices=["keep", "raw"], default="keep", help="keep the source encoding or store raw RGB pixels"
+    )
+    p.add_argument(
+        "--subset", type=int, help="keep N samples per split, evenly spaced over the sorted source (class-balanced)"
+    )
     p.add_argument("--image-size", type=int, default=32, help="synthetic:shapes image side")
     p.add_argument("--train-samples", type=int, default=5000, help="synthetic:shapes training samples")
     p.add_argument("--test-samples", type=int, default=1000, help="synthetic:shapes test samples")
@@ -181,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", required=True, help="shards URL (from catkd shard)")
     b.add_argument("--split", default="train")
     b.add_argument("--teacher", required=True, help="teacher architecture (catkd models)")
-    b.add_argument("--weights", required=True, help="teacher checkpoint URL (ours, torchvision, or the reference code base's)")
+    b.add_argument(
+        "--weights", required=True, help="teacher checkpoint URL (ours, torchvision, or the reference code base's)"
+    )
     b.add_argument("--root", required=True, help="cache root URL; the cache goes to ROOT/<cache_id>")
     b.add_argument("--views", type=int, default=4, help="augmentation views per sample (S)")
     b.add_argument("--resolution", type=int, default=2, help="CAM pooling resolution r")
@@ -192,23 +240,50 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--actors", type=int, default=1)
     b.add_argument("--gpus-per-actor", type=float, default=0.0)
     b.add_argument("--cpus-per-actor", type=int, default=1)
-    b.add_argument("--batch-size", type=int, default=256, help="views per teacher forward pass (as large as the GPU allows)")
-    b.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the cache identity")  # fmt: skip
-    b.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual choice on GPUs)")  # fmt: skip
-    b.add_argument("--feed-tasks", type=int, help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)")
-    b.add_argument("--renderer", choices=["auto", "cpu", "device"], default="auto",
-                   help="where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have one); part of the identity")  # fmt: skip
-    b.add_argument("--decoder", choices=["auto", "cpu", "nvjpeg"], default="auto",
-                   help="JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device renderer); part of the identity")  # fmt: skip
+    b.add_argument(
+        "--batch-size", type=int, default=256, help="views per teacher forward pass (as large as the GPU allows)"
+    )
+    b.add_argument(
+        "--precision",
+        choices=["fp32", "tf32", "bf16"],
+        default="fp32",
+        help="teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the cache identity",
+    )
+    b.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual choice on GPUs)",
+    )
+    b.add_argument(
+        "--feed-tasks",
+        type=int,
+        help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)",
+    )
+    b.add_argument(
+        "--renderer",
+        choices=["auto", "cpu", "device"],
+        default="auto",
+        help="where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have one); part of the identity",
+    )
+    b.add_argument(
+        "--decoder",
+        choices=["auto", "cpu", "nvjpeg"],
+        default="auto",
+        help="JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device renderer); part of the identity",
+    )
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")
     i.set_defaults(func=cmd_cache_info)
     v = cache.add_parser("verify", help="completeness, checksums, finite values, recomputed samples")
     v.add_argument("url")
-    v.add_argument("--samples", type=int, default=2, help="random (sample, view) pairs of each data shard to recompute with the teacher")
+    v.add_argument(
+        "--samples",
+        type=int,
+        default=2,
+        help="random (sample, view) pairs of each data shard to recompute with the teacher",
+    )
     v.add_argument("--weights", help="teacher checkpoint URL (default: the one recorded at build time)")
     v.set_defaults(func=cmd_cache_verify)
 
@@ -228,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")
-    p.add_argument("checkpoint", help="model checkpoint URL (student_cam.pt, or any form load_checkpoint reads with --arch)")
+    p.add_argument(
+        "checkpoint", help="model checkpoint URL (student_cam.pt, or any form load_checkpoint reads with --arch)"
+    )
     p.add_argument("--data", required=True, help="shards URL")
     p.add_argument("--split", default="test")
     p.add_argument("--arch", help="architecture, when the checkpoint does not name it")

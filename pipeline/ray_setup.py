@@ -29,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ray
 
@@ -73,7 +74,11 @@ def join_local_ray(num_cpus: int | None = None) -> str:
         else:
             how = f"shared with {len(_live_users())} other command(s)"
         (_users_dir() / str(os.getpid())).touch()
-    print(f"[ray] local Ray {state['address']} ({how}; dashboard http://127.0.0.1:{state['dashboard_port']})", file=sys.stderr, flush=True)
+    print(
+        f"[ray] local Ray {state['address']} ({how}; dashboard http://127.0.0.1:{state['dashboard_port']})",
+        file=sys.stderr,
+        flush=True,
+    )
     # Token authentication, with a token of our own (never the user's ~/.ray one). Ray
     # reads the mode into its config when imported: refresh it, as ray.init does when it
     # turns token mode on for a cluster it starts itself.
@@ -104,10 +109,25 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     # Free ports for every listener: another Ray on the machine (a test cluster, a job
     # server) may hold Ray's default ones.
     # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
-    command = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-               f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}", "--disable-usage-stats"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "ray.scripts.scripts",
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--ray-client-server-port={client}",
+        "--disable-usage-stats",
+    ]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
     log_path = state_dir() / "head.log"
@@ -116,7 +136,9 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     # A session of its own: the head outlives the command that started it, and stopping
     # it signals its whole process group (keeper, GCS, raylet, dashboard, workers).
     keeper = [sys.executable, "-m", "pipeline.ray_setup", str(state_dir()), *command]
-    head = subprocess.Popen(keeper, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    head = subprocess.Popen(
+        keeper, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + START_TIMEOUT_S
     # Ready when `ray start` says so (GCS, raylet and dashboard up), not when a port opens.
     while b"Ray runtime started." not in log_path.read_bytes()[offset:]:

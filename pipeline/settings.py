@@ -33,7 +33,11 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
                 return check_value(name, value, option)
             except ConfigError as exc:
                 errors.append(exc)
-        raise errors[0] if len(errors) == 1 else ConfigError(f"{name}: got {value!r}, which is none of {' / '.join(_describe(o) for o in options)}")
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else ConfigError(f"{name}: got {value!r}, which is none of {' / '.join(_describe(o) for o in options)}")
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{name}: expected one of {', '.join(map(str, args))}, got {value!r}")

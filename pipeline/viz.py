@@ -15,13 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from catkd.models import CAMClassifier, load_checkpoint, read_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.data.loader import ReaderConfig, ShardStream
+from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.storage import filesystem
 
 
 @torch.no_grad()
-def raw_true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def raw_true_class_cams(
+    model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, h, w) CAM of each sample's true class at the model's own resolution, unscaled,
     and (N,) the model's predicted classes."""
     model.eval()
@@ -34,7 +36,9 @@ def raw_true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torc
     return torch.cat(cams), torch.cat(preds)
 
 
-def true_class_cams(model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+def true_class_cams(
+    model: CAMClassifier, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 500
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, H, W) CAM of each sample's true class, upsampled to the input size, in [0, 1],
     and (N,) the model's predicted classes."""
     raw, preds = raw_true_class_cams(model, inputs, labels, batch_size)
@@ -52,7 +56,9 @@ def cam_agreement(teacher_cams: torch.Tensor, student_cams: torch.Tensor, *, res
     t, s = teacher_cams, student_cams
     if s.shape[-2:] != t.shape[-2:]:
         s = F.interpolate(s[:, None], size=t.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    pooled = F.cosine_similarity(F.adaptive_avg_pool2d(t, resolution).flatten(1), F.adaptive_avg_pool2d(s, resolution).flatten(1))
+    pooled = F.cosine_similarity(
+        F.adaptive_avg_pool2d(t, resolution).flatten(1), F.adaptive_avg_pool2d(s, resolution).flatten(1)
+    )
     return {
         f"cosine_pooled_r{resolution}": float(pooled.mean()),
         "cosine_full": float(F.cosine_similarity(t.flatten(1), s.flatten(1)).mean()),
@@ -62,10 +68,16 @@ def cam_agreement(teacher_cams: torch.Tensor, student_cams: torch.Tensor, *, res
     }
 
 
-def load_split(data: str, split: str = "test", spec: str = "cifar") -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+def load_split(
+    data: str, split: str = "test", spec: str = "cifar"
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """A whole (small) split in evaluation views: the raw batch (uint8 images, labels and
     boxes where the dataset has them), the normalised inputs and the class names."""
-    stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False))
+    stream = ShardStream(
+        ReaderConfig(
+            data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False
+        )
+    )
     batch = next(iter(stream))
     return batch, normalize_batch(stream.cfg.spec, batch["image"]), stream.index.classes
 
@@ -87,7 +99,11 @@ def peak_in_box_rate(cams: torch.Tensor, boxes: torch.Tensor) -> float:
 
 
 def save_cam_grid(
-    path: str, images: np.ndarray, cams_by_model: dict[str, torch.Tensor], titles: list[str], captions: dict[str, list[str]] | None = None
+    path: str,
+    images: np.ndarray,
+    cams_by_model: dict[str, torch.Tensor],
+    titles: list[str],
+    captions: dict[str, list[str]] | None = None,
 ) -> None:
     """One row per image: the image, then each model's overlaid CAM (captioned, e.g. with
     the model's prediction, when ``captions`` gives a line per image for that model)."""
@@ -114,7 +130,9 @@ def save_cam_grid(
         f.write(buf.getvalue())
 
 
-def render_cam_report(data: str, checkpoints: dict[str, str], out: str, *, split: str = "test", shown: int = 6, spec: str = "cifar") -> dict[str, float]:
+def render_cam_report(
+    data: str, checkpoints: dict[str, str], out: str, *, split: str = "test", shown: int = 6, spec: str = "cifar"
+) -> dict[str, float]:
     """Draw ``shown`` test images, evenly spaced over the split (folder datasets are
     class-sorted), with every model's CAM for the true class and its prediction, into
     ``out`` (PNG); return each model's CAM-peak-in-box rate over the whole split (needs a

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.data.shard_writer import ShardConfig, id_order, shard_dataset
 from pipeline.data.shard_format import ShardError, load_shard, read_index
+from pipeline.data.shard_writer import ShardConfig, id_order, shard_dataset
 from pipeline.data.sources import SourceError
 from tests.conftest import write_cifar
 
@@ -21,7 +21,11 @@ SHAPES = {"train_samples": 40, "test_samples": 8, "image_size": 32, "seed": 1}
 @pytest.fixture
 def shapes_out(ray_local, tmp_path):
     out = tmp_path / "shapes"
-    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=10, synthetic=SHAPES, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes", str(out), splits=["train"], samples_per_shard=10, synthetic=SHAPES, progress=False
+        )
+    )
     return out
 
 
@@ -44,7 +48,9 @@ def test_corrupt_shard_bytes_name_file_and_samples(shapes_out):
     data = bytearray(path.read_bytes())
     data[600] ^= 0xFF  # a pixel of the first sample: the tar stays valid, the hash does not
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=r"train-000002\.tar: size or sha256 does not match .*samples 000000020\.\.000000029"):
+    with pytest.raises(
+        ShardError, match=r"train-000002\.tar: size or sha256 does not match .*samples 000000020\.\.000000029"
+    ):
         _load_all(shapes_out)
 
 
@@ -83,7 +89,9 @@ def test_undecodable_image_names_file_and_key_and_keeps_complete_shards(ray_loca
     bad.write_bytes(b"\x89PNG not really")
     out = tmp_path / "out"
     with pytest.raises(SourceError, match=rf"emu/003\.png: sample {_id_of(13, 15):09d}: undecodable png image"):
-        shard_dataset(ShardConfig(f"imagefolder:{image_folder}", str(out), splits=["train"], samples_per_shard=5, progress=False))
+        shard_dataset(
+            ShardConfig(f"imagefolder:{image_folder}", str(out), splits=["train"], samples_per_shard=5, progress=False)
+        )
     assert not (out / "train.index.json").exists()
     # The shards without the bad sample are complete, intact and verified.
     bad_shard = _id_of(13, 15) // 5
@@ -108,7 +116,9 @@ def test_cli_missing_source_exits_nonzero(tmp_path):
     missing = tmp_path / "nowhere"
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "shard", f"imagefolder:{missing}", str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert f"{missing}: source path does not exist" in result.stderr

@@ -16,19 +16,34 @@ import torch
 
 from catkd.losses import cat_loss, teacher_cam_targets
 from catkd.models import build_model, checkpoint_payload
-from pipeline.data.views import AugmentSpec, normalize_batch, render_views
-from pipeline.cache import CacheBuildConfig, CacheBuildError, CacheMismatchError, TargetCache, build_cache, expected_identity
+from pipeline.cache import (
+    CacheBuildConfig,
+    CacheBuildError,
+    CacheMismatchError,
+    TargetCache,
+    build_cache,
+    expected_identity,
+)
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.verify import cache_info, verify_cache
-from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.data.shard_format import decode_image, load_shard, read_index
+from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 
 
 @pytest.fixture(scope="module")
 def setup(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("cache")
     data = str(base / "shapes")
-    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=25, synthetic={"train_samples": 75, "test_samples": 10, "seed": 4}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            data,
+            samples_per_shard=25,
+            synthetic={"train_samples": 75, "test_samples": 10, "seed": 4},
+            progress=False,
+        )
+    )
     torch.manual_seed(0)
     teacher = build_model("resnet8", 10, bias=True)
     with torch.no_grad():
@@ -39,7 +54,16 @@ def setup(ray_local, tmp_path_factory):
 
 
 def _cfg(setup, root, **kw):
-    return CacheBuildConfig(data=setup["data"], teacher="resnet8", weights=setup["weights"], root=str(root), num_views=3, batch_size=32, progress=False, **kw)
+    return CacheBuildConfig(
+        data=setup["data"],
+        teacher="resnet8",
+        weights=setup["weights"],
+        root=str(root),
+        num_views=3,
+        batch_size=32,
+        progress=False,
+        **kw,
+    )
 
 
 def _direct(setup, j, view, binarize=False):
@@ -78,16 +102,27 @@ def test_storage_forms(setup, storage, tolerance):
     _, _, cam, _ = _direct(setup, 1, 1)
     error = np.abs(got["cam"] - cam).max() / np.abs(cam).max()
     assert error < tolerance
-    loss_error = abs(float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(got["cam"]))) / float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(cam))) - 1)
+    loss_error = abs(
+        float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(got["cam"])))
+        / float(cat_loss(torch.zeros_like(torch.tensor(cam)), torch.tensor(cam)))
+        - 1
+    )
     assert loss_error < 0.01
     # The stored form (what training loaders send) decodes on the device to the same values.
     from pipeline.train.step import cached_targets
 
     cache = TargetCache(url)
     stored = cache.read(1, 1, decode=False)
-    assert stored.get("cam", stored.get("features")).dtype == {"float32": np.float32, "int8": np.int8, "features": np.float16}[storage]
+    assert (
+        stored.get("cam", stored.get("features")).dtype
+        == {"float32": np.float32, "int8": np.int8, "features": np.float16}[storage]
+    )
     head = torch.from_numpy(cache.head_weight) if cache.head_weight is not None else None
-    t_cam, t_logits = cached_targets({f"t_{k}": torch.from_numpy(v) for k, v in stored.items() if k not in ("ids", "params")}, torch.device("cpu"), head)
+    t_cam, t_logits = cached_targets(
+        {f"t_{k}": torch.from_numpy(v) for k, v in stored.items() if k not in ("ids", "params")},
+        torch.device("cpu"),
+        head,
+    )
     np.testing.assert_allclose(t_cam.numpy(), got["cam"], rtol=1e-5, atol=1e-6 * np.abs(got["cam"]).max())
     np.testing.assert_array_equal(t_logits.numpy(), got["logits"])
 
@@ -107,8 +142,25 @@ def test_rerun_of_complete_cache_is_a_no_op(setup, float16_cache):
 
 
 def _cli_build(setup, root):
-    args = [sys.executable, "-m", "pipeline.cli", "cache", "build", "--data", setup["data"], "--teacher", "resnet8",
-            "--weights", setup["weights"], "--root", str(root), "--views", "3", "--batch-size", "32"]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "cache",
+        "build",
+        "--data",
+        setup["data"],
+        "--teacher",
+        "resnet8",
+        "--weights",
+        setup["weights"],
+        "--root",
+        str(root),
+        "--views",
+        "3",
+        "--batch-size",
+        "32",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
@@ -150,7 +202,10 @@ def test_two_concurrent_builds_do_not_corrupt_the_cache(setup, float16_cache):
     assert [p.returncode for p in procs] == [0, 0], outputs
     url = str(root / os.path.basename(float16_cache))
     _assert_same(_arrays(url), _arrays(float16_cache))
-    committed = {json.loads((root / os.path.basename(url) / "done" / f).read_text())["path"].split("/")[1] for f in os.listdir(os.path.join(url, "done"))}
+    committed = {
+        json.loads((root / os.path.basename(url) / "done" / f).read_text())["path"].split("/")[1]
+        for f in os.listdir(os.path.join(url, "done"))
+    }
     assert set(os.listdir(os.path.join(url, "data"))) == committed  # the losers' copies are gone
     assert verify_cache(url, sample_views=2) == []
 
@@ -169,7 +224,11 @@ def test_identity_mismatch_names_the_field(setup, float16_cache):
         index.fingerprint = "f" * 64
         cache.check(expected_identity(cfg, index, right.teacher_sha256))
     with pytest.raises(CacheMismatchError, match="resolution: the run needs 4"):
-        cache.check(expected_identity(_cfg(setup, "unused", resolution=4), read_index(setup["data"], "train"), right.teacher_sha256))
+        cache.check(
+            expected_identity(
+                _cfg(setup, "unused", resolution=4), read_index(setup["data"], "train"), right.teacher_sha256
+            )
+        )
 
 
 def test_foreign_folder_is_not_a_cache(tmp_path):
@@ -185,7 +244,9 @@ def test_non_finite_teacher_output_is_an_error(setup):
     torch.save(checkpoint_payload(teacher, "resnet8"), weights)
     cfg = _cfg(setup, setup["base"] / "root-nan")
     cfg.weights = weights
-    with pytest.raises(CacheBuildError, match=r"train-00000\d\.tar: sample 0000000\d\d view 0: non-finite teacher output"):
+    with pytest.raises(
+        CacheBuildError, match=r"train-00000\d\.tar: sample 0000000\d\d view 0: non-finite teacher output"
+    ):
         build_cache(cfg)
     done = [p for p in (setup["base"] / "root-nan").rglob("done/*.json")]
     assert done == []
@@ -194,18 +255,28 @@ def test_non_finite_teacher_output_is_an_error(setup):
 def test_info_and_verify_cli(setup, float16_cache):
     info = cache_info(float16_cache)
     assert info["bytes_per_view"] > 0 and info["shards_complete"] == "3/3"
-    ok = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", float16_cache, "--samples", "3"], capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cache", "verify", float16_cache, "--samples", "3"],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
 
 
 def test_verify_detects_corruption(setup):
     url = build_cache(_cfg(setup, setup["base"] / "root-corrupt", storage="float32"))
     record = TargetCache(url).records[1]
-    chunk = next(p for p in (setup["base"] / "root-corrupt").rglob("*") if p.is_file() and "/cam/c/" in str(p) and record["path"] in str(p))
+    chunk = next(
+        p
+        for p in (setup["base"] / "root-corrupt").rglob("*")
+        if p.is_file() and "/cam/c/" in str(p) and record["path"] in str(p)
+    )
     data = bytearray(chunk.read_bytes())
     data[-20] ^= 0xFF
     chunk.write_bytes(bytes(data))
-    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "cache", "verify", url, "--samples", "0"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cache", "verify", url, "--samples", "0"], capture_output=True, text=True
+    )
     assert result.returncode != 0
     assert "data shard 1" in result.stderr
 

@@ -12,7 +12,15 @@ from pipeline.data.shard_writer import ShardConfig, shard_dataset
 @pytest.fixture(scope="module")
 def shards(ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "shapes"
-    shard_dataset(ShardConfig("synthetic:shapes", str(out), samples_per_shard=20, synthetic={"train_samples": 40, "test_samples": 10}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            str(out),
+            samples_per_shard=20,
+            synthetic={"train_samples": 40, "test_samples": 10},
+            progress=False,
+        )
+    )
     return str(out)
 
 
@@ -21,7 +29,18 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
     with open(not_a_checkpoint, "w") as f:
         f.write("not a checkpoint\n")
     train = ["train", f"data={shards}", "mode=ce", f"storage_path={tmp}/runs"]
-    build = ["cache", "build", "--data", shards, "--teacher", "resnet8", "--weights", f"{tmp}/teacher.pt", "--root", f"{tmp}/caches"]
+    build = [
+        "cache",
+        "build",
+        "--data",
+        shards,
+        "--teacher",
+        "resnet8",
+        "--weights",
+        f"{tmp}/teacher.pt",
+        "--root",
+        f"{tmp}/caches",
+    ]
     return [
         (train + ["epochs=abc"], "epochs: expected an integer, got 'abc'"),
         (train + ["mode=cee"], "mode: expected one of ce, kd, catkd, cat, online-catkd, got 'cee'"),
@@ -36,8 +55,14 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (["train", f"{tmp}/nowhere.yaml", "epochs=1"], f"{tmp}/nowhere.yaml: cannot read the config file"),
         (["train", f"data={tmp}/no-shards", "mode=ce", f"storage_path={tmp}/runs"], f"{tmp}/no-shards"),
         (train + ["renderer=device"], "use_gpu=false"),
-        (build[:2] + ["--data", shards, "--teacher", "resnet8", "--weights", "w", "--root", "r", "--views", "0"], "num_views: must be at least 1, got 0"),
-        (build[:2] + ["--data", shards, "--teacher", "nonesuch", "--weights", "w", "--root", "r"], "teacher: unknown model 'nonesuch'"),
+        (
+            build[:2] + ["--data", shards, "--teacher", "resnet8", "--weights", "w", "--root", "r", "--views", "0"],
+            "num_views: must be at least 1, got 0",
+        ),
+        (
+            build[:2] + ["--data", shards, "--teacher", "nonesuch", "--weights", "w", "--root", "r"],
+            "teacher: unknown model 'nonesuch'",
+        ),
         (build, f"weights: {tmp}/teacher.pt: no such file"),
         (build + ["--renderer", "device"], "runs on the teacher's GPU"),
         (["eval", not_a_checkpoint, "--data", shards], f"{not_a_checkpoint}: cannot be read as a PyTorch checkpoint"),
@@ -75,6 +100,18 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
 def test_overrides_are_typed_as_their_fields():
     from pipeline.train.config import load_config
 
-    cfg = load_config(None, ["data=/d", "mode=ce", "weight_decay=1e-4", "beta=2", "select_n=null", "name=123", "lr_decay_epochs=[3, 5]", "bf16=true"])
+    cfg = load_config(
+        None,
+        [
+            "data=/d",
+            "mode=ce",
+            "weight_decay=1e-4",
+            "beta=2",
+            "select_n=null",
+            "name=123",
+            "lr_decay_epochs=[3, 5]",
+            "bf16=true",
+        ],
+    )
     assert cfg.weight_decay == 1e-4 and cfg.beta == 2.0 and isinstance(cfg.beta, float) and cfg.select_n is None
     assert cfg.name == "123" and cfg.lr_decay_epochs == [3, 5] and cfg.bf16 is True

@@ -17,7 +17,7 @@ from pipeline.cache import CacheBuildConfig, CacheBuildError, CacheMismatchError
 from pipeline.cache.feed import render_chunks
 from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings
 from pipeline.data import host_images
-from pipeline.data.device_render import DeviceRenderError, batch_views, render_on_device, render_packed
+from pipeline.data.device_render import DeviceRenderError, batch_views, render_on_device
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.data.shard_format import Sample, ShardError, read_index
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
@@ -53,7 +53,9 @@ def test_device_renderer_on_cpu_matches_the_cpu_renderer():
     images = [_photo(rng, h, w) for h, w in shapes]
     ids = np.arange(len(images))
     params, cpu = _cpu_views(IMAGENET, images, ids, 4)
-    device = render_on_device(DEVICE, [torch.from_numpy(im).permute(2, 0, 1) for im in images], torch.from_numpy(params))
+    device = render_on_device(
+        DEVICE, [torch.from_numpy(im).permute(2, 0, 1) for im in images], torch.from_numpy(params)
+    )
     assert device.shape == cpu.shape == (len(images), 4, 3, 224, 224) and device.dtype == torch.uint8
     diff = (device.int() - cpu.int()).abs()
     assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-4  # docs/cache.md: the measured bound
@@ -87,7 +89,14 @@ def test_jpeg_frames_and_what_nvjpeg_is_not_given():
 def test_packed_batch_decodes_on_the_device_with_counted_fallbacks():
     rng = np.random.default_rng(2)
     raw = [_photo(rng, 30 + k, 40 + 2 * k) for k in range(6)]
-    blobs = [_jpeg(raw[0]), _jpeg(raw[1], progressive=True), _jpeg(raw[2], "L"), _jpeg(raw[3], "CMYK"), _jpeg(raw[4]), _jpeg(raw[5])]
+    blobs = [
+        _jpeg(raw[0]),
+        _jpeg(raw[1], progressive=True),
+        _jpeg(raw[2], "L"),
+        _jpeg(raw[3], "CMYK"),
+        _jpeg(raw[4]),
+        _jpeg(raw[5]),
+    ]
     samples = [Sample(k, 0, b, "jpg") for k, b in enumerate(blobs)]
     packed = host_images.pack(samples, None, "shard-x.tar", "nvjpeg")
     assert packed["host_encoded"].tolist() == [True, False, False, False, True, True]
@@ -138,12 +147,18 @@ def test_renderer_and_decoder_are_part_of_the_spec_and_identity(setup):
         AugmentSpec.preset("imagenet", decoder="nvjpeg")
     cfg = CacheBuildConfig(data=setup["data"], teacher="resnet8", weights="w", root="r", spec="imagenet")
     assert (cfg.augment_spec().renderer, cfg.augment_spec().decoder) == ("cpu", "cpu")
-    on_gpu = CacheBuildConfig(data=setup["data"], teacher="resnet8", weights="w", root="r", spec="imagenet", gpus_per_actor=1)
+    on_gpu = CacheBuildConfig(
+        data=setup["data"], teacher="resnet8", weights="w", root="r", spec="imagenet", gpus_per_actor=1
+    )
     assert (on_gpu.augment_spec().renderer, on_gpu.augment_spec().decoder) == ("device", "nvjpeg")
     index = read_index(setup["data"], "train")
     assert expected_identity(cfg, index, "sha").cache_id != expected_identity(on_gpu, index, "sha").cache_id
-    with pytest.raises(CacheBuildError, match="renderer device with decoder cpu runs on the teacher's GPU.*--renderer cpu"):
-        CacheBuildConfig(data=setup["data"], teacher="resnet8", weights="w", root="r", renderer="device", decoder="cpu").augment_spec()
+    with pytest.raises(
+        CacheBuildError, match="renderer device with decoder cpu runs on the teacher's GPU.*--renderer cpu"
+    ):
+        CacheBuildConfig(
+            data=setup["data"], teacher="resnet8", weights="w", root="r", renderer="device", decoder="cpu"
+        ).augment_spec()
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +193,13 @@ def _small_spec(renderer="cpu", decoder="cpu") -> AugmentSpec:
 def test_device_path_of_the_loader_gives_the_cpu_renderer_views(setup):
     batches = {}
     for renderer, decoder in (("cpu", "cpu"), ("device", "nvjpeg")):
-        stream = ShardStream(ReaderConfig(data=setup["data"], batch_size=6, spec=_small_spec(renderer, decoder), num_views=2, normalize=False), 0, 1)
+        stream = ShardStream(
+            ReaderConfig(
+                data=setup["data"], batch_size=6, spec=_small_spec(renderer, decoder), num_views=2, normalize=False
+            ),
+            0,
+            1,
+        )
         stream.set_epoch(1)
         batches[renderer] = list(make_loader(stream, 1))
     fallbacks = np.zeros(len(host_images.FALLBACK_REASONS), np.int64)
@@ -200,7 +221,13 @@ def test_training_inputs_from_packed_batches_equal_the_cpu_path(setup):
 
     cfg = TrainConfig(mode="ce", data=setup["data"], spec="imagenet", channels_last=True)
     for renderer, decoder in (("cpu", "cpu"), ("device", "nvjpeg")):
-        stream = ShardStream(ReaderConfig(data=setup["data"], batch_size=24, spec=_small_spec(renderer, decoder), num_views=1, normalize=False), 0, 1)
+        stream = ShardStream(
+            ReaderConfig(
+                data=setup["data"], batch_size=24, spec=_small_spec(renderer, decoder), num_views=1, normalize=False
+            ),
+            0,
+            1,
+        )
         batch = next(iter(make_loader(stream, 0)))
         fallbacks = np.zeros(len(host_images.FALLBACK_REASONS), np.int64)
         x = _inputs(cfg, batch, stream.cfg.spec, torch.device("cpu"), fallbacks)
@@ -236,11 +263,31 @@ def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup):
 
 
 def test_student_that_renders_otherwise_than_its_cache_is_refused(setup):
-    url = build_cache(CacheBuildConfig(data=setup["data"], teacher="resnet8", weights=setup["weights"], root=str(setup["base"] / "caches"),
-                                       num_views=2, spec="imagenet", batch_size=16, progress=False))  # fmt: skip
-    run = dict(mode="catkd", data=setup["data"], cache=url, spec="imagenet", num_views=2, test_split="test", storage_path=str(setup["base"] / "runs"))
+    url = build_cache(
+        CacheBuildConfig(
+            data=setup["data"],
+            teacher="resnet8",
+            weights=setup["weights"],
+            root=str(setup["base"] / "caches"),
+            num_views=2,
+            spec="imagenet",
+            batch_size=16,
+            progress=False,
+        )
+    )
+    run = dict(
+        mode="catkd",
+        data=setup["data"],
+        cache=url,
+        spec="imagenet",
+        num_views=2,
+        test_split="test",
+        storage_path=str(setup["base"] / "runs"),
+    )
     assert resolve(TrainConfig(**run)).augment_spec().renderer == "cpu"  # auto: as the cache was rendered
-    with pytest.raises(CacheMismatchError, match="spec.renderer: the run needs 'device', the cache holds 'cpu'.*set renderer=cpu"):
+    with pytest.raises(
+        CacheMismatchError, match="spec.renderer: the run needs 'device', the cache holds 'cpu'.*set renderer=cpu"
+    ):
         resolve(TrainConfig(**run, renderer="device", decoder="cpu", use_gpu=True))
     # A cache whose views a GPU made: on a machine without one it is refused, naming both.
     gpu_made = setup["base"] / "gpu-made"
@@ -248,7 +295,9 @@ def test_student_that_renders_otherwise_than_its_cache_is_refused(setup):
     manifest = json.loads((gpu_made / "manifest.json").read_text())
     manifest["identity"]["spec"] |= {"renderer": "device", "decoder": "nvjpeg"}
     (gpu_made / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match="made by the device renderer and the nvjpeg decoder, on a GPU.*use_gpu=false"):
+    with pytest.raises(
+        CacheMismatchError, match="made by the device renderer and the nvjpeg decoder, on a GPU.*use_gpu=false"
+    ):
         resolve(TrainConfig(**run | {"cache": str(gpu_made)}))
     with pytest.raises(CacheMismatchError, match="spec.decoder: the run needs 'cpu', the cache holds 'nvjpeg'"):
         resolve(TrainConfig(**run | {"cache": str(gpu_made)}, renderer="device", decoder="cpu", use_gpu=True))

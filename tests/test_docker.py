@@ -35,7 +35,9 @@ def test_compose_cluster_is_consistent():
     with open(os.path.join(ROOT, "docker", "compose.yaml")) as f:
         compose = yaml.safe_load(f)
     head, worker = compose["services"]["head"], compose["services"]["worker"]
-    assert head["build"]["dockerfile"] == "docker/Dockerfile" and os.path.exists(os.path.join(ROOT, "docker", head["build"]["context"], head["build"]["dockerfile"]))
+    assert head["build"]["dockerfile"] == "docker/Dockerfile" and os.path.exists(
+        os.path.join(ROOT, "docker", head["build"]["context"], head["build"]["dockerfile"])
+    )
     assert head["ports"] == ["127.0.0.1:8265:8265"]  # dashboard on localhost only
     assert "ray start --head" in head["command"] and "--address=head:6379" in worker["command"]
     for service in (head, worker):

@@ -23,10 +23,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def env(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("faults")
     data = str(base / "shapes")
-    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=40, synthetic={"train_samples": 160, "test_samples": 16, "seed": 9}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            data,
+            samples_per_shard=40,
+            synthetic={"train_samples": 160, "test_samples": 16, "seed": 9},
+            progress=False,
+        )
+    )
     weights = str(base / "teacher.pth")
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), weights)
-    cache = build_cache(CacheBuildConfig(data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False))
+    cache = build_cache(
+        CacheBuildConfig(
+            data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False
+        )
+    )
     return {"base": base, "data": data, "cache": cache}
 
 
@@ -39,8 +51,11 @@ def test_lost_worker_node_restarts_from_last_checkpoint(env):
     storage = str(env["base"] / "runs-node-loss")
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "helpers", "node_loss.py"), env["data"], env["cache"], storage],
-        capture_output=True, text=True, timeout=420, env=_env(),
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=_env(),
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, result.stdout[-3000:] + result.stderr[-3000:]
     outcome = json.loads(lines[-1])
@@ -53,14 +68,31 @@ def test_lost_worker_node_restarts_from_last_checkpoint(env):
 @pytest.mark.slow
 def test_driver_stopped_mid_run_resumes_on_rerun(env):
     storage = str(env["base"] / "runs-driver")
-    command = [sys.executable, "-m", "pipeline.cli", "train", f"data={env['data']}", f"cache={env['cache']}", "student=resnet8",
-               "epochs=3", "batch_size=8", "lr_decay_epochs=[2]", "num_workers=1", "loader_workers=0",
-               f"storage_path={storage}", "name=stopped"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
+        "train",
+        f"data={env['data']}",
+        f"cache={env['cache']}",
+        "student=resnet8",
+        "epochs=3",
+        "batch_size=8",
+        "lr_decay_epochs=[2]",
+        "num_workers=1",
+        "loader_workers=0",
+        f"storage_path={storage}",
+        "name=stopped",
+    ]
     metrics = os.path.join(storage, "stopped", "metrics.jsonl")
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=_env(), cwd=ROOT
+    )
     deadline = time.time() + 240
     while not (os.path.exists(metrics) and open(metrics).read().count("\n") >= 1):
-        assert proc.poll() is None and time.time() < deadline, proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+        assert proc.poll() is None and time.time() < deadline, (
+            proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "timeout"
+        )
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()

@@ -35,13 +35,28 @@ def ray_head():
     env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]
     head = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block", f"--port={gcs}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", "--include-dashboard=true",
-         # Other Ray instances on this machine (the test session's own) hold the default agent ports.
-         f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        [
+            os.path.join(os.path.dirname(sys.executable), "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            # Other Ray instances on this machine (the test session's own) hold the default agent ports.
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--temp-dir={temp_dir}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     yield f"http://127.0.0.1:{dashboard}", env
     head.terminate()
     try:
@@ -55,11 +70,16 @@ def ray_head():
 def test_shard_stage_runs_as_a_ray_job(ray_head, tmp_path):
     address, env = ray_head
     out = tmp_path / "shards"
-    entrypoint = f"python -m jobs.shard synthetic:shapes {out} --train-samples 40 --test-samples 10 --samples-per-shard 20"
+    entrypoint = (
+        f"python -m jobs.shard synthetic:shapes {out} --train-samples 40 --test-samples 10 --samples-per-shard 20"
+    )
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "tests", "helpers", "submit_job.py"), address, ROOT, entrypoint],
-        capture_output=True, text=True, timeout=420, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=420,
+        env=env,
+    )
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert lines, result.stderr[-3000:]
     outcome = json.loads(lines[-1])

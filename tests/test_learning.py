@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from catkd.models import build_model
-from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.data.synthetic import make_arrays
+from pipeline.data.views import AugmentSpec, normalize_batch, render_views
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import live_targets, loss_terms
 

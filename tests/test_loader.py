@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.views import AugmentSpec, view_params
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.views import AugmentSpec, view_params
 
 SPEC = AugmentSpec.preset("cifar", seed=11)
 
@@ -79,7 +79,16 @@ def test_without_a_fixed_view_count_every_epoch_draws_a_new_view(shards):
 
 def test_fewer_shards_than_ranks_times_workers(ray_local, tmp_path):
     out = tmp_path / "tiny"
-    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=50, synthetic={"train_samples": 20, "test_samples": 1}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            str(out),
+            splits=["train"],
+            samples_per_shard=50,
+            synthetic={"train_samples": 20, "test_samples": 1},
+            progress=False,
+        )
+    )
     per_rank = _epoch(str(out), 3, 2, batch=4)
     assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) >= 5
     assert {int(i) for rank in per_rank for b in rank for i in b["ids"]} == set(range(20))

@@ -43,4 +43,3 @@ def test_kept_memory_removes_the_page_faults_of_each_forward():
     # one run in a suite.
     assert default["faults_per_forward"] > 1000, default
     assert kept["faults_per_forward"] < default["faults_per_forward"] / 10, (default, kept)
-

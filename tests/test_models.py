@@ -21,13 +21,30 @@ from catkd.models import (
 
 # Classifier-form parameter counts of the reference code base (mdistiller), 100 classes.
 REFERENCE_PARAMS = {
-    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756,
-    "resnet44": 667_188, "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540,
-    "resnet32x4": 7_433_860, "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156, "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180,
-    "vgg16": 14_774_436, "vgg19": 20_086_692, "MobileNetV2": 812_836, "ShuffleV1": 949_258,
-    "ShuffleV2": 1_355_528, "ResNet50": 23_705_252, "ResNet18": 11_220_132,
-}  # fmt: skip
+    "resnet8": 83_892,
+    "resnet14": 181_108,
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet44": 667_188,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540,
+    "resnet32x4": 7_433_860,
+    "wrn_16_1": 180_916,
+    "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780,
+    "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028,
+    "vgg11": 9_277_284,
+    "vgg13": 9_462_180,
+    "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
+    "MobileNetV2": 812_836,
+    "ShuffleV1": 949_258,
+    "ShuffleV2": 1_355_528,
+    "ResNet50": 23_705_252,
+    "ResNet18": 11_220_132,
+}
 CAM_SIDE = {name: 8 for name in REFERENCE_PARAMS if name.startswith(("resnet", "wrn"))}
 CAM_SIDE |= {"vgg8": 4, "vgg11": 4, "vgg13": 4, "vgg16": 4, "vgg19": 4, "ShuffleV1": 4, "ShuffleV2": 4}
 CAM_SIDE |= {"ResNet50": 4, "ResNet18": 4, "MobileNetV2": 2}

@@ -28,11 +28,39 @@ def _env(ray_dir: Path) -> dict[str, str]:
 def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
     data = str(tmp_path / "shapes")
     with ProcessPoolExecutor(1) as pool:
-        shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=32, synthetic={"train_samples": 64, "test_samples": 32}, progress=False), pool=pool)
+        shard_dataset(
+            ShardConfig(
+                "synthetic:shapes",
+                data,
+                samples_per_shard=32,
+                synthetic={"train_samples": 64, "test_samples": 32},
+                progress=False,
+            ),
+            pool=pool,
+        )
     ray_dir = tmp_path / "ray"
-    commands = [[sys.executable, "-m", "pipeline.cli", "train", "mode=ce", "student=resnet8", f"data={data}", "epochs=2", "batch_size=16",
-                 "lr_decay_epochs=[1]", "loader_workers=0", f"storage_path={tmp_path / 'runs'}", f"name=run{i}"] for i in range(2)]  # fmt: skip
-    started = [subprocess.Popen(c, cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    commands = [
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            "mode=ce",
+            "student=resnet8",
+            f"data={data}",
+            "epochs=2",
+            "batch_size=16",
+            "lr_decay_epochs=[1]",
+            "loader_workers=0",
+            f"storage_path={tmp_path / 'runs'}",
+            f"name=run{i}",
+        ]
+        for i in range(2)
+    ]
+    started = [
+        subprocess.Popen(c, cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for c in commands
+    ]
     time.sleep(3)  # the first is starting the head, or has
     head = None
     for _ in range(300):
@@ -46,9 +74,14 @@ def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
         assert process.returncode == 0, output[-3000:]
         assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-3000:]
         assert output.count("[train] epoch 2/2  train_") == 1, output[-3000:]  # one line per epoch, no duplicate
-    addresses = {line.split()[3] for output in outputs for line in output.splitlines() if line.startswith("[ray] local Ray")}
+    addresses = {
+        line.split()[3] for output in outputs for line in output.splitlines() if line.startswith("[ray] local Ray")
+    }
     assert addresses == {head["address"]}, outputs  # one Ray, so its scheduler saw the machine's CPUs once
-    assert sum("(started;" in output for output in outputs) == 1 and sum("shared with 1 other" in output for output in outputs) == 1
+    assert (
+        sum("(started;" in output for output in outputs) == 1
+        and sum("shared with 1 other" in output for output in outputs) == 1
+    )
     # The last one out stopped it.
     assert not (ray_dir / "head.json").exists()
     for _ in range(100):
@@ -63,9 +96,13 @@ def test_a_dead_heads_record_is_replaced(tmp_path):
     ray_dir.mkdir(mode=0o700)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (ray_dir / "head.json").write_text(json.dumps({"address": "127.0.0.1:1", "pid": dead.pid, "token": "x", "dashboard_port": 1}))
+    (ray_dir / "head.json").write_text(
+        json.dumps({"address": "127.0.0.1:1", "pid": dead.pid, "token": "x", "dashboard_port": 1})
+    )
     probe = "from pipeline.ray_setup import init_ray; import ray; init_ray(num_cpus=1); print('cpus', ray.cluster_resources()['CPU'])"
-    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "cpus 1.0" in done.stdout and "(started;" in done.stderr
     assert not (ray_dir / "head.json").exists()
@@ -74,7 +111,9 @@ def test_a_dead_heads_record_is_replaced(tmp_path):
 def test_a_head_whose_last_user_was_killed_stops_by_itself(tmp_path):
     ray_dir = tmp_path / "ray"
     probe = "from pipeline.ray_setup import init_ray; import time; init_ray(num_cpus=1); print('joined', flush=True); time.sleep(600)"
-    user = subprocess.Popen([sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, text=True)
+    user = subprocess.Popen(
+        [sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, text=True
+    )
     assert user.stdout.readline().strip() == "joined"
     head = json.loads((ray_dir / "head.json").read_text())
     user.kill()  # SIGKILL: no chance to leave

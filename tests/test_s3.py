@@ -31,8 +31,13 @@ def s3(tmp_path_factory):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"AWS_ACCESS_KEY_ID": "catkd-test", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": ROOT}  # fmt: skip
+    env |= {
+        "AWS_ACCESS_KEY_ID": "catkd-test",
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "PYTHONPATH": ROOT,
+    }
     import s3fs
 
     fs = s3fs.S3FileSystem(key="catkd-test", secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"])
@@ -42,32 +47,84 @@ def s3(tmp_path_factory):
 
 
 def _catkd(env, *args, timeout=400):
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.slow
 def test_round_trip_on_s3(s3):
     env, fs = s3
-    shard = _catkd(env, "shard", "synthetic:shapes", "s3://catkd-bucket/data", "--train-samples", "48", "--test-samples", "16", "--samples-per-shard", "24")
+    shard = _catkd(
+        env,
+        "shard",
+        "synthetic:shapes",
+        "s3://catkd-bucket/data",
+        "--train-samples",
+        "48",
+        "--test-samples",
+        "16",
+        "--samples-per-shard",
+        "24",
+    )
     assert shard.returncode == 0, shard.stderr[-3000:]
     assert fs.exists("catkd-bucket/data/train.index.json")
 
     buf = io.BytesIO()
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), buf)
     fs.pipe("catkd-bucket/teacher.pth", buf.getvalue())
-    cache = _catkd(env, "cache", "build", "--data", "s3://catkd-bucket/data", "--teacher", "resnet8", "--weights", "s3://catkd-bucket/teacher.pth",
-                   "--root", "s3://catkd-bucket/caches", "--views", "2")  # fmt: skip
+    cache = _catkd(
+        env,
+        "cache",
+        "build",
+        "--data",
+        "s3://catkd-bucket/data",
+        "--teacher",
+        "resnet8",
+        "--weights",
+        "s3://catkd-bucket/teacher.pth",
+        "--root",
+        "s3://catkd-bucket/caches",
+        "--views",
+        "2",
+    )
     assert cache.returncode == 0, cache.stderr[-3000:]
     url = next(line.split()[1] for line in cache.stdout.splitlines() if line.startswith("url "))
     assert url.startswith("s3://catkd-bucket/caches/")
     verify = _catkd(env, "cache", "verify", url, "--samples", "2")
     assert verify.returncode == 0, verify.stderr[-3000:]
 
-    train = _catkd(env, "train", "mode=catkd", "data=s3://catkd-bucket/data", f"cache={url}", "student=resnet8", "epochs=1", "batch_size=16",
-                   "lr_decay_epochs=[1]", "num_workers=1", "loader_workers=0", "storage_path=s3://catkd-bucket/runs", "name=s3run")  # fmt: skip
+    train = _catkd(
+        env,
+        "train",
+        "mode=catkd",
+        "data=s3://catkd-bucket/data",
+        f"cache={url}",
+        "student=resnet8",
+        "epochs=1",
+        "batch_size=16",
+        "lr_decay_epochs=[1]",
+        "num_workers=1",
+        "loader_workers=0",
+        "storage_path=s3://catkd-bucket/runs",
+        "name=s3run",
+    )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     assert fs.exists("catkd-bucket/runs/s3run/metrics.jsonl")
-    evaluation = _catkd(env, "eval", "s3://catkd-bucket/runs/s3run/student_cam.pt", "--data", "s3://catkd-bucket/data", "--device", "cpu")
+    evaluation = _catkd(
+        env,
+        "eval",
+        "s3://catkd-bucket/runs/s3run/student_cam.pt",
+        "--data",
+        "s3://catkd-bucket/data",
+        "--device",
+        "cpu",
+    )
     assert evaluation.returncode == 0 and "top-1" in evaluation.stdout, evaluation.stderr[-3000:]
 
     # No credential is written anywhere: manifests, indexes, run records, logs.
@@ -80,7 +137,17 @@ def test_round_trip_on_s3(s3):
 
 def test_missing_bucket_is_a_clear_error(s3):
     env, _ = s3
-    result = _catkd(env, "shard", "synthetic:shapes", "s3://no-such-bucket/data", "--train-samples", "8", "--test-samples", "8", timeout=120)
+    result = _catkd(
+        env,
+        "shard",
+        "synthetic:shapes",
+        "s3://no-such-bucket/data",
+        "--train-samples",
+        "8",
+        "--test-samples",
+        "8",
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "s3://no-such-bucket/data: bucket 'no-such-bucket' does not exist" in result.stderr
 
@@ -108,8 +175,12 @@ def test_image_folder_and_archive_on_s3_shard_like_local(s3, image_folder, tmp_p
     # A rerun trusts the recorded sizes and ETags: nothing is written again.
     records = {p: fs.info(p)["LastModified"] for p in fs.find("catkd-bucket/from-dir") if p.endswith(".tar")}
     fs.rm("catkd-bucket/from-dir/train.index.json")
-    again = _catkd(env, "shard", "imagefolder:s3://catkd-bucket/folder", "s3://catkd-bucket/from-dir", "--samples-per-shard", "4")
-    assert again.returncode == 0 and "4 of 4 shards already complete" in again.stdout + again.stderr, again.stderr[-3000:]
+    again = _catkd(
+        env, "shard", "imagefolder:s3://catkd-bucket/folder", "s3://catkd-bucket/from-dir", "--samples-per-shard", "4"
+    )
+    assert again.returncode == 0 and "4 of 4 shards already complete" in again.stdout + again.stderr, again.stderr[
+        -3000:
+    ]
     assert {p: fs.info(p)["LastModified"] for p in records} == records
     verify = _catkd(env, "shard", "--verify", "s3://catkd-bucket/from-dir")
     assert verify.returncode == 0 and "every shard matches its index" in verify.stdout, verify.stderr[-3000:]
@@ -128,15 +199,47 @@ def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3):
     """Completion records are conditional writes (If-None-Match): of two builds racing
     for each data shard exactly one wins, and no record points at deleted data."""
     env, fs = s3
-    shard = _catkd(env, "shard", "synthetic:shapes", "s3://catkd-bucket/race-data", "--train-samples", "64", "--test-samples", "8", "--samples-per-shard", "16")
+    shard = _catkd(
+        env,
+        "shard",
+        "synthetic:shapes",
+        "s3://catkd-bucket/race-data",
+        "--train-samples",
+        "64",
+        "--test-samples",
+        "8",
+        "--samples-per-shard",
+        "16",
+    )
     assert shard.returncode == 0, shard.stderr[-3000:]
     buf = io.BytesIO()
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), buf)
     fs.pipe("catkd-bucket/race-teacher.pth", buf.getvalue())
-    args = ["cache", "build", "--data", "s3://catkd-bucket/race-data", "--teacher", "resnet8", "--weights", "s3://catkd-bucket/race-teacher.pth",
-            "--root", "s3://catkd-bucket/race-caches", "--views", "2"]  # fmt: skip
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
-             for _ in range(2)]  # fmt: skip
+    args = [
+        "cache",
+        "build",
+        "--data",
+        "s3://catkd-bucket/race-data",
+        "--teacher",
+        "resnet8",
+        "--weights",
+        "s3://catkd-bucket/race-teacher.pth",
+        "--root",
+        "s3://catkd-bucket/race-caches",
+        "--views",
+        "2",
+    ]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=400) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
     url = next(line.split()[1] for line in outputs[0][0].splitlines() if line.startswith("url "))
@@ -155,8 +258,12 @@ def test_bad_credentials_are_a_clear_error(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server_env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=server_env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(100):
             with socket.socket() as probe:
@@ -166,11 +273,28 @@ def test_bad_credentials_are_a_clear_error(tmp_path):
 
             time.sleep(0.1)
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env |= {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "PYTHONPATH": ROOT}  # fmt: skip
-        result = _catkd(env, "shard", "synthetic:shapes", "s3://some-bucket/data", "--train-samples", "8", "--test-samples", "8", timeout=120)
+        env |= {
+            "AWS_ACCESS_KEY_ID": "not-a-key",
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "PYTHONPATH": ROOT,
+        }
+        result = _catkd(
+            env,
+            "shard",
+            "synthetic:shapes",
+            "s3://some-bucket/data",
+            "--train-samples",
+            "8",
+            "--test-samples",
+            "8",
+            timeout=120,
+        )
         assert result.returncode == 2, result.stderr[-2000:]
-        assert "s3://some-bucket/data:" in result.stderr and ("credentials" in result.stderr or "access denied" in result.stderr)
+        assert "s3://some-bucket/data:" in result.stderr and (
+            "credentials" in result.stderr or "access denied" in result.stderr
+        )
         assert "Traceback" not in result.stderr and SECRET not in result.stdout + result.stderr
     finally:
         server.terminate()

@@ -14,8 +14,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shard_writer import PROGRESS_DIR, ShardConfig, id_order, shard_dataset, verify_shards
 from pipeline.data.shard_format import ShardError, decode_image, load_shard, read_index
+from pipeline.data.shard_writer import PROGRESS_DIR, ShardConfig, id_order, shard_dataset, verify_shards
 from tests.conftest import write_cifar
 
 SHAPES = {"train_samples": 50, "test_samples": 20, "image_size": 32, "seed": 5}
@@ -46,7 +46,11 @@ def test_synthetic_shapes_index_and_boxes(ray_local, tmp_path):
 def test_shards_are_deterministic_and_webdataset_readable(ray_local, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
-        shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False))
+        shard_dataset(
+            ShardConfig(
+                "synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False
+            )
+        )
     assert read_index(str(a), "test").fingerprint == read_index(str(b), "test").fingerprint
     keys = [s["__key__"] for s in wds.WebDataset(str(a / "test-000000.tar"), shardshuffle=False)]
     assert keys == [f"{i:09d}" for i in range(8)]
@@ -90,7 +94,9 @@ def test_cifar_pickles(ray_local, tmp_path, num_classes):
 
 def test_rerun_rewrites_only_missing_shards(ray_local, tmp_path):
     out = tmp_path / "shapes"
-    cfg = ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=16, synthetic=SHAPES, progress=False)
+    cfg = ShardConfig(
+        "synthetic:shapes", str(out), splits=["train"], samples_per_shard=16, synthetic=SHAPES, progress=False
+    )
     first = shard_dataset(cfg)["train"]
     # Simulate a crash: the index and one shard never made it, a temporary file was left.
     os.remove(out / "train.index.json")
@@ -105,10 +111,18 @@ def test_rerun_rewrites_only_missing_shards(ray_local, tmp_path):
 
 def test_rerun_with_other_settings_is_refused(ray_local, tmp_path):
     out = tmp_path / "shapes"
-    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], samples_per_shard=16, synthetic=SHAPES, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes", str(out), splits=["test"], samples_per_shard=16, synthetic=SHAPES, progress=False
+        )
+    )
     before = (out / "test.index.json").read_bytes()
     with pytest.raises(ShardError, match="samples_per_shard: 16 there, 8 now"):
-        shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False))
+        shard_dataset(
+            ShardConfig(
+                "synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False
+            )
+        )
     assert (out / "test.index.json").read_bytes() == before
 
 
@@ -179,14 +193,22 @@ def test_other_order_seed_gives_other_ids(ray_local, tmp_path):
 
 
 def test_plain_tar_archive_is_read_by_range_and_non_images_are_counted(ray_local, tmp_path, capfd):
-    folder = _folder(tmp_path / "folder", classes=3, per_class=4, extra={"train/README.txt": b"notes", "train/class00/notes.txt": b"x"})
+    folder = _folder(
+        tmp_path / "folder",
+        classes=3,
+        per_class=4,
+        extra={"train/README.txt": b"notes", "train/class00/notes.txt": b"x"},
+    )
     archive = tmp_path / "folder.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(folder, arcname=".")
     shard_dataset(ShardConfig(f"imagefolder:{archive}", str(tmp_path / "from_tar"), progress=False))
     shard_dataset(ShardConfig(f"imagefolder:{folder}", str(tmp_path / "from_dir"), progress=False))
     assert "skipped 2 files that are not images" in capfd.readouterr().err
-    from_tar, from_dir = read_index(str(tmp_path / "from_tar"), "train"), read_index(str(tmp_path / "from_dir"), "train")
+    from_tar, from_dir = (
+        read_index(str(tmp_path / "from_tar"), "train"),
+        read_index(str(tmp_path / "from_dir"), "train"),
+    )
     assert from_tar.fingerprint == from_dir.fingerprint and from_tar.num_samples == 12
 
 
@@ -208,7 +230,9 @@ def test_old_index_version_is_refused_with_reshard_advice(ray_local, tmp_path):
 
 def test_rerun_trusts_recorded_size_and_verify_rehashes(ray_local, tmp_path):
     out = tmp_path / "shapes"
-    cfg = ShardConfig("synthetic:shapes", str(out), splits=["train"], samples_per_shard=16, synthetic=SHAPES, progress=False)
+    cfg = ShardConfig(
+        "synthetic:shapes", str(out), splits=["train"], samples_per_shard=16, synthetic=SHAPES, progress=False
+    )
     shard_dataset(cfg)
     os.remove(out / "train.index.json")
     # Same size, other bytes: a rerun does not read shards again, so it keeps this one...
@@ -227,10 +251,19 @@ def test_rerun_trusts_recorded_size_and_verify_rehashes(ray_local, tmp_path):
 
 def test_verify_cli_exit_codes(ray_local, tmp_path):
     out = tmp_path / "shapes"
-    shard_dataset(ShardConfig("synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes", str(out), splits=["test"], samples_per_shard=8, synthetic=SHAPES, progress=False
+        )
+    )
     assert verify_shards(str(out)) == []
     (out / "test-000001.tar").write_bytes(b"gone")
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", "--verify", str(out)], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shard", "--verify", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "test-000001.tar: size or sha256" in bad.stderr
 
 
@@ -266,5 +299,7 @@ def test_max_short_side_resizes_records_and_replays(ray_local, tmp_path):
     images = [decode_image(s, index.image_shape, "test") for s in samples]
     params, first = render_views(spec, images, np.array([s.id for s in samples]), view=3)
     assert (params[:, 0] + params[:, 2] <= 32).all() and (params[:, 1] + params[:, 3] <= 24).all()
-    _, again = render_views(spec, images, np.array([s.id for s in samples]), view=3, stored_params=params, source="test")
+    _, again = render_views(
+        spec, images, np.array([s.id for s in samples]), view=3, stored_params=params, source="test"
+    )
     assert torch.equal(first, again)

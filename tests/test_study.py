@@ -16,7 +16,6 @@ from PIL import Image
 
 from catkd.models import build_model
 from catkd.models.convert import checkpoint_payload
-
 from pipeline.data.synthetic import CLASSES, make_sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +44,33 @@ def test_study_smoke(tmp_path):
     torch.save(checkpoint_payload(build_model("resnet8", len(CLASSES)), "resnet8"), teacher)
     out = tmp_path / "study"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    command = [sys.executable, str(ROOT / "bench" / "study.py"), str(archive), "--out", str(out), "--subset", "0",
-               "--teacher-weights", str(teacher), "--teacher", "resnet20", "--student", "resnet8", "--epochs", "2",
-               "--view-counts", "1", "--seeds", "0", "--view-seeds", "1", "--samples-per-shard", "100", "--loader-workers", "0"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "bench" / "study.py"),
+        str(archive),
+        "--out",
+        str(out),
+        "--subset",
+        "0",
+        "--teacher-weights",
+        str(teacher),
+        "--teacher",
+        "resnet20",
+        "--student",
+        "resnet8",
+        "--epochs",
+        "2",
+        "--view-counts",
+        "1",
+        "--seeds",
+        "0",
+        "--view-seeds",
+        "1",
+        "--samples-per-shard",
+        "100",
+        "--loader-workers",
+        "0",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "holds a resnet8: using that as the teacher architecture" in done.stdout
@@ -56,9 +79,20 @@ def test_study_smoke(tmp_path):
     assert summary["data"] == {"train_images": 300, "test_images": 100, "classes": sorted(CLASSES)}
     assert summary["teacher"]["arch"] == "resnet8" and not summary["teacher"]["trained_here"]
     assert 0 <= summary["teacher"]["test_top1"] <= 100
-    assert summary["settings"]["beta"] == 0.7 and summary["settings"]["resolution"] == 2 and summary["settings"]["kd_temperature"] == 4.0
+    assert (
+        summary["settings"]["beta"] == 0.7
+        and summary["settings"]["resolution"] == 2
+        and summary["settings"]["kd_temperature"] == 4.0
+    )
     runs = {(r["mode"], r["views"], r["seed"]) for r in summary["runs"]}
-    assert runs == {("ce", None, 0), ("kd", 2, 0), ("catkd", 2, 0), ("online-catkd", 2, 0), ("cat", 2, 0), ("catkd", 1, 0)}
+    assert runs == {
+        ("ce", None, 0),
+        ("kd", 2, 0),
+        ("catkd", 2, 0),
+        ("online-catkd", 2, 0),
+        ("cat", 2, 0),
+        ("catkd", 1, 0),
+    }
     assert all(0 <= r["test_top1"] <= 100 and len(r["history"]) == 2 for r in summary["runs"])
     final = {(r["mode"], r["seed"]): r["test_top1"] for r in summary["runs"] if r["views"] in (None, 2)}
     diff = summary["paired_differences"]["catkd_minus_ce"]
@@ -68,7 +102,9 @@ def test_study_smoke(tmp_path):
     assert diff["seeds"] == 1 and diff["std"] is None
     assert set(summary["cam_agreement"]) == {"ce", "kd", "catkd", "online-catkd", "cat", "catkd-S1"}
     for entry in summary["cam_agreement"].values():
-        assert -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 100
+        assert (
+            -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 100
+        )
     assert set(summary["throughput"]["modes"]) == {"ce", "kd", "catkd", "cat", "online-catkd"}
     assert all(t["images_per_s"] > 0 for t in summary["throughput"]["modes"].values())
     assert {int(v): c["views"] for v, c in summary["throughput"]["caches"].items()} == {1: 300, 2: 600}
@@ -76,7 +112,9 @@ def test_study_smoke(tmp_path):
     for picture in ("cams.png", "curves.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
-    assert "| `catkd` from the cache | 2 | 1 |" in table and "`catkd` - `kd`" in table and "CAT-KD > KD > vanilla" in table
+    assert (
+        "| `catkd` from the cache | 2 | 1 |" in table and "`catkd` - `kd`" in table and "CAT-KD > KD > vanilla" in table
+    )
 
     # docs/RESULTS.md's way: tables regenerated in place between markers, the rest kept
     doc = tmp_path / "RESULTS.md"
@@ -99,7 +137,11 @@ def test_seed_statistics_recomputed_from_the_committed_runs():
     runs, epochs = summary["runs"], summary["settings"]["epochs"]
     assert len({r["seed"] for r in runs}) == 3
     assert groups_of(runs) == summary["groups"]
-    for key, (mode, other) in {"catkd_minus_ce": ("catkd", "ce"), "catkd_minus_kd": ("catkd", "kd"), "kd_minus_ce": ("kd", "ce")}.items():
+    for key, (mode, other) in {
+        "catkd_minus_ce": ("catkd", "ce"),
+        "catkd_minus_kd": ("catkd", "kd"),
+        "kd_minus_ce": ("kd", "ce"),
+    }.items():
         assert paired(runs, mode, other, epochs) == summary["paired_differences"][key]
     catkd_kd = summary["paired_differences"]["catkd_minus_kd"]
     assert catkd_kd["seeds"] == 3 and catkd_kd["std"] > 0

@@ -9,21 +9,40 @@ import pytest
 import torch
 
 from catkd.models import build_model, checkpoint_payload, load_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.cache import CacheBuildConfig, build_cache
 from pipeline.data.loader import ReaderConfig, ShardStream
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
+from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
 
 
 def _setup(base, spec: str, image_size: int, storage: str = "float16"):
     data = str(base / f"shapes{image_size}")
-    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=16, synthetic={"train_samples": 32, "test_samples": 8, "image_size": image_size, "seed": 6}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            data,
+            samples_per_shard=16,
+            synthetic={"train_samples": 32, "test_samples": 8, "image_size": image_size, "seed": 6},
+            progress=False,
+        )
+    )
     torch.manual_seed(1)
     weights = str(base / f"teacher-{spec}.pth")
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), weights)
-    cache = build_cache(CacheBuildConfig(data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, spec=spec, storage=storage, progress=False))
+    cache = build_cache(
+        CacheBuildConfig(
+            data=data,
+            teacher="resnet8",
+            weights=weights,
+            root=str(base / "caches"),
+            num_views=2,
+            spec=spec,
+            storage=storage,
+            progress=False,
+        )
+    )
     return data, weights, cache
 
 
@@ -45,12 +64,30 @@ def _loss_and_grads(cfg, student, x, labels, t_cam, t_logits):
     return terms, [p.grad.clone() for p in student.parameters()]
 
 
-@pytest.mark.parametrize("variant", [{}, {"normalize": True}, {"select_n": 3}, {"select_n": 2, "select_strategy": "bottom", "normalize": True}, {"mode": "cat"}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"normalize": True},
+        {"select_n": 3},
+        {"select_n": 2, "select_strategy": "bottom", "normalize": True},
+        {"mode": "cat"},
+    ],
+)
 @pytest.mark.parametrize("which", ["cifar", "imagenet"])
 def test_cached_equals_live(request, which, variant):
     data, weights, cache = request.getfixturevalue(which)
     spec = AugmentSpec.preset(which)
-    base = dict(mode="catkd", data=data, cache=cache, beta=3.0, resolution=2, teacher="resnet8", teacher_weights=weights, num_views=2)
+    base = dict(
+        mode="catkd",
+        data=data,
+        cache=cache,
+        beta=3.0,
+        resolution=2,
+        teacher="resnet8",
+        teacher_weights=weights,
+        num_views=2,
+    )
     cfg = TrainConfig(**(base | variant))
     stream = ShardStream(ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, cache=cache))
     stream.set_epoch(1)  # view 1
@@ -80,7 +117,9 @@ def test_kd_from_cached_logits_equals_live(cifar):
     stream = ShardStream(ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, cache=cache))
     batch = next(iter(stream))
     x = normalize_batch(spec, batch["image"])
-    _, live_logits = live_targets(dataclasses.replace(cfg, mode="catkd"), load_checkpoint(weights, "resnet8", 10).eval(), x)
+    _, live_logits = live_targets(
+        dataclasses.replace(cfg, mode="catkd"), load_checkpoint(weights, "resnet8", 10).eval(), x
+    )
     student = build_model("resnet8", 10)
     cached, _ = _loss_and_grads(cfg, student, x, batch["label"], None, cached_targets(batch, torch.device("cpu"))[1])
     live, _ = _loss_and_grads(cfg, student, x, batch["label"], None, live_logits)

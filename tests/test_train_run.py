@@ -22,17 +22,40 @@ from pipeline.train.run import ResumeError, resolve, train
 def env(ray_local, tmp_path_factory):
     base = tmp_path_factory.mktemp("train")
     data = str(base / "shapes")
-    shard_dataset(ShardConfig("synthetic:shapes", data, samples_per_shard=24, synthetic={"train_samples": 96, "test_samples": 32, "seed": 8}, progress=False))
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            data,
+            samples_per_shard=24,
+            synthetic={"train_samples": 96, "test_samples": 32, "seed": 8},
+            progress=False,
+        )
+    )
     torch.manual_seed(2)
     weights = str(base / "teacher.pth")
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), weights)
-    cache = build_cache(CacheBuildConfig(data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False))
+    cache = build_cache(
+        CacheBuildConfig(
+            data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False
+        )
+    )
     return {"base": base, "data": data, "weights": weights, "cache": cache}
 
 
 def _cfg(env, name, **kw):
-    values = dict(data=env["data"], cache=env["cache"], student="resnet8", epochs=2, batch_size=16, lr_decay_epochs=[1],
-                  num_workers=2, loader_workers=1, storage_path=str(env["base"] / "runs"), name=name, beta=0.5)  # fmt: skip
+    values = dict(
+        data=env["data"],
+        cache=env["cache"],
+        student="resnet8",
+        epochs=2,
+        batch_size=16,
+        lr_decay_epochs=[1],
+        num_workers=2,
+        loader_workers=1,
+        storage_path=str(env["base"] / "runs"),
+        name=name,
+        beta=0.5,
+    )
     return TrainConfig(**(values | kw))
 
 
@@ -40,7 +63,17 @@ def test_catkd_two_workers_trains_exports_and_evaluates(env):
     result = train(_cfg(env, "catkd"))
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2]
-    for key in ("train_loss", "train_cat", "train_ce", "train_top1", "train_top5", "test_top1", "test_top5", "images_per_s", "data_wait_fraction"):
+    for key in (
+        "train_loss",
+        "train_cat",
+        "train_ce",
+        "train_top1",
+        "train_top5",
+        "test_top1",
+        "test_top5",
+        "images_per_s",
+        "data_wait_fraction",
+    ):
         assert key in history[-1]
     assert 0 <= history[-1]["data_wait_fraction"] <= 1
     lines = (env["base"] / "runs" / "catkd" / "metrics.jsonl").read_text().splitlines()
@@ -63,15 +96,25 @@ def test_every_mode_runs(env, mode):
         extra["cache"] = None
     history = train(_cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra))["history"]
     terms = {k for k in history[0] if k.startswith("train_")}
-    expected = {"ce": {"train_ce"}, "kd": {"train_ce", "train_kd"}, "cat": {"train_cat"}, "online-catkd": {"train_ce", "train_cat"}}[mode]
+    expected = {
+        "ce": {"train_ce"},
+        "kd": {"train_ce", "train_kd"},
+        "cat": {"train_cat"},
+        "online-catkd": {"train_ce", "train_cat"},
+    }[mode]
     assert expected <= terms and ("train_ce" not in terms if mode == "cat" else True)
 
 
 @pytest.mark.parametrize(
     "override, field",
-    [({"spec_seed": 3}, "spec"), ({"resolution": 4}, "resolution"), ({"num_views": 3}, "num_views"),
-     ({"teacher": "resnet20"}, "teacher_arch"), ({"binarize": True}, "target_kind")],
-)  # fmt: skip
+    [
+        ({"spec_seed": 3}, "spec"),
+        ({"resolution": 4}, "resolution"),
+        ({"num_views": 3}, "num_views"),
+        ({"teacher": "resnet20"}, "teacher_arch"),
+        ({"binarize": True}, "target_kind"),
+    ],
+)
 def test_wrong_cache_is_refused_before_training(env, override, field):
     with pytest.raises(CacheMismatchError, match=field):
         resolve(_cfg(env, "refused", **override))
@@ -108,7 +151,9 @@ def test_learning_rate_recipe():
     base = dict(data="/d", cache="/c", epochs=10, lr=0.1, lr_decay_epochs=[6, 8])
     step = TrainConfig(**base)
     assert [round(step.lr_factor(e), 6) for e in (0, 5, 6, 8)] == [1.0, 1.0, 0.1, 0.01]
-    warm = TrainConfig(**base, warmup_epochs=3, lr_schedule="cosine", lr_scaling="linear", batch_size=128, num_workers=8)
+    warm = TrainConfig(
+        **base, warmup_epochs=3, lr_schedule="cosine", lr_scaling="linear", batch_size=128, num_workers=8
+    )
     assert warm.peak_lr == pytest.approx(0.1 * 1024 / 256)  # the linear rule, stated in the config
     assert [round(warm.lr_factor(e), 6) for e in (0, 1, 2)] == [0.25, 0.5, 0.75]
     assert warm.lr_factor(3) == 1.0 and 0 < warm.lr_factor(9) < 0.1
@@ -130,7 +175,9 @@ def test_yaml_config_and_overrides(tmp_path):
 def test_sweep_reads_one_cache_concurrently(env):
     from pipeline.train.sweep import SweepGrid, run_sweep
 
-    results = run_sweep(_cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0]), max_concurrent=2)
+    results = run_sweep(
+        _cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0]), max_concurrent=2
+    )
     assert sorted(r["beta"] for r in results) == [0.5, 2.0]
     table = json.loads((env["base"] / "runs" / "sweep" / "sweep.json").read_text())
     assert len(table) == 2 and all(0 <= r["test_top1"] <= 100 for r in table)

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.views import RENDERER_VERSION, AugmentSpec, ViewMismatchError, check_params, eval_transform, normalize_batch, render_views, view_params
+from pipeline.data.views import (
+    RENDERER_VERSION,
+    AugmentSpec,
+    ViewMismatchError,
+    check_params,
+    eval_transform,
+    normalize_batch,
+    render_views,
+    view_params,
+)
 
 CIFAR = AugmentSpec.preset("cifar", seed=3)
 IMAGENET = AugmentSpec.preset("imagenet", seed=3)
@@ -29,9 +38,13 @@ def test_params_depend_on_seed_id_and_view_only():
     a = view_params(CIFAR, np.array([5, 9]), 1, (32, 32))
     b = view_params(CIFAR, np.array([9, 5, 100]), 1, (32, 32))
     assert a[0].tolist() == b[1].tolist() and a[1].tolist() == b[0].tolist()
-    assert not np.array_equal(view_params(CIFAR, np.arange(50), 0, (32, 32)), view_params(CIFAR, np.arange(50), 1, (32, 32)))
+    assert not np.array_equal(
+        view_params(CIFAR, np.arange(50), 0, (32, 32)), view_params(CIFAR, np.arange(50), 1, (32, 32))
+    )
     other_seed = AugmentSpec.preset("cifar", seed=4)
-    assert not np.array_equal(view_params(CIFAR, np.arange(50), 0, (32, 32)), view_params(other_seed, np.arange(50), 0, (32, 32)))
+    assert not np.array_equal(
+        view_params(CIFAR, np.arange(50), 0, (32, 32)), view_params(other_seed, np.arange(50), 0, (32, 32))
+    )
 
 
 def test_cifar_flip_rate_and_offsets_cover_their_range():
@@ -77,10 +90,14 @@ def test_imagenet_views_and_eval_transform_shapes():
     from torchvision.transforms.v2 import functional as TF
 
     for k, (x0, y0, w, h, flip) in enumerate(params.tolist()):
-        expected = TF.resized_crop(torch.from_numpy(images[k]).permute(2, 0, 1), y0, x0, h, w, [224, 224], antialias=True)
+        expected = TF.resized_crop(
+            torch.from_numpy(images[k]).permute(2, 0, 1), y0, x0, h, w, [224, 224], antialias=True
+        )
         assert torch.equal(views[k], expected.flip(-1) if flip else expected)
     assert eval_transform(IMAGENET, images).shape == (2, 3, 224, 224)
-    assert torch.equal(eval_transform(CIFAR, [images[0][:32, :32]])[0], torch.from_numpy(images[0][:32, :32]).permute(2, 0, 1))
+    assert torch.equal(
+        eval_transform(CIFAR, [images[0][:32, :32]])[0], torch.from_numpy(images[0][:32, :32]).permute(2, 0, 1)
+    )
 
 
 def test_changed_spec_is_detected():
@@ -95,11 +112,17 @@ def test_changed_spec_is_detected():
 
 def test_spec_identity_holds_normalisation_and_renderer_version():
     d = IMAGENET.to_dict()
-    assert d["mean"] == [0.485, 0.456, 0.406] and d["std"] == [0.229, 0.224, 0.225] and d["renderer_version"] == RENDERER_VERSION
+    assert (
+        d["mean"] == [0.485, 0.456, 0.406]
+        and d["std"] == [0.229, 0.224, 0.225]
+        and d["renderer_version"] == RENDERER_VERSION
+    )
     assert (d["renderer"], d["decoder"]) == ("cpu", "cpu")
     assert AugmentSpec.from_dict(d) == IMAGENET
     batch = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    assert torch.allclose(normalize_batch(IMAGENET, batch)[0, :, 0, 0], (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std))
+    assert torch.allclose(
+        normalize_batch(IMAGENET, batch)[0, :, 0, 0], (1 - torch.tensor(IMAGENET.mean)) / torch.tensor(IMAGENET.std)
+    )
 
 
 def test_cache_of_another_renderer_is_refused_with_a_clear_message():

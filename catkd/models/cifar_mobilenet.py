@@ -42,7 +42,15 @@ class InvertedResidual(nn.Module):
 
 class MobileNetV2Cifar(nn.Module):
     # (expansion, channels, repeats, first stride) per stage; expansion None means `expand`.
-    STAGES = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1), (None, 160, 3, 2), (None, 320, 1, 1)]
+    STAGES = [
+        (1, 16, 1, 1),
+        (None, 24, 2, 1),
+        (None, 32, 3, 2),
+        (None, 64, 4, 2),
+        (None, 96, 3, 1),
+        (None, 160, 3, 2),
+        (None, 320, 1, 1),
+    ]
 
     def __init__(self, expand: int = 6, width: float = 0.5) -> None:
         super().__init__()

@@ -54,7 +54,9 @@ class ShuffleNetV1(nn.Module):
             layer = []
             for j in range(count):
                 # A downsampling block concatenates its input, so it makes only the rest.
-                layer.append(ShuffleV1Block(in_planes, planes - (in_planes if j == 0 else 0), 2 if j == 0 else 1, groups))
+                layer.append(
+                    ShuffleV1Block(in_planes, planes - (in_planes if j == 0 else 0), 2 if j == 0 else 1, groups)
+                )
                 in_planes = planes
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
         self.num_features = out_planes[-1]

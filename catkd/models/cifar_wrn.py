@@ -22,7 +22,9 @@ class WideBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, padding=1, bias=False)
         self.equal_in_out = in_planes == out_planes
-        self.convShortcut = None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        self.convShortcut = (
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = F.relu(self.bn1(x))
@@ -37,7 +39,10 @@ class NetworkBlock(nn.Module):
     def __init__(self, blocks: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
         self.layer = nn.Sequential(
-            *(WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(blocks))
+            *(
+                WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(blocks)
+            )
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,5 +76,10 @@ def _builder(depth: int, widen: int):
     return build
 
 
-for _name, (_depth, _widen) in {"wrn_16_1": (16, 1), "wrn_16_2": (16, 2), "wrn_40_1": (40, 1), "wrn_40_2": (40, 2)}.items():
+for _name, (_depth, _widen) in {
+    "wrn_16_1": (16, 1),
+    "wrn_16_2": (16, 2),
+    "wrn_40_1": (40, 1),
+    "wrn_40_2": (40, 2),
+}.items():
     register_model(_name, _builder(_depth, _widen), input_size=32, family="cifar")

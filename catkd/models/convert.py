@@ -94,7 +94,11 @@ def cam_from_classifier(model: nn.Module, *, bias: bool = True) -> CAMClassifier
     modules = dict(traced.named_modules())
     output = next(n for n in traced.graph.nodes if n.op == "output")
     linear = output.args[0]
-    if not (isinstance(linear, torch.fx.Node) and linear.op == "call_module" and isinstance(modules[linear.target], nn.Linear)):
+    if not (
+        isinstance(linear, torch.fx.Node)
+        and linear.op == "call_module"
+        and isinstance(modules[linear.target], nn.Linear)
+    ):
         raise ConversionError(f"{name}: the output is not produced by one nn.Linear layer")
     node = linear.args[0]
     while isinstance(node, torch.fx.Node) and _is_passthrough(node, modules):
@@ -135,7 +139,9 @@ def _describe(state: Mapping[str, torch.Tensor]) -> str:
     return f"{len(state)} tensors{head}"
 
 
-def load_state_into(model: CAMClassifier, state: Mapping[str, torch.Tensor], *, arch: str, source: str = "checkpoint") -> None:
+def load_state_into(
+    model: CAMClassifier, state: Mapping[str, torch.Tensor], *, arch: str, source: str = "checkpoint"
+) -> None:
     """Load classifier-form or CAM-form weights into ``model`` (built as ``arch``).
 
     Raises ``CheckpointMismatchError`` naming the checkpoint's likely architecture and
@@ -160,14 +166,22 @@ def load_state_into(model: CAMClassifier, state: Mapping[str, torch.Tensor], *, 
         raise _mismatch(state, arch, model.num_classes, source, exc) from None
 
 
-def _classifier_to_cam_state(model: CAMClassifier, state: dict[str, torch.Tensor], *, arch: str, source: str) -> dict[str, torch.Tensor]:
+def _classifier_to_cam_state(
+    model: CAMClassifier, state: dict[str, torch.Tensor], *, arch: str, source: str
+) -> dict[str, torch.Tensor]:
     key = model.source_head
     if f"{key}.weight" not in state:
         raise _mismatch(state, arch, model.num_classes, source, f"no classifier weights {key}.weight")
     weight = state[f"{key}.weight"]
     expected = (model.num_classes, model.num_features)
     if tuple(weight.shape) != expected:
-        raise _mismatch(state, arch, model.num_classes, source, f"{key}.weight has shape {tuple(weight.shape)}, {arch} needs {expected}")
+        raise _mismatch(
+            state,
+            arch,
+            model.num_classes,
+            source,
+            f"{key}.weight has shape {tuple(weight.shape)}, {arch} needs {expected}",
+        )
     cam_state = {f"backbone.{k}": v for k, v in state.items() if not k.startswith(f"{key}.")}
     cam_state["head.weight"] = weight.reshape(*expected, 1, 1)
     if f"{key}.bias" in state:
@@ -175,11 +189,15 @@ def _classifier_to_cam_state(model: CAMClassifier, state: dict[str, torch.Tensor
     return cam_state
 
 
-def _mismatch(state: Mapping[str, torch.Tensor], arch: str, num_classes: int, source: str, detail: object) -> CheckpointMismatchError:
+def _mismatch(
+    state: Mapping[str, torch.Tensor], arch: str, num_classes: int, source: str, detail: object
+) -> CheckpointMismatchError:
     from catkd.models.identify import identify_architecture
 
     guesses = identify_architecture(state)
-    looks_like = f"it looks like {' or '.join(guesses)}" if guesses else f"it matches no registered model ({_describe(state)})"
+    looks_like = (
+        f"it looks like {' or '.join(guesses)}" if guesses else f"it matches no registered model ({_describe(state)})"
+    )
     return CheckpointMismatchError(
         f"{source}: weights do not fit {arch} with {num_classes} classes; {looks_like}. Detail: {str(detail)[:400]}"
     )

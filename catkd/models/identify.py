@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -19,7 +19,7 @@ def _state_signature(state: Mapping[str, torch.Tensor]) -> Signature:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _model_signature(name: str, num_classes: int, cam_form: bool) -> Signature:
     model = build_model(name, num_classes, bias=True)
     return _state_signature(model.state_dict() if cam_form else model.classifier_state_dict())

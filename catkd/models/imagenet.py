@@ -6,7 +6,7 @@ The CAM comes from the last feature map before global pooling (7x7 for 224x224 i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torchvision
 from torch import nn

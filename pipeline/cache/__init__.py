@@ -11,7 +11,15 @@ from pipeline.cache.identity import CacheIdentity, CacheMismatchError
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import CacheBuildError
 
-__all__ = ["CacheBuildConfig", "CacheBuildError", "CacheIdentity", "CacheMismatchError", "TargetCache", "build_cache", "expected_identity"]
+__all__ = [
+    "CacheBuildConfig",
+    "CacheBuildError",
+    "CacheIdentity",
+    "CacheMismatchError",
+    "TargetCache",
+    "build_cache",
+    "expected_identity",
+]
 
 
 def __getattr__(name: str) -> Any:

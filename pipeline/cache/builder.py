@@ -54,8 +54,8 @@ from catkd.models import load_checkpoint
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
 from pipeline.cache.identity import file_sha256
-from pipeline.cache.manifest import write_manifest
 from pipeline.cache.layout import DATA_DIR, MANIFEST
+from pipeline.cache.manifest import write_manifest
 from pipeline.cache.teacher import (
     CacheBuildError,
     ShardTargets,
@@ -105,13 +105,17 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     todo = [j for j in range(len(index.shards)) if j not in records]
     init_ray()
     total_views = index.num_samples * cfg.num_views
-    bar = tqdm(total=total_views, unit="views", desc=f"cache {identity.cache_id}", disable=not cfg.progress, file=sys.stderr)
+    bar = tqdm(
+        total=total_views, unit="views", desc=f"cache {identity.cache_id}", disable=not cfg.progress, file=sys.stderr
+    )
     bar.update(sum(records[j]["count"] for j in records) * cfg.num_views)
     if records:
         bar.write(f"[cache] resuming: {len(records)} of {len(index.shards)} data shards already complete")
     if todo:
         try:
-            timing.teachers = _run_actors(cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views))
+            timing.teachers = _run_actors(
+                cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views)
+            )
         finally:
             bar.close()
     _remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
@@ -164,24 +168,39 @@ class BuildTiming:
     @property
     def decode_fallbacks(self) -> np.ndarray:
         """Images decoded on the host although the decoder is nvjpeg, by FALLBACK_REASONS."""
-        return np.sum([t.decode_fallbacks for t in self.teachers], axis=0) if self.teachers else np.zeros(len(FALLBACK_REASONS), np.int64)
+        return (
+            np.sum([t.decode_fallbacks for t in self.teachers], axis=0)
+            if self.teachers
+            else np.zeros(len(FALLBACK_REASONS), np.int64)
+        )
 
     def summary(self, num_views: int = 1) -> str:
         wall = self.ended_at - self.started_at
-        line = (f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
-                f"of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); the first was ready after {self.startup_s:.1f} s")  # fmt: skip
+        line = (
+            f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
+            f"of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); the first was ready after {self.startup_s:.1f} s"
+        )
         fallbacks = describe_fallbacks(self.decode_fallbacks, self.views // max(1, num_views))
         return line + (f"\n[cache] {fallbacks}" if fallbacks else "")
 
 
-def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: bytes, todo: list[int],
-                records: dict[int, dict[str, Any]], progress: Callable[[int], None]) -> list[TeacherTiming]:  # fmt: skip
+def _run_actors(
+    cfg: CacheBuildConfig,
+    index: ShardIndex,
+    url: str,
+    weights: bytes,
+    todo: list[int],
+    records: dict[int, dict[str, Any]],
+    progress: Callable[[int], None],
+) -> list[TeacherTiming]:
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
     committed targets (``records`` gets each shard's completion record). Returns the
     timing of each actor that took part."""
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
-        raise CacheBuildError(f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)")
+        raise CacheBuildError(
+            f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)"
+        )
     cpus = int(resources.get("CPU", 1))
     actor_count = min(cfg.actors, len(todo))
     free = cpus - actor_count * cfg.cpus_per_actor
@@ -192,15 +211,22 @@ def _run_actors(cfg: CacheBuildConfig, index: ShardIndex, url: str, weights: byt
     # they wait for rendered views never frees up for a feed task that would render them.
     feed_cpus = 1 if cfg.gpus_per_actor > 0 and free >= 1 else 0
     if free < 1:
-        print(f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores", file=sys.stderr)
+        print(
+            f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores",
+            file=sys.stderr,
+        )
     chunk_samples = max(1, cfg.chunk_views // cfg.num_views)
     spec = cfg.augment_spec()
     index_ref, weights_ref = ray.put(index), ray.put(weights)
     # At most two rendered chunks wait per shard: the feed runs ahead, memory stays bounded.
     render = ray.remote(render_chunks).options(num_cpus=feed_cpus, _generator_backpressure_num_objects=2)
-    feeds = _FeedQueue(todo, lambda j: render.remote(cfg.data, index_ref, j, spec, cfg.num_views, chunk_samples), ahead=feed_tasks)
+    feeds = _FeedQueue(
+        todo, lambda j: render.remote(cfg.data, index_ref, j, spec, cfg.num_views, chunk_samples), ahead=feed_tasks
+    )
     actors = [
-        TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(cfg, weights_ref, index_ref, url)
+        TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(
+            cfg, weights_ref, index_ref, url
+        )
         for _ in range(actor_count)
     ]
     lock, stop = threading.Lock(), threading.Event()
@@ -344,7 +370,9 @@ class TeacherActor:
     def consume(self, j: int, chunk: FeedChunk) -> tuple[int, list[dict[str, Any]]]:
         """(samples computed, completion records of shards committed since the last call)."""
         info = self.index.shards[j]
-        targets = self.shards.setdefault(j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name)))
+        targets = self.shards.setdefault(
+            j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name))
+        )
         start = time.perf_counter()
         targets.add(self.runner, chunk.ids, chunk.params, chunk.views, chunk.images)
         self.timing.busy_s += time.perf_counter() - start
@@ -352,5 +380,7 @@ class TeacherActor:
         if targets.complete:
             del self.shards[j]
             self.timing.decode_fallbacks = (np.array(self.timing.decode_fallbacks) + targets.fallbacks).tolist()
-            self.commits.append(self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage)))
+            self.commits.append(
+                self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage))
+            )
         return len(chunk.ids), self._finished()

@@ -10,7 +10,6 @@ from typing import Literal
 
 from catkd.errors import ConfigError
 from catkd.models import list_models
-
 from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
@@ -36,7 +35,9 @@ class CacheBuildConfig:
     cpus_per_actor: int = 1  # Ray sets the actor's torch threads to this
     batch_size: int = 256  # views per teacher forward pass
     precision: Precision = "fp32"  # fp32, tf32 (GPU) or bf16 autocast: part of the identity
-    channels_last: bool = True  # NHWC convolutions: 1.2-1.3x faster on CPU (docs/cache.md) and on GPUs; rounding only, not identity
+    channels_last: bool = (
+        True  # NHWC convolutions: 1.2-1.3x faster on CPU (docs/cache.md) and on GPUs; rounding only, not identity
+    )
     feed_tasks: int | None = None  # shards rendering at once; default: the CPUs the actors leave free (at least 1)
     chunk_views: int = 512  # views per chunk streamed from a feed task to an actor
     orphan_lease_s: float = 3600.0  # uncommitted data folders older than this are leftovers of crashed writers
@@ -49,7 +50,15 @@ class CacheBuildConfig:
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             check_value(name, value, _hints()[name])
-        for name, low in (("num_views", 1), ("resolution", 1), ("actors", 1), ("cpus_per_actor", 1), ("batch_size", 1), ("chunk_views", 1), ("spec_seed", 0)):
+        for name, low in (
+            ("num_views", 1),
+            ("resolution", 1),
+            ("actors", 1),
+            ("cpus_per_actor", 1),
+            ("batch_size", 1),
+            ("chunk_views", 1),
+            ("spec_seed", 0),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
         if self.gpus_per_actor < 0:
@@ -67,7 +76,9 @@ class CacheBuildConfig:
         renderer = self.renderer if self.renderer != "auto" else ("device" if on_gpu else "cpu")
         decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and on_gpu else "cpu")
         if renderer not in RENDERERS or decoder not in DECODERS:
-            raise ConfigError(f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}")
+            raise ConfigError(
+                f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}"
+            )
         if (renderer == "device" or decoder == "nvjpeg") and not on_gpu:
             raise CacheBuildError(
                 f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none (--gpus-per-actor 0): "
@@ -81,8 +92,20 @@ def _hints() -> dict:
     return typing.get_type_hints(CacheBuildConfig)
 
 
-def expected_identity(cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str, spec: AugmentSpec | None = None) -> CacheIdentity:
+def expected_identity(
+    cfg: CacheBuildConfig, index: ShardIndex, weights_sha: str, spec: AugmentSpec | None = None
+) -> CacheIdentity:
     """The identity of ``cfg``'s cache; ``spec`` replaces ``cfg.augment_spec()`` for a
     caller that renders otherwise (bench/gpu_check.py's dry run: the device renderer on CPU)."""
-    return identity_of(teacher=cfg.teacher, weights_sha=weights_sha, index=index, split=cfg.split, spec=(spec or cfg.augment_spec()).to_dict(),
-                       num_views=cfg.num_views, resolution=cfg.resolution, binarize=cfg.binarize, storage=cfg.storage, precision=cfg.precision)  # fmt: skip
+    return identity_of(
+        teacher=cfg.teacher,
+        weights_sha=weights_sha,
+        index=index,
+        split=cfg.split,
+        spec=(spec or cfg.augment_spec()).to_dict(),
+        num_views=cfg.num_views,
+        resolution=cfg.resolution,
+        binarize=cfg.binarize,
+        storage=cfg.storage,
+        precision=cfg.precision,
+    )

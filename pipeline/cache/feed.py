@@ -34,7 +34,9 @@ class FeedChunk:
     images: dict[str, np.ndarray] | None = None  # host_images.pack: for the device renderer
 
 
-def render_chunks(data: str, index: ShardIndex, j: int, spec: AugmentSpec, num_views: int, chunk_samples: int) -> Iterator[FeedChunk]:
+def render_chunks(
+    data: str, index: ShardIndex, j: int, spec: AugmentSpec, num_views: int, chunk_samples: int
+) -> Iterator[FeedChunk]:
     info = index.shards[j]
     source = join(data, info.name)
     samples = load_shard(data, index, info)
@@ -47,10 +49,14 @@ def render_chunks(data: str, index: ShardIndex, j: int, spec: AugmentSpec, num_v
             params = np.stack([view_params(spec, ids, view, hw) for view in range(num_views)], axis=1).astype(np.int32)
             yield FeedChunk(j, ids, params, images=images)
         else:
-            yield FeedChunk(j, ids, *_render_all(spec, [decode_image(s, index.image_shape, source) for s in part], ids, num_views))
+            yield FeedChunk(
+                j, ids, *_render_all(spec, [decode_image(s, index.image_shape, source) for s in part], ids, num_views)
+            )
 
 
-def _render_all(spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int) -> tuple[np.ndarray, np.ndarray]:
+def _render_all(
+    spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(params (m, S, 5) int32, views (m, S, 3, H, W) uint8) of images decoded once for all S views."""
     params = np.empty((len(images), num_views, NUM_PARAMS), np.int32)
     views = None

@@ -14,7 +14,6 @@ from typing import Any, Literal
 
 from catkd.errors import CatkdError
 
-
 # 2: precision in the identity, the view renderer's version and normalisation in the
 # spec, class-mixed data (index version 2). 3: the spec names the renderer (cpu or
 # device) and the JPEG decoder (cpu or nvjpeg) that made the views. Older caches are
@@ -62,8 +61,17 @@ class CacheIdentity:
 
 
 def identity_of(
-    *, teacher: str, weights_sha: str, index: Any, split: str, spec: dict[str, Any], num_views: int, resolution: int,
-    binarize: bool, storage: StorageForm, precision: str,
+    *,
+    teacher: str,
+    weights_sha: str,
+    index: Any,
+    split: str,
+    spec: dict[str, Any],
+    num_views: int,
+    resolution: int,
+    binarize: bool,
+    storage: StorageForm,
+    precision: str,
 ) -> CacheIdentity:
     """The identity of the cache these settings make or need (``index``: the split's
     ShardIndex): the one mapping from settings to identity fields, for the builder and
@@ -95,8 +103,10 @@ def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: t
             if key == "renderer_version":
                 message += "; the view renderer changed since this cache was built, so its targets were computed on other pixels: rebuild the cache"
             elif key in ("renderer", "decoder"):
-                message += (f"; the teacher saw views made by the {have[name].get(key)} {key}, and another {key} gives other pixels "
-                            f"(docs/cache.md gives the measured difference): set {key}={have[name].get(key)} to see what the teacher saw")  # fmt: skip
+                message += (
+                    f"; the teacher saw views made by the {have[name].get(key)} {key}, and another {key} gives other pixels "
+                    f"(docs/cache.md gives the measured difference): set {key}={have[name].get(key)} to see what the teacher saw"
+                )
             return message
         return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"
     return None

@@ -70,7 +70,9 @@ def write_group(store: Any, arrays: dict[str, np.ndarray]) -> None:
         _array(group, name, data, view_axis=name != "ids")
 
 
-def read_view(group: zarr.Group, form: StorageForm, view: int, head_weight: np.ndarray | None, decode: bool = True) -> dict[str, np.ndarray]:
+def read_view(
+    group: zarr.Group, form: StorageForm, view: int, head_weight: np.ndarray | None, decode: bool = True
+) -> dict[str, np.ndarray]:
     """Targets of one view of one data shard: ids, params, logits and, decoded, cam
     (n, C, r, r) float32. With ``decode=False`` the arrays stay as stored (float16 cam,
     int8 cam + cam_scale, or features): 2-4x fewer bytes to move, decoded on the

@@ -44,17 +44,27 @@ def _versions() -> dict[str, str]:
     }
 
 
-def write_manifest(fs, root: str, identity: CacheIdentity, index: ShardIndex, cfg: CacheBuildConfig, records: list[dict[str, Any]]) -> None:
+def write_manifest(
+    fs, root: str, identity: CacheIdentity, index: ShardIndex, cfg: CacheBuildConfig, records: list[dict[str, Any]]
+) -> None:
     manifest = {
         "identity": asdict(identity),
         "cache_id": identity.cache_id,
         "num_samples": index.num_samples,
         "shards": records,
         "arrays": records[0]["arrays"],
-        "codecs": {"compressor": "blosc zstd clevel 5 bitshuffle, then crc32c per chunk", "layout": "one zarr shard per array, one inner chunk per view"},
+        "codecs": {
+            "compressor": "blosc zstd clevel 5 bitshuffle, then crc32c per chunk",
+            "layout": "one zarr shard per array, one inner chunk per view",
+        },
         "teacher_weights": cfg.weights,
         "data": cfg.data,
-        "build": {"precision": cfg.precision, "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu", "channels_last": cfg.channels_last, "batch_size": cfg.batch_size},
+        "build": {
+            "precision": cfg.precision,
+            "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            "channels_last": cfg.channels_last,
+            "batch_size": cfg.batch_size,
+        },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         "complete": True,

@@ -25,7 +25,11 @@ class TargetCache:
         path = join(root, MANIFEST)
         if not fs.exists(path):
             done = len(fs.ls(join(root, DONE_DIR))) if fs.exists(join(root, DONE_DIR)) else 0
-            what = f"a partial cache ({done} data shards done, no manifest)" if fs.exists(join(root, "identity.json")) else "not a catkd cache"
+            what = (
+                f"a partial cache ({done} data shards done, no manifest)"
+                if fs.exists(join(root, "identity.json"))
+                else "not a catkd cache"
+            )
             raise CacheMismatchError(f"{url}: {what}; rerun `catkd cache build` with the same arguments to finish it")
         self.manifest: dict[str, Any] = json.loads(fs.cat_file(path))
         if not self.manifest.get("complete"):

@@ -83,13 +83,17 @@ class TeacherSettings:
     @classmethod
     def from_config(cls, cfg: CacheBuildConfig) -> TeacherSettings:
         """The settings of a build's teachers: the one mapping from its configuration."""
-        return cls(cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features")
+        return cls(
+            cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features"
+        )
 
 
 class TeacherRunner:
     """Holds the teacher once on its device and turns uint8 views into targets."""
 
-    def __init__(self, model: CAMClassifier, spec: AugmentSpec, settings: TeacherSettings, device: torch.device) -> None:
+    def __init__(
+        self, model: CAMClassifier, spec: AugmentSpec, settings: TeacherSettings, device: torch.device
+    ) -> None:
         self.spec, self.settings, self.device = spec, settings, device
         if device.type == "cpu":
             keep_freed_memory()  # 1.2x on CPU: activations are not page-faulted in at every batch
@@ -105,7 +109,9 @@ class TeacherRunner:
         cams, logits, feats = [], [], []
         for start in range(0, len(views), s.batch_size):
             part = views[start : start + s.batch_size]
-            if self.pin and not part.is_pinned():  # pinned host memory lets the copy overlap the previous batch's kernels
+            if (
+                self.pin and not part.is_pinned()
+            ):  # pinned host memory lets the copy overlap the previous batch's kernels
                 part = part.pin_memory()
             x = normalize_batch(self.spec, part.to(self.device, non_blocking=True))
             if s.channels_last:
@@ -113,10 +119,14 @@ class TeacherRunner:
             with precision_scope(s.precision, self.device):
                 features = self.model.forward_features(x)
                 logit, cam = self.model.forward_head(features)
-            cams.append(teacher_cam_targets(cam.float(), s.resolution, binarize=s.binarize).to("cpu", non_blocking=True))
+            cams.append(
+                teacher_cam_targets(cam.float(), s.resolution, binarize=s.binarize).to("cpu", non_blocking=True)
+            )
             logits.append(logit.float().to("cpu", non_blocking=True))
             if s.keep_features:
-                feats.append(torch.nn.functional.adaptive_avg_pool2d(features.float(), s.resolution).to("cpu", non_blocking=True))
+                feats.append(
+                    torch.nn.functional.adaptive_avg_pool2d(features.float(), s.resolution).to("cpu", non_blocking=True)
+                )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the non-blocking copies above have landed
         return torch.cat(cams).numpy(), torch.cat(logits).numpy(), torch.cat(feats).numpy() if feats else None
@@ -126,7 +136,9 @@ def check_finite(cam: np.ndarray, logits: np.ndarray, ids: np.ndarray, view: int
     bad = ~(np.isfinite(cam).reshape(len(ids), -1).all(1) & np.isfinite(logits).all(1))
     if bad.any():
         k = int(np.argmax(bad))
-        raise CacheBuildError(f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing was stored for this shard")
+        raise CacheBuildError(
+            f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing was stored for this shard"
+        )
 
 
 class ShardTargets:
@@ -139,7 +151,14 @@ class ShardTargets:
         self.received = 0
         self.fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)  # images decoded on the host instead of nvJPEG
 
-    def add(self, runner: TeacherRunner, ids: np.ndarray, params: np.ndarray, views: np.ndarray | torch.Tensor | None = None, images: dict | None = None) -> None:
+    def add(
+        self,
+        runner: TeacherRunner,
+        ids: np.ndarray,
+        params: np.ndarray,
+        views: np.ndarray | torch.Tensor | None = None,
+        images: dict | None = None,
+    ) -> None:
         """ids (m,), params (m, S, 5) of consecutive samples, and either their views
         (m, S, 3, H, W) uint8 (cpu renderer) or their packed images (device renderer:
         rendered here, on the teacher's device)."""
@@ -164,9 +183,15 @@ class ShardTargets:
         ids, params, cam, logits, feats = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
         expected = np.arange(self.first_id, self.first_id + self.count)
         if not np.array_equal(ids, expected):
-            raise CacheBuildError(f"{self.source}: rendered ids do not cover the shard in order (expected {expected[0]}..{expected[-1]})")
+            raise CacheBuildError(
+                f"{self.source}: rendered ids do not cover the shard in order (expected {expected[0]}..{expected[-1]})"
+            )
         arrays = encode_targets(storage, cam, feats)
-        arrays |= {"logits": logits.astype(np.float16 if storage != "float32" else np.float32), "params": params.astype(np.int32), "ids": ids}
+        arrays |= {
+            "logits": logits.astype(np.float16 if storage != "float32" else np.float32),
+            "params": params.astype(np.int32),
+            "ids": ids,
+        }
         return arrays
 
 

@@ -15,9 +15,9 @@ from catkd.models import load_checkpoint
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings, array_checksums
-from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
 from pipeline.data import host_images
 from pipeline.data.device_render import render_packed
+from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
 from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views, replay_params
 from pipeline.storage import filesystem, join
 
@@ -48,7 +48,9 @@ def cache_info(url: str) -> dict[str, Any]:
     }
 
 
-def verify_cache(url: str, *, sample_views: int = 2, weights: str | None = None, seed: int = 0, progress: bool = False) -> list[str]:
+def verify_cache(
+    url: str, *, sample_views: int = 2, weights: str | None = None, seed: int = 0, progress: bool = False
+) -> list[str]:
     """Problems found (empty when the cache is sound). One Ray task per data shard checks
     that it reads back (every chunk's crc32c), matches its recorded sha256s and holds
     finite values, then recomputes ``sample_views`` random (sample, view) pairs of that
@@ -91,11 +93,15 @@ def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
     built_on = cache.manifest.get("build", {}).get("device", "cpu")
     if sample_views and built_on == "cuda" and not torch.cuda.is_available():
         precision = cache.identity.precision
-        print(f"[verify] the cache was built on a GPU in {precision}; no GPU here, so targets are recomputed on the CPU "
-              f"in {precision if precision == 'bf16' else 'fp32'} and compared within the {precision} tolerance")  # fmt: skip
+        print(
+            f"[verify] the cache was built on a GPU in {precision}; no GPU here, so targets are recomputed on the CPU "
+            f"in {precision if precision == 'bf16' else 'fp32'} and compared within the {precision} tolerance"
+        )
 
 
-def _render_as_built(runner: TeacherRunner, sample, index, j: int, view: int, stored_params: np.ndarray, source: str) -> torch.Tensor:
+def _render_as_built(
+    runner: TeacherRunner, sample, index, j: int, view: int, stored_params: np.ndarray, source: str
+) -> torch.Tensor:
     """One sample's view (1, 3, H, W) uint8, made by the renderer the cache was built with."""
     ids = np.array([sample.id])
     if runner.spec.renderer == "device":
@@ -149,7 +155,9 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         stored = cache.read(j, view)
         sample = samples[k]
         try:
-            views = _render_as_built(runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}")
+            views = _render_as_built(
+                runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}"
+            )
         except ViewMismatchError as exc:
             problems.append(str(exc))
             continue

@@ -55,7 +55,9 @@ def _exact_float32(device: torch.device):
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
-def axis_weights(start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+def axis_weights(
+    start: torch.Tensor, length: torch.Tensor, out_size: int, in_size: int, flip: torch.Tensor | None = None
+) -> torch.Tensor:
     """(n, out_size, in_size) float32 weights that crop ``[start, start + length)`` of an
     axis of ``in_size`` pixels and resize it to ``out_size`` with antialiased bilinear
     interpolation; ``flip`` (n,) bool reverses the output. Positions outside the axis
@@ -147,7 +149,12 @@ def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torc
 
 
 def render_packed(
-    spec: AugmentSpec, packed: dict, params: np.ndarray | torch.Tensor, ids: np.ndarray | torch.Tensor, device: torch.device, source: str
+    spec: AugmentSpec,
+    packed: dict,
+    params: np.ndarray | torch.Tensor,
+    ids: np.ndarray | torch.Tensor,
+    device: torch.device,
+    source: str,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """A packed batch (``host_images.pack``) and its view parameters (m, S, 5) ->
     (views (m, S, 3, size, size) uint8 on ``device``, decode fallbacks by
@@ -158,7 +165,9 @@ def render_packed(
     return render_on_device(spec, images, torch.as_tensor(params)), fallbacks
 
 
-def batch_views(spec: AugmentSpec, batch: dict[str, torch.Tensor], device: torch.device, source: str = "") -> tuple[torch.Tensor, np.ndarray | None]:
+def batch_views(
+    spec: AugmentSpec, batch: dict[str, torch.Tensor], device: torch.device, source: str = ""
+) -> tuple[torch.Tensor, np.ndarray | None]:
     """A loader batch's uint8 views (B, 3, size, size) on ``device``: rendered there
     from the packed images (device renderer), or copied as the loader rendered them;
     and the batch's decode fallbacks (None for a batch rendered on the host)."""

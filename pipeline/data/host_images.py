@@ -116,7 +116,13 @@ def pack(samples: list[Sample], shape: list[int] | None, source: str, decoder: s
     np.cumsum([len(p) for p in parts], out=offsets[1:])
     data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
     # numpy: zero-copy through Ray's object store; a DataLoader turns them into tensors.
-    return {"host_data": data, "host_offsets": offsets, "host_hw": hw, "host_encoded": encoded, "host_fallbacks": fallbacks}
+    return {
+        "host_data": data,
+        "host_offsets": offsets,
+        "host_hw": hw,
+        "host_encoded": encoded,
+        "host_fallbacks": fallbacks,
+    }
 
 
 def image_sizes(packed: dict[str, np.ndarray]) -> np.ndarray:
@@ -136,7 +142,11 @@ def nvjpeg_decode(data: list[torch.Tensor], device: torch.device) -> list[torch.
 
 
 def upload(
-    packed: dict[str, np.ndarray | torch.Tensor], ids: np.ndarray | torch.Tensor, device: torch.device, source: str, decode: DeviceDecoder = nvjpeg_decode
+    packed: dict[str, np.ndarray | torch.Tensor],
+    ids: np.ndarray | torch.Tensor,
+    device: torch.device,
+    source: str,
+    decode: DeviceDecoder = nvjpeg_decode,
 ) -> tuple[list[torch.Tensor], int]:
     """Per-image (3, H, W) uint8 tensors on ``device`` from a packed batch (pinned by
     the DataLoader: one copy of the flat buffer), and how many JPEGs nvJPEG rejected
@@ -188,4 +198,3 @@ def describe_fallbacks(total: torch.Tensor | np.ndarray, images: int) -> str | N
         return None
     n = sum(counts.values())
     return f"{n:,} of {images:,} images decoded on the host instead of nvJPEG ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
-

@@ -19,9 +19,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import host_images
-from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views, replay_params
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
+from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views, replay_params
 from pipeline.storage import join
 
 
@@ -76,7 +76,9 @@ class ShardStream(IterableDataset):
         if info:
             torch.set_num_threads(1)  # workers are processes already; threads would oversubscribe
         if not self.cfg.train:
-            yield from self._eval_batches(eval_plan(len(self.index.shards), self.world_size, num_workers)[self.rank][worker])
+            yield from self._eval_batches(
+                eval_plan(len(self.index.shards), self.world_size, num_workers)[self.rank][worker]
+            )
             return
         plan = self.plan(num_workers)[self.rank][worker]
         needed = plan.batches * self.cfg.batch_size
@@ -109,7 +111,9 @@ class ShardStream(IterableDataset):
         ids = np.array([s.id for s in samples])
         if not np.array_equal(stored["ids"], ids):
             bad = int(np.argmax(stored["ids"] != ids)) if len(ids) == len(stored["ids"]) else 0
-            raise ShardError(f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at position {bad})")
+            raise ShardError(
+                f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at position {bad})"
+            )
         fields = [name for name in stored if name != "ids"]
         for k, sample in enumerate(samples):
             sample.target = {name: stored[name][k] for name in fields}
@@ -166,7 +170,9 @@ class ShardStream(IterableDataset):
         if batch:
             yield self._collate(batch, eval_transform(self.cfg.spec, self._decode(batch)), None)
 
-    def _collate(self, samples: list[Sample], images: torch.Tensor | None, params: np.ndarray | None) -> dict[str, torch.Tensor]:
+    def _collate(
+        self, samples: list[Sample], images: torch.Tensor | None, params: np.ndarray | None
+    ) -> dict[str, torch.Tensor]:
         out = {
             "ids": torch.tensor([s.id for s in samples], dtype=torch.int64),
             "label": torch.tensor([s.label for s in samples], dtype=torch.int64),

@@ -34,7 +34,9 @@ def _deal(items: list[int], parts: int) -> list[list[int]]:
     return [items[p::parts] for p in range(parts)]
 
 
-def epoch_plan(shard_sizes: list[int], world_size: int, num_workers: int, batch_size: int, seed: int, epoch: int) -> list[list[WorkerPlan]]:
+def epoch_plan(
+    shard_sizes: list[int], world_size: int, num_workers: int, batch_size: int, seed: int, epoch: int
+) -> list[list[WorkerPlan]]:
     """``plan[rank][worker]`` for a training epoch."""
     if world_size < 1 or num_workers < 1 or batch_size < 1:
         raise ValueError("world_size, num_workers and batch_size must be positive")

@@ -31,7 +31,9 @@ from torchvision.io import decode_image as decode_image_tensor
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still
 # work and are the fastest decoders we have, so the per-call warning is silenced here.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning)
+warnings.filterwarnings(
+    "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
+)
 
 from catkd.errors import CatkdError
 from pipeline.storage import filesystem, join, write_atomic
@@ -135,7 +137,7 @@ def _to_sample(fields: dict[str, Any], source: str) -> Sample:
     box = tuple(int(v) for v in fields.pop("box").decode().split(",")) if "box" in fields else None
     if len(fields) != 1:
         raise ShardError(f"{source}: sample {key}: expected one image field, found {sorted(fields)}")
-    (fmt, image), = fields.items()
+    ((fmt, image),) = fields.items()
     if not key.isdigit():
         raise ShardError(f"{source}: sample {key}: key is not a decimal id")
     return Sample(int(key), label, image, fmt, box)
@@ -212,7 +214,9 @@ def read_index(url: str, split: str) -> ShardIndex:
             f"folder hold one class each); reshard the source with `catkd shard` into a new folder (index version {INDEX_VERSION})"
         )
     if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
-        raise ShardError(f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {INDEX_FORMAT!r} {INDEX_VERSION}")
+        raise ShardError(
+            f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {INDEX_FORMAT!r} {INDEX_VERSION}"
+        )
     data.pop("num_samples", None)
     data.pop("num_classes", None)
     data["shards"] = [ShardInfo(**s) for s in data["shards"]]
@@ -240,8 +244,13 @@ def load_shard(url: str, index: ShardIndex, info: ShardInfo) -> list[Sample]:
     expected = list(range(info.first_id, info.first_id + info.count))
     got = [s.id for s in samples]
     if got != expected:
-        first_bad = next((sample_key(e) for e, g in zip(expected, got) if e != g), sample_key(expected[min(len(got), len(expected) - 1)]))
-        raise ShardError(f"{path}: holds {len(got)} samples, index says ids {info.first_id}..{info.first_id + info.count - 1}; first mismatch at sample {first_bad}")
+        first_bad = next(
+            (sample_key(e) for e, g in zip(expected, got) if e != g),
+            sample_key(expected[min(len(got), len(expected) - 1)]),
+        )
+        raise ShardError(
+            f"{path}: holds {len(got)} samples, index says ids {info.first_id}..{info.first_id + info.count - 1}; first mismatch at sample {first_bad}"
+        )
     for s in samples:
         if not 0 <= s.label < index.num_classes:
             raise ShardError(f"{path}: sample {sample_key(s.id)}: label {s.label} outside 0..{index.num_classes - 1}")
@@ -255,7 +264,9 @@ def decode_image(sample: Sample, shape: list[int] | None, source: str) -> np.nda
             raise ShardError(f"{source}: sample {sample_key(sample.id)}: raw pixels but the index has no image shape")
         expected = shape[0] * shape[1] * 3
         if len(sample.image) != expected:
-            raise ShardError(f"{source}: sample {sample_key(sample.id)}: {len(sample.image)} raw bytes, expected {expected}")
+            raise ShardError(
+                f"{source}: sample {sample_key(sample.id)}: {len(sample.image)} raw bytes, expected {expected}"
+            )
         return np.frombuffer(sample.image, np.uint8).reshape(shape[0], shape[1], 3)
     try:
         if sample.fmt in _TORCHVISION_FORMATS:

@@ -14,7 +14,16 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pipeline.data.shard_format import RAW_FORMAT, Sample, ShardError, ShardInfo, decode_image, encode_shard, sample_key, shard_name
+from pipeline.data.shard_format import (
+    RAW_FORMAT,
+    Sample,
+    ShardError,
+    ShardInfo,
+    decode_image,
+    encode_shard,
+    sample_key,
+    shard_name,
+)
 from pipeline.data.sources import Record, SourceError, SourceSlice
 from pipeline.storage import filesystem, join, write_atomic
 
@@ -75,10 +84,14 @@ def _to_sample(record: Record, sample_id: int, task: ShardTask) -> tuple[Sample,
         except ShardError as exc:
             raise SourceError(str(exc)) from None
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
-        raise SourceError(f"{record.origin}: sample {key}: pixels of shape {pixels.shape} {pixels.dtype}, expected (H, W, 3) uint8")
+        raise SourceError(
+            f"{record.origin}: sample {key}: pixels of shape {pixels.shape} {pixels.dtype}, expected (H, W, 3) uint8"
+        )
     if task.max_short_side is not None and min(pixels.shape[:2]) > task.max_short_side:
         if record.box is not None:
-            raise SourceError(f"{record.origin}: sample {key}: resizing would invalidate its object box; shard it without --max-short-side")
+            raise SourceError(
+                f"{record.origin}: sample {key}: resizing would invalidate its object box; shard it without --max-short-side"
+            )
         pixels = _shrink(pixels, task.max_short_side)
         sample.image, sample.fmt = _jpeg(pixels, task.jpeg_quality), "jpg"
     if task.encoding == "raw" or sample.fmt == RAW_FORMAT:
@@ -96,7 +109,9 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     name = shard_name(task.split, task.j)
     fs, root = filesystem(task.out)
     write_atomic(fs, join(root, name), data)
-    info = ShardInfo(name=name, first_id=task.first, count=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    info = ShardInfo(
+        name=name, first_id=task.first, count=len(samples), bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
     record = {
         "j": task.j,
         "settings": task.digest,
@@ -108,5 +123,3 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
     }
     write_atomic(fs, join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
     return record
-
-

@@ -36,7 +36,17 @@ except ImportError:  # a machine without Ray (bench/gpu_check.py) shards with a 
     ray = None
 
 from catkd.errors import user_error
-from pipeline.data.shard_format import RAW_FORMAT, ShardError, ShardIndex, ShardInfo, index_name, read_index, sample_key, shard_name, write_index
+from pipeline.data.shard_format import (
+    RAW_FORMAT,
+    ShardError,
+    ShardIndex,
+    ShardInfo,
+    index_name,
+    read_index,
+    sample_key,
+    shard_name,
+    write_index,
+)
 from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
 from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
 from pipeline.storage import check_location, filesystem, join, write_atomic
@@ -90,8 +100,15 @@ def shard_dataset(cfg: ShardConfig, pool: Executor | None = None) -> dict[str, S
 
 
 def _settings(cfg: ShardConfig, source: Source, split: str) -> dict[str, Any]:
-    settings = {**source.settings(), "split": split, "samples_per_shard": cfg.samples_per_shard, "encoding": cfg.encoding,
-                "order_seed": cfg.order_seed, "num_samples": source.size(split), "listing": source.listing_digest(split)}  # fmt: skip
+    settings = {
+        **source.settings(),
+        "split": split,
+        "samples_per_shard": cfg.samples_per_shard,
+        "encoding": cfg.encoding,
+        "order_seed": cfg.order_seed,
+        "num_samples": source.size(split),
+        "listing": source.listing_digest(split),
+    }
     if cfg.max_short_side is not None:
         settings |= {"max_short_side": cfg.max_short_side, "jpeg_quality": cfg.jpeg_quality}
     return settings
@@ -116,23 +133,41 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
     fs, root = filesystem(cfg.out)
     existing = _check_settings(cfg.out, split, settings)
     if existing is not None:
-        print(f"[shard] {split}: already complete in {cfg.out} ({existing.num_samples} samples, {len(existing.shards)} shards)")
+        print(
+            f"[shard] {split}: already complete in {cfg.out} ({existing.num_samples} samples, {len(existing.shards)} shards)"
+        )
         return existing
 
-    plan = [(j, first, min(cfg.samples_per_shard, total - first)) for j, first in enumerate(range(0, total, cfg.samples_per_shard))]
+    plan = [
+        (j, first, min(cfg.samples_per_shard, total - first))
+        for j, first in enumerate(range(0, total, cfg.samples_per_shard))
+    ]
     done: dict[int, dict[str, Any]] = {}
     for j, first, count in plan:
         record = _completed(fs, root, shard_name(split, j), digest, first, count)
         if record is not None:
             done[j] = record
     todo = [p for p in plan if p[0] not in done]
-    bar = tqdm(total=total, unit="samples", desc=f"shard {split}", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
+    bar = tqdm(
+        total=total, unit="samples", desc=f"shard {split}", disable=not cfg.progress, file=sys.stderr, smoothing=0.1
+    )
     bar.update(sum(done[j]["info"]["count"] for j in done))
     if done:
         bar.write(f"[shard] {split}: {len(done)} of {len(plan)} shards already complete, writing {len(todo)}")
     order = id_order(total, cfg.order_seed)
     tasks = (
-        ShardTask(split, j, first, source.slice(split, order[first : first + count]), cfg.out, cfg.encoding, len(classes), digest, cfg.max_short_side, cfg.jpeg_quality)
+        ShardTask(
+            split,
+            j,
+            first,
+            source.slice(split, order[first : first + count]),
+            cfg.out,
+            cfg.encoding,
+            len(classes),
+            digest,
+            cfg.max_short_side,
+            cfg.jpeg_quality,
+        )
         for j, first, count in todo
     )
     try:
@@ -152,7 +187,9 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
         settings=settings | {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )
     write_index(cfg.out, index)
-    print(f"[shard] {split}: {index.num_samples} samples in {len(index.shards)} shards -> {join(cfg.out, index_name(split))}")
+    print(
+        f"[shard] {split}: {index.num_samples} samples in {len(index.shards)} shards -> {join(cfg.out, index_name(split))}"
+    )
     return index
 
 
@@ -249,7 +286,9 @@ def _common_shape(records: list[dict[str, Any]], cfg: ShardConfig, split: str) -
     if len(shapes) == 1:
         return list(shapes.pop())
     if any(RAW_FORMAT in r["formats"] for r in records):
-        raise ShardError(f"{cfg.out}: split {split}: raw pixels need images of one size, found {sorted(shapes)[:4]}; use --encoding keep")
+        raise ShardError(
+            f"{cfg.out}: split {split}: raw pixels need images of one size, found {sorted(shapes)[:4]}; use --encoding keep"
+        )
     return None
 
 

@@ -39,7 +39,17 @@ from pipeline.data import synthetic
 from pipeline.data.shard_format import sample_key
 from pipeline.storage import filesystem, is_local, join
 
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".bmp": "bmp", ".gif": "gif", ".webp": "webp", ".tif": "tiff", ".tiff": "tiff", ".ppm": "ppm"}
+IMAGE_EXTENSIONS = {
+    ".jpg": "jpg",
+    ".jpeg": "jpg",
+    ".png": "png",
+    ".bmp": "bmp",
+    ".gif": "gif",
+    ".webp": "webp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".ppm": "ppm",
+}
 _COMPRESSED = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
 _COPY_CHUNK = 8 << 20  # bytes per read while decompressing an archive
 
@@ -112,7 +122,9 @@ class _Split:
     sizes: np.ndarray | None = None
 
 
-def _group_layout(entries: list[tuple[str, int, int]], origin: str, empty_classes: list[str]) -> tuple[dict[str, _Split], int]:
+def _group_layout(
+    entries: list[tuple[str, int, int]], origin: str, empty_classes: list[str]
+) -> tuple[dict[str, _Split], int]:
     """``(relative path, offset, size)`` of every file -> splits laid out as
     ``<split>/<class>/<image>``; returns the splits and the count of files skipped
     because they are not images in that layout."""
@@ -223,7 +235,9 @@ class ImageFolderSource(Source):
         try:
             exists, is_file = self.fs.exists(self.path), self.fs.isfile(self.path)
         except (PermissionError, OSError) as exc:
-            raise SourceError(f"{self.url}: cannot read the source location ({type(exc).__name__}: {str(exc)[:200]})") from None
+            raise SourceError(
+                f"{self.url}: cannot read the source location ({type(exc).__name__}: {str(exc)[:200]})"
+            ) from None
         if not exists:
             raise SourceError(f"{self.url}: source path does not exist")
         self.archive: str | None = self.url if is_file else None
@@ -268,7 +282,11 @@ class ImageFolderSource(Source):
 
     def notes(self) -> list[str]:
         skipped = self._listing[1]
-        return [f"{self.url}: skipped {skipped} files that are not images laid out as <split>/<class>/<image>"] if skipped else []
+        return (
+            [f"{self.url}: skipped {skipped} files that are not images laid out as <split>/<class>/<image>"]
+            if skipped
+            else []
+        )
 
     def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
         part = self._split(split)
@@ -276,7 +294,9 @@ class ImageFolderSource(Source):
         labels = part.labels[positions].tolist()
         if self.archive is None:
             return _FolderSlice(self.url, names, labels)
-        return _ArchiveSlice(self.archive, self.url, names, labels, part.offsets[positions].tolist(), part.sizes[positions].tolist())
+        return _ArchiveSlice(
+            self.archive, self.url, names, labels, part.offsets[positions].tolist(), part.sizes[positions].tolist()
+        )
 
 
 @dataclass
@@ -417,7 +437,10 @@ class _CifarSlice(SourceSlice):
 
     def read(self) -> list[Record]:
         images, labels, origins = load_cifar_split(self.source, self.split)
-        return [Record(np.ascontiguousarray(images[p]), "rgb", int(labels[p]), f"{origins[p][0]}[{origins[p][1]}]") for p in self.positions]
+        return [
+            Record(np.ascontiguousarray(images[p]), "rgb", int(labels[p]), f"{origins[p][0]}[{origins[p][1]}]")
+            for p in self.positions
+        ]
 
 
 # ---------------------------------------------------------------- synthetic
@@ -436,7 +459,13 @@ class ShapesSource(Source):
         self.spec = "synthetic:shapes"
 
     def settings(self) -> dict[str, Any]:
-        return {"source": self.spec, "image_size": self.image_size, "train_samples": self.train_samples, "test_samples": self.test_samples, "seed": self.seed}
+        return {
+            "source": self.spec,
+            "image_size": self.image_size,
+            "train_samples": self.train_samples,
+            "test_samples": self.test_samples,
+            "seed": self.seed,
+        }
 
     def splits(self) -> list[str]:
         return ["train", "test"]
@@ -512,7 +541,9 @@ def open_source(spec: str, *, staging: str | None = None, **options: Any) -> Sou
     """Parse ``kind:PATH`` (``imagefolder:``, ``cifar10:``, ``cifar100:``, ``synthetic:shapes``)."""
     kind, sep, rest = spec.partition(":")
     if not sep:
-        raise SourceError(f"{spec}: a source is written kind:PATH (imagefolder:, cifar10:, cifar100:, synthetic:shapes)")
+        raise SourceError(
+            f"{spec}: a source is written kind:PATH (imagefolder:, cifar10:, cifar100:, synthetic:shapes)"
+        )
     if kind == "imagefolder":
         return ImageFolderSource(rest, staging)
     if kind in ("cifar10", "cifar100"):

@@ -32,7 +32,6 @@ from torchvision.transforms.v2 import functional as TF
 
 from catkd.errors import CatkdError
 
-
 NUM_PARAMS = 5  # x0, y0, w, h, flip
 SpecName = Literal["cifar", "imagenet"]
 MEAN_STD = {
@@ -71,14 +70,18 @@ class AugmentSpec:
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if self.decoder == "nvjpeg" and self.renderer != "device":
-            raise ValueError("decoder nvjpeg decodes on the GPU, so the views must be rendered there too: set renderer=device")
+            raise ValueError(
+                "decoder nvjpeg decodes on the GPU, so the views must be rendered there too: set renderer=device"
+            )
 
     @classmethod
     def preset(cls, name: SpecName, seed: int = 0, renderer: Renderer = "cpu", decoder: Decoder = "cpu") -> AugmentSpec:
         if name not in MEAN_STD:
             raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
         mean, std = MEAN_STD[name]
-        return cls(name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std, renderer=renderer, decoder=decoder)
+        return cls(
+            name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std, renderer=renderer, decoder=decoder
+        )
 
     @classmethod
     def from_dict(cls, data: dict) -> AugmentSpec:
@@ -128,7 +131,9 @@ def view_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndar
         side = np.full(len(ids), spec.size, np.int64)
         return np.stack([x0, y0, side, side, (u[:, 2] < 0.5).astype(np.int64)], axis=1)
     u = uniforms(spec.seed, ids, view, 41)
-    return np.array([_resized_crop_box(spec, row, int(hw[0]), int(hw[1])) for row, hw in zip(u, image_hw)], np.int64).reshape(-1, NUM_PARAMS)
+    return np.array(
+        [_resized_crop_box(spec, row, int(hw[0]), int(hw[1])) for row, hw in zip(u, image_hw)], np.int64
+    ).reshape(-1, NUM_PARAMS)
 
 
 def _resized_crop_box(spec: AugmentSpec, u: np.ndarray, height: int, width: int) -> tuple[int, int, int, int, int]:
@@ -158,7 +163,9 @@ class ViewMismatchError(CatkdError, ValueError):
     """Stored view parameters differ from what the spec gives now: the spec changed."""
 
 
-def check_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray, source: str) -> None:
+def check_params(
+    spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray, source: str
+) -> None:
     expected = view_params(spec, ids, view, image_hw)
     bad = np.nonzero((expected != np.asarray(stored)).any(axis=1))[0]
     if len(bad):
@@ -181,7 +188,15 @@ def crop_flip_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
     """
     n, height, width, _ = images.shape
     out_h, out_w = int(params[0, 3]), int(params[0, 2])
-    pad = int(max(0, -params[:, 0].min(), -params[:, 1].min(), (params[:, 0] + out_w - width).max(), (params[:, 1] + out_h - height).max()))
+    pad = int(
+        max(
+            0,
+            -params[:, 0].min(),
+            -params[:, 1].min(),
+            (params[:, 0] + out_w - width).max(),
+            (params[:, 1] + out_h - height).max(),
+        )
+    )
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
     out = np.empty((n, out_h, out_w, 3), np.uint8)
     for k, (x0, y0, _, _, flip) in enumerate(params.tolist()):
@@ -207,7 +222,9 @@ def _apply(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> t
     if spec.name == "cifar" and len({im.shape for im in images}) == 1:
         return torch.from_numpy(crop_flip_batch(np.stack(images), params)).permute(0, 3, 1, 2)
     if spec.name == "cifar":
-        return torch.stack([torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1) for im, p in zip(images, params)])
+        return torch.stack(
+            [torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1) for im, p in zip(images, params)]
+        )
     out = torch.empty((len(images), 3, spec.size, spec.size), dtype=torch.uint8)
     for k, (im, p) in enumerate(zip(images, params)):
         _resized_crop_into(out[k], im, p)
@@ -215,7 +232,12 @@ def _apply(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> t
 
 
 def render_views(
-    spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, view: int, stored_params: np.ndarray | None = None, source: str = ""
+    spec: AugmentSpec,
+    images: list[np.ndarray],
+    ids: np.ndarray,
+    view: int,
+    stored_params: np.ndarray | None = None,
+    source: str = "",
 ) -> tuple[np.ndarray, torch.Tensor]:
     """The one view renderer: decoded images (H, W, 3) uint8 of samples ``ids`` ->
     (params (n, 5), views (n, 3, size, size) uint8) of view ``view``.
@@ -228,7 +250,9 @@ def render_views(
     return params, _apply(spec, images, params)
 
 
-def replay_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray | None, source: str = "") -> np.ndarray:
+def replay_params(
+    spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray | None, source: str = ""
+) -> np.ndarray:
     """The parameters to render: the stored ones (authoritative; recomputing them only
     detects a changed spec) or, without a cache, the spec's."""
     if stored is None:

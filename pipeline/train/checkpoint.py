@@ -26,7 +26,9 @@ def unwrap(model: torch.nn.Module) -> CAMClassifier:
     return model.module if hasattr(model, "module") else model
 
 
-def save_training_state(folder: str, model, optimizer, scheduler, epoch: int, cfg: TrainConfig, history: list[dict[str, Any]]) -> None:
+def save_training_state(
+    folder: str, model, optimizer, scheduler, epoch: int, cfg: TrainConfig, history: list[dict[str, Any]]
+) -> None:
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -45,5 +47,7 @@ def save_training_state(folder: str, model, optimizer, scheduler, epoch: int, cf
 def load_training_state(folder: str) -> dict[str, Any]:
     state = torch.load(os.path.join(folder, FILENAME), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT or state.get("version") != VERSION:
-        raise ValueError(f"{folder}: not a catkd training checkpoint (format {state.get('format')!r} version {state.get('version')!r})")
+        raise ValueError(
+            f"{folder}: not a catkd training checkpoint (format {state.get('format')!r} version {state.get('version')!r})"
+        )
     return state

@@ -1,6 +1,6 @@
 """Training configuration: one dataclass, loaded from YAML, any field overridable.
 
-    catkd train jobs/configs/demo_catkd.yaml epochs=3 beta=2.0 data=/other/shards
+catkd train jobs/configs/demo_catkd.yaml epochs=3 beta=2.0 data=/other/shards
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ class TrainConfig:
     # nvJPEG when use_gpu, else on the host. Set, they must match the cache's.
     renderer: Literal["auto", "cpu", "device"] = "auto"
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
-    num_views: int = 0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
+    num_views: int = (
+        0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
+    )
     view_offset: int = 0
     # teacher side
     cache: str | None = None  # cache URL (kd, catkd, cat)
@@ -60,7 +62,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_decay_epochs: list[int] = field(default_factory=lambda: [150, 180, 210])
     lr_decay_rate: float = 0.1
-    lr_schedule: Literal["step", "cosine"] = "step"  # step: x lr_decay_rate at each lr_decay_epochs; cosine: to 0 at the end
+    lr_schedule: Literal["step", "cosine"] = (
+        "step"  # step: x lr_decay_rate at each lr_decay_epochs; cosine: to 0 at the end
+    )
     warmup_epochs: int = 0  # linear warm-up to lr over these epochs (large global batches)
     # "linear": lr is for a global batch of lr_base_batch and is scaled by
     # batch_size x num_workers / lr_base_batch (Goyal et al., 2017). Off by default, so
@@ -87,8 +91,20 @@ class TrainConfig:
             check_value(name, value, _HINTS[name])
         if self.mode not in MODES:
             raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 1), ("loader_workers", 0), ("cpus_per_worker", 0), ("resolution", 1),
-                          ("num_views", 0), ("view_offset", 0), ("shuffle_buffer", 1), ("lr_base_batch", 1), ("max_failures", -1), ("spec_seed", 0)):  # fmt: skip
+        for name, low in (
+            ("epochs", 1),
+            ("batch_size", 1),
+            ("num_workers", 1),
+            ("loader_workers", 0),
+            ("cpus_per_worker", 0),
+            ("resolution", 1),
+            ("num_views", 0),
+            ("view_offset", 0),
+            ("shuffle_buffer", 1),
+            ("lr_base_batch", 1),
+            ("max_failures", -1),
+            ("spec_seed", 0),
+        ):
             if getattr(self, name) < low:
                 raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
         for name in ("lr", "kd_temperature"):
@@ -124,9 +140,13 @@ class TrainConfig:
         """The spec this run renders with; ``auto`` choices as for a run without a cache
         (``pipeline.train.run.resolve`` first replaces them with the cache's)."""
         renderer = self.renderer if self.renderer != "auto" else ("device" if self.use_gpu else "cpu")
-        decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and self.use_gpu else "cpu")
+        decoder = (
+            self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and self.use_gpu else "cpu")
+        )
         if (renderer == "device" or decoder == "nvjpeg") and not self.use_gpu:
-            raise ConfigError(f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true")
+            raise ConfigError(
+                f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true"
+            )
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 
     @property
@@ -160,7 +180,16 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> TrainCo
 
 
 # Fields a resumed run may change: they do not change what the run computes.
-RESUMABLE = ("epochs", "loader_workers", "cpus_per_worker", "max_failures", "storage_path", "name", "verbose", "compile")
+RESUMABLE = (
+    "epochs",
+    "loader_workers",
+    "cpus_per_worker",
+    "max_failures",
+    "storage_path",
+    "name",
+    "verbose",
+    "compile",
+)
 
 
 def resume_conflicts(saved: dict[str, Any], now: TrainConfig) -> tuple[list[str], list[str]]:

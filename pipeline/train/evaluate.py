@@ -8,14 +8,23 @@ import torch
 
 from catkd.errors import ConfigError
 from catkd.models import load_checkpoint, read_checkpoint
-from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.storage import filesystem
 
 
 @torch.no_grad()
-def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", arch: str | None = None, spec: str = "cifar",
-                        batch_size: int = 256, device: str | None = None, loader_workers: int = 2) -> dict[str, float]:  # fmt: skip
+def evaluate_checkpoint(
+    checkpoint: str,
+    data: str,
+    *,
+    split: str = "test",
+    arch: str | None = None,
+    spec: str = "cifar",
+    batch_size: int = 256,
+    device: str | None = None,
+    loader_workers: int = 2,
+) -> dict[str, float]:
     fs, path = filesystem(checkpoint)
     try:
         raw = fs.cat_file(path)
@@ -25,7 +34,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", arch
     arch = arch or info["arch"]
     if arch is None:
         raise ConfigError(f"{checkpoint}: the checkpoint does not name its architecture; pass --arch")
-    stream = ShardStream(ReaderConfig(data=data, split=split, batch_size=batch_size, train=False, spec=AugmentSpec.preset(spec), normalize=False))
+    stream = ShardStream(
+        ReaderConfig(
+            data=data, split=split, batch_size=batch_size, train=False, spec=AugmentSpec.preset(spec), normalize=False
+        )
+    )
     model = load_checkpoint(_named(raw, checkpoint), arch, stream.index.num_classes)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.eval().to(target)

@@ -18,14 +18,14 @@ import torch
 import torch.distributed as dist
 
 from catkd.models import CAMClassifier, build_model, load_checkpoint
+from pipeline.cache.reader import TargetCache
 from pipeline.data.device_render import batch_views
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
-from pipeline.data.views import normalize_batch
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
+from pipeline.data.views import normalize_batch
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
-from pipeline.cache.reader import TargetCache
 from pipeline.train.step import cached_targets, live_targets, loss_terms
 
 
@@ -97,7 +97,9 @@ def train_loop(config: dict[str, Any]) -> None:
     model = build_model(cfg.student, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
     # Warm-up, then step decay or cosine (TrainConfig.lr_factor), stepped once per epoch.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     start_epoch, history = 0, []
@@ -149,7 +151,9 @@ def train_loop(config: dict[str, Any]) -> None:
 NONFINITE_CHECK_STEPS = 50
 
 
-def _inputs(cfg: TrainConfig, batch: dict[str, torch.Tensor], spec, device: torch.device, fallbacks: np.ndarray | None = None) -> torch.Tensor:
+def _inputs(
+    cfg: TrainConfig, batch: dict[str, torch.Tensor], spec, device: torch.device, fallbacks: np.ndarray | None = None
+) -> torch.Tensor:
     """The batch's views on the device (rendered there with the device renderer),
     normalised, in the run's memory format; ``fallbacks`` accumulates the images
     decoded on the host although the decoder is nvjpeg."""
@@ -171,10 +175,14 @@ class _Progress:
         now = time.perf_counter()
         if self.active and now - self.last >= self.every_s:
             self.last = now
-            _say(f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  {images / (now - self.start):.0f} images/s on rank 0")
+            _say(
+                f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  {images / (now - self.start):.0f} images/s on rank 0"
+            )
 
 
-def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress, head_weight=None) -> dict[str, float]:
+def _train_epoch(
+    cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress, head_weight=None
+) -> dict[str, float]:
     """One epoch with no per-step host synchronisation: loss terms and top-1/top-5 counts
     accumulate on the device and are reduced once at the end; a non-finite loss sets a
     device-side flag (with the first bad batch's sample ids), checked every
@@ -198,7 +206,9 @@ def _train_epoch(cfg, model, teacher, loader, optimizer, spec, device, rank, pro
             logits, cam = model(x)
         terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
         nonfinite = ~torch.isfinite(terms["loss"].detach())
-        ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(device, non_blocking=True)
+        ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(
+            device, non_blocking=True
+        )
         bad_ids = torch.where(nonfinite & ~bad, ids, bad_ids)
         bad |= nonfinite
         if (step + 1) % NONFINITE_CHECK_STEPS == 0:

@@ -23,8 +23,8 @@ from catkd.errors import CatkdError
 from catkd.models import build_model
 from pipeline.cache.identity import CacheMismatchError, file_sha256, identity_of
 from pipeline.cache.reader import TargetCache
-from pipeline.ray_setup import init_ray
 from pipeline.data.shard_format import read_index
+from pipeline.ray_setup import init_ray
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig, resume_conflicts
@@ -53,7 +53,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     found = cache.identity
     # The cache decides how views are made unless the run says; a GPU-made cache needs a GPU.
     made_by = {key: found.spec.get(key, "cpu") for key in ("renderer", "decoder")}
-    cfg = dataclasses.replace(cfg, **{key: made_by[key] if getattr(cfg, key) == "auto" else getattr(cfg, key) for key in made_by})
+    cfg = dataclasses.replace(
+        cfg, **{key: made_by[key] if getattr(cfg, key) == "auto" else getattr(cfg, key) for key in made_by}
+    )
     if not cfg.use_gpu and (cfg.renderer == "device" or cfg.decoder == "nvjpeg"):
         raise CacheMismatchError(
             f"{cfg.cache}: its views were made by the {made_by['renderer']} renderer and the {made_by['decoder']} decoder, on a GPU; "
@@ -66,9 +68,16 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         fs, path = filesystem(cfg.teacher_weights)
         weights_sha = file_sha256(fs.cat_file(path))
     expected = identity_of(
-        teacher=cfg.teacher or found.teacher_arch, weights_sha=weights_sha, index=index, split=cfg.train_split, spec=cfg.augment_spec().to_dict(),
-        num_views=cfg.num_views if cfg.num_views > 0 else found.num_views, resolution=cfg.resolution, binarize=cfg.binarize,
-        storage=found.storage, precision=found.precision,
+        teacher=cfg.teacher or found.teacher_arch,
+        weights_sha=weights_sha,
+        index=index,
+        split=cfg.train_split,
+        spec=cfg.augment_spec().to_dict(),
+        num_views=cfg.num_views if cfg.num_views > 0 else found.num_views,
+        resolution=cfg.resolution,
+        binarize=cfg.binarize,
+        storage=found.storage,
+        precision=found.precision,
     )
     cache.check(expected, ignore=tuple(ignore))
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
@@ -94,7 +103,9 @@ def check_resume(cfg: TrainConfig) -> None:
                 "choose another name= for a new run"
             )
         if allowed:
-            print(f"[train] resuming {cfg.name} with changed {', '.join(f'{k}={getattr(cfg, k)!r} (was {saved.get(k)!r})' for k in allowed)}")
+            print(
+                f"[train] resuming {cfg.name} with changed {', '.join(f'{k}={getattr(cfg, k)!r} (was {saved.get(k)!r})' for k in allowed)}"
+            )
     write_atomic(fs, path, json.dumps(asdict(cfg), indent=1).encode())
 
 
@@ -105,7 +116,9 @@ def _cpus_per_worker(cfg: TrainConfig) -> int:
     available = int(ray.cluster_resources().get("CPU", 1))
     fit = max(1, available // max(1, cfg.num_workers))
     if wanted > fit:
-        print(f"[train] {cfg.num_workers} workers x {wanted} CPUs do not fit in this Ray cluster's {available} CPUs: reserving {fit} per worker")
+        print(
+            f"[train] {cfg.num_workers} workers x {wanted} CPUs do not fit in this Ray cluster's {available} CPUs: reserving {fit} per worker"
+        )
         return fit
     return wanted
 

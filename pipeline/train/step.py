@@ -25,7 +25,9 @@ def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> t
     return teacher_cam_targets(cam.float(), cfg.resolution, binarize=cfg.binarize), logits.float()
 
 
-def cached_targets(batch: dict[str, torch.Tensor], device: torch.device, head_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def cached_targets(
+    batch: dict[str, torch.Tensor], device: torch.device, head_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(t_cam, t_logits) as float32 on ``device``, from the stored form the loader sends:
     float16/float32 maps, int8 maps with per-map scales, or pooled features projected
     through the teacher's head weight (C, D) on the device: P(cam) = W . P(features)."""
@@ -57,4 +59,6 @@ def loss_terms(
         ce = F.cross_entropy(logits.float(), labels)
         kd = kd_loss(logits, t_logits, cfg.kd_temperature)
         return {"loss": cfg.ce_weight * ce + cfg.kd_weight * kd, "ce": ce, "kd": kd}
-    return catkd_loss(catkd_config(cfg), logits, cam, t_cam, labels=labels if cfg.ce_weight > 0 else None, teacher_logits=t_logits)
+    return catkd_loss(
+        catkd_config(cfg), logits, cam, t_cam, labels=labels if cfg.ce_weight > 0 else None, teacher_logits=t_logits
+    )

@@ -42,8 +42,16 @@ def run_sweep(base: TrainConfig, grid: SweepGrid, max_concurrent: int = 2) -> li
 
     def one(cfg: TrainConfig) -> dict:
         last = train(cfg)["history"][-1]
-        return {"name": cfg.name, "student": cfg.student, "beta": cfg.beta, "resolution": cfg.resolution, "seed": cfg.seed,
-                "test_top1": last["test_top1"], "test_top5": last["test_top5"], "images_per_s": last["images_per_s"]}  # fmt: skip
+        return {
+            "name": cfg.name,
+            "student": cfg.student,
+            "beta": cfg.beta,
+            "resolution": cfg.resolution,
+            "seed": cfg.seed,
+            "test_top1": last["test_top1"],
+            "test_top5": last["test_top5"],
+            "images_per_s": last["images_per_s"],
+        }
 
     with ThreadPoolExecutor(max_workers=max_concurrent) as pool:
         results = list(pool.map(one, points))

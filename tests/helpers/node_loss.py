@@ -17,8 +17,8 @@ import time
 os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 
 import ray  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray._private.state import available_resources_per_node  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
 
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
@@ -31,8 +31,20 @@ def main() -> None:
     workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
-    cfg = TrainConfig(mode="catkd", data=data, cache=cache, student="resnet8", epochs=4, batch_size=8, lr_decay_epochs=[3],
-                      num_workers=1, loader_workers=0, storage_path=storage, name="node-loss", max_failures=3)  # fmt: skip
+    cfg = TrainConfig(
+        mode="catkd",
+        data=data,
+        cache=cache,
+        student="resnet8",
+        epochs=4,
+        batch_size=8,
+        lr_decay_epochs=[3],
+        num_workers=1,
+        loader_workers=0,
+        storage_path=storage,
+        name="node-loss",
+        max_failures=3,
+    )
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(train(cfg)))
     runner.start()
