@@ -160,7 +160,8 @@ def speed(args: argparse.Namespace) -> None:
             ):
                 rates = layout_rates(arch, classes, AugmentSpec.preset(preset), views, min(args.batch, views))
                 print(
-                    f"teacher runner on one thread, {arch} at the {preset} spec: contiguous {rates[False]:,.1f} views/s, "
+                    f"teacher runner on one thread, {arch} at the {preset} spec: "
+                    f"contiguous {rates[False]:,.1f} views/s, "
                     f"channels_last {rates[True]:,.1f} views/s ({rates[True] / rates[False]:.2f}x)"
                 )
         cfg = CacheBuildConfig(
@@ -194,10 +195,13 @@ def speed(args: argparse.Namespace) -> None:
         wall = timing.ended_at - timing.started_at
         layout = "channels_last" if cfg.channels_last else "contiguous"
         print(
-            f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, {layout}, 1 teacher CPU, the feed on the other):\n"
-            f"  end to end {timing.views / wall:,.0f} views/s; bare teacher forward over the same views on one thread {bare:,.0f} views/s "
+            f"build of {timing.views:,} views ({args.teacher}, cifar spec, batch {args.batch}, {layout}, 1 teacher "
+            "CPU, the feed on the other):\n"
+            f"  end to end {timing.views / wall:,.0f} views/s; "
+            f"bare teacher forward over the same views on one thread {bare:,.0f} views/s "
             f"(this process, mean of before and after), {in_actor:,.0f} in a 1-CPU Ray actor\n"
-            f"  build / bare: {timing.views / wall / bare:.2f}; start-up until the teacher was ready {timing.startup_s:.1f} s "
+            f"  build / bare: {timing.views / wall / bare:.2f}; "
+            f"start-up until the teacher was ready {timing.startup_s:.1f} s "
             f"({timing.startup_s / wall:.0%} of the build); teacher busy {timing.busy_fraction:.0%} of its time, "
             f"at {timing.busy_views_per_s / bare:.2f} of the bare rate while busy"
         )
@@ -218,7 +222,7 @@ def layout_rates(
     }
     x = torch.randint(0, 256, (views, 3, spec.size, spec.size), dtype=torch.uint8)
     seconds = {cl: 0.0 for cl in runners}
-    for cl, runner in runners.items():  # warm-up: first-call allocations and kernel choice
+    for _cl, runner in runners.items():  # warm-up: first-call allocations and kernel choice
         runner.targets(x[:batch])
     for _ in range(rounds):
         for cl, runner in runners.items():
@@ -361,11 +365,13 @@ def storage(args: argparse.Namespace) -> None:
                         )
 
     print(
-        f"\nteacher {args.teacher}, {args.subset} CIFAR-10 images x {args.views} views, batch {args.batch}, {args.cpus} CPU threads"
+        f"\nteacher {args.teacher}, {args.subset} CIFAR-10 images x {args.views} views, batch {args.batch}, "
+        f"{args.cpus} CPU threads"
     )
     print(f"bare teacher forward (same batches): {bare:,.0f} views/s")
     print(
-        f"{'storage':<10}{'build views/s':>15}{'vs bare':>9}{'bytes/view':>12}{'CAT loss rel. err':>19}{'(normalised)':>14}"
+        f"{'storage':<10}{'build views/s':>15}{'vs bare':>9}{'bytes/view':>12}"
+        f"{'CAT loss rel. err':>19}{'(normalised)':>14}"
     )
     for storage, rate, per_view in rows:
         e, en = max(errors[storage][False]), max(errors[storage][True])

@@ -338,7 +338,8 @@ def renderer_bounds(
         targets, base_targets = pooled(other), pooled(base)
         figures[f"{name}_max_pixel_difference"] = int(diff.max())
         figures[f"{name}_fraction_of_pixels_differing"] = float((diff > 0).double().mean())
-        # The CAT loss between teacher targets of the two: what the student would be pulled by, relative to the targets' own scale.
+        # The CAT loss between teacher targets of the two: what the student would be pulled by,
+        # relative to the targets' own scale.
         figures[f"{name}_cat_loss_difference"] = float(
             torch.nn.functional.mse_loss(targets, base_targets) / reference.pow(2).mean()
         )
@@ -479,7 +480,8 @@ def main() -> None:
     device = torch.device("cpu" if args.dry_run else "cuda")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (dry run on the CPU)"
     print(
-        f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); {os.cpu_count()} CPUs, {args.workers} loader workers",
+        f"GPU: {gpu}; torch {torch.__version__} (CUDA {torch.version.cuda}); {os.cpu_count()} CPUs, {args.workers} "
+        "loader workers",
         flush=True,
     )
     torch.backends.cudnn.benchmark = True
@@ -499,7 +501,8 @@ def main() -> None:
             pool=pool,
         )
     print(
-        f"data: {made['images']} ImageNet-like JPEGs ({made['mean_kb']:.0f} KB), sharded at short side 256 in {time.perf_counter() - t:.0f} s",
+        f"data: {made['images']} ImageNet-like JPEGs ({made['mean_kb']:.0f} KB), sharded at short side 256 in "
+        f"{time.perf_counter() - t:.0f} s",
         flush=True,
     )
 
@@ -518,7 +521,8 @@ def main() -> None:
         1.0 if args.dry_run else 8.0,
     )
     print(
-        f"bare teacher forward ({args.teacher}, {args.precision}, channels_last, batch {args.batch}): {bare:,.0f} images/s",
+        f"bare teacher forward ({args.teacher}, {args.precision}, channels_last, batch {args.batch}): {bare:,.0f} "
+        "images/s",
         flush=True,
     )
 
@@ -526,9 +530,12 @@ def main() -> None:
     render_spec = AugmentSpec.preset("imagenet", renderer=args.renderer, decoder=args.decoder)
     bounds = renderer_bounds(data, teacher, device, args.views, resolution, count=16 if args.dry_run else 256)
     print(
-        f"renderers on {bounds['views']} views: device vs cpu renderer: largest pixel difference {bounds['renderer_max_pixel_difference']} "
-        f"({100 * bounds['renderer_fraction_of_pixels_differing']:.4f}% of pixels), CAT loss {bounds['renderer_cat_loss_difference']:.2e} of the targets' scale; "
-        f"nvJPEG vs host decoding: {bounds['decoder_max_pixel_difference']} ({100 * bounds['decoder_fraction_of_pixels_differing']:.2f}% of pixels), "
+        f"renderers on {bounds['views']} views: "
+        f"device vs cpu renderer: largest pixel difference {bounds['renderer_max_pixel_difference']} "
+        f"({100 * bounds['renderer_fraction_of_pixels_differing']:.4f}% of pixels), CAT loss "
+        f"{bounds['renderer_cat_loss_difference']:.2e} of the targets' scale; "
+        f"nvJPEG vs host decoding: {bounds['decoder_max_pixel_difference']} "
+        f"({100 * bounds['decoder_fraction_of_pixels_differing']:.2f}% of pixels), "
         f"CAT loss {bounds['decoder_cat_loss_difference']:.2e}",
         flush=True,
     )
@@ -551,7 +558,8 @@ def main() -> None:
     url, rate, busy, host_decoded = build(cfg, render_spec, args.workers)
     busy_text = f"GPU busy {100 * busy:.0f}% of the build" if busy is not None else "no GPU"
     print(
-        f"cache build ({args.renderer} renderer, {args.decoder} decoder): {rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
+        f"cache build ({args.renderer} renderer, {args.decoder} decoder): "
+        f"{rate:,.0f} views/s ({rate / bare:.2f} of the bare forward), {busy_text}; "
         f"{args.images * args.views:,} views -> {url}; decoded on the host instead of nvJPEG: {host_decoded or 'none'}",
         flush=True,
     )
@@ -562,15 +570,19 @@ def main() -> None:
             data, cache, args, device, mode, render_spec, live_teacher if mode == "online-catkd" else None
         )
         print(
-            f"training {args.student} {label} ({mode}; {args.precision}, channels_last, batch {args.train_batch}, {args.workers} loader workers): "
-            f"{runs[label]['images_per_s']:,.0f} images/s, data wait {100 * runs[label]['data_wait_fraction']:.1f}% of step time",
+            f"training {args.student} {label} ({mode}; {args.precision}, channels_last, batch {args.train_batch}, "
+            f"{args.workers} loader workers): "
+            f"{runs[label]['images_per_s']:,.0f} images/s, "
+            f"data wait {100 * runs[label]['data_wait_fraction']:.1f}% of step time",
             flush=True,
         )
     ceiling = runs["cached"]["ceiling_images_per_s"]
     cached = runs["cached"]["images_per_s"]
     print(
-        f"ceiling (the cached CAT-KD step on a batch already on the device): {ceiling:,.0f} images/s; cached/ceiling {cached / ceiling:.2f} (target 0.9), "
-        f"cached/alone {cached / runs['alone']['images_per_s']:.2f} (target 0.95), cached/online {cached / runs['online']['images_per_s']:.2f} (target 1.3)",
+        f"ceiling (the cached CAT-KD step on a batch already on the device): {ceiling:,.0f} images/s; "
+        f"cached/ceiling {cached / ceiling:.2f} (target 0.9), "
+        f"cached/alone {cached / runs['alone']['images_per_s']:.2f} (target 0.95), "
+        f"cached/online {cached / runs['online']['images_per_s']:.2f} (target 1.3)",
         flush=True,
     )
     figures = {
@@ -599,9 +611,11 @@ def main() -> None:
     if args.ray:
         ray_figures = ray_path(args, data, weights, resolution, device)
         print(
-            f"ray path: cache build {ray_figures['build_views_per_s']:,.0f} views/s ({ray_figures['build_views_per_s'] / bare:.2f} of the bare forward); "
+            f"ray path: cache build {ray_figures['build_views_per_s']:,.0f} views/s "
+            f"({ray_figures['build_views_per_s'] / bare:.2f} of the bare forward); "
             + "; ".join(
-                f"{k} {ray_figures[k]['images_per_s']:,.0f} images/s (data wait {100 * ray_figures[k]['data_wait_fraction']:.0f}%)"
+                f"{k} {ray_figures[k]['images_per_s']:,.0f} images/s "
+                f"(data wait {100 * ray_figures[k]['data_wait_fraction']:.0f}%)"
                 for k in ("alone", "cached", "online")
             ),
             flush=True,

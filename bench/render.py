@@ -74,7 +74,7 @@ def renderer_difference(samples, shape, views: int) -> dict:
     spec = AugmentSpec.preset("imagenet", seed=0)
     decoded = [decode_image(s, shape, "bench") for s in samples]
     ids = np.array([s.id for s in samples], np.int64)
-    params, cpu = zip(*(render_views(spec, decoded, ids, v) for v in range(views)))
+    params, cpu = zip(*(render_views(spec, decoded, ids, v) for v in range(views)), strict=True)
     cpu = torch.stack(cpu, 1)
     start = time.perf_counter()
     device = render_on_device(
@@ -106,7 +106,8 @@ def main() -> None:
     samples = [s for info in index.shards for s in load_shard(data, index, info)]
     spec = AugmentSpec.preset("imagenet", seed=0)
     print(
-        f"{len(samples)} ImageNet-like JPEGs at short side 256, S = {args.views} views, one thread, {args.rounds} alternating rounds",
+        f"{len(samples)} ImageNet-like JPEGs at short side 256, S = {args.views} views, one thread, {args.rounds} "
+        "alternating rounds",
         flush=True,
     )
     rounds = [host_paths(samples, index.image_shape, spec, args.views) for _ in range(args.rounds)]
@@ -121,14 +122,17 @@ def main() -> None:
             "vs_cpu_path": base / best,
         }
         print(
-            f"  {name:<14} host {per_image_ms:6.2f} ms/image  ({base / best:5.1f}x the cpu path's rate)  {mb:7.1f} KB/image handed on",
+            f"  {name:<14} host {per_image_ms:6.2f} ms/image  ({base / best:5.1f}x the cpu path's rate)  {mb:7.1f} "
+            "KB/image handed on",
             flush=True,
         )
     diff = renderer_difference(samples[:200], index.image_shape, args.views)
     figures["renderer_difference"] = diff
     print(
-        f"device renderer vs cpu renderer on {diff['views']} views: largest pixel difference {diff['max_pixel_difference']}, "
-        f"{100 * diff['fraction_of_pixels_differing']:.5f}% of pixels differ; device renderer on this CPU {diff['device_renderer_on_cpu_ms_per_view']:.2f} ms/view"
+        f"device renderer vs cpu renderer on {diff['views']} views: "
+        f"largest pixel difference {diff['max_pixel_difference']}, "
+        f"{100 * diff['fraction_of_pixels_differing']:.5f}% of pixels differ; "
+        f"device renderer on this CPU {diff['device_renderer_on_cpu_ms_per_view']:.2f} ms/view"
     )
     if args.out:
         with open(args.out, "w") as f:

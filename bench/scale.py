@@ -77,7 +77,8 @@ def shard_rates(folder: str, work: str, count: int) -> dict[str, dict[str, float
         }
         print(
             f"shard ({name}): {count} images in {seconds:.1f} s = {count / seconds:.0f} images/s "
-            f"({count / seconds / os.cpu_count():.0f} per core, {os.cpu_count()} cores); {size / count / 1e3:.0f} KB/image stored"
+            f"({count / seconds / os.cpu_count():.0f} per core, {os.cpu_count()} cores); {size / count / 1e3:.0f} "
+            "KB/image stored"
         )
     return out
 
@@ -105,7 +106,8 @@ def driver_memory(archive: str, work: str) -> dict[str, float]:
         seconds, peaks[name], _ = catkd_shard(f"imagefolder:{path}", dest, "--samples-per-shard", "1000")
         shutil.rmtree(dest, ignore_errors=True)
         print(
-            f"driver peak memory sharding {name} archive ({os.path.getsize(path) / 1e6:.1f} MB): {peaks[name]:.0f} MB ({seconds:.0f} s)"
+            f"driver peak memory sharding {name} archive ({os.path.getsize(path) / 1e6:.1f} MB): {peaks[name]:.0f} MB "
+            f"({seconds:.0f} s)"
         )
     print(f"difference: {peaks['full'] - peaks['1/50']:.0f} MB (goal: under 50 MB)")
     return {
@@ -137,8 +139,10 @@ def class_mixing(shards: str, world: int = 8, batch: int = 64) -> dict[str, floa
         "batch": batch,
     }
     print(
-        f"classes per shard: min {result['per_shard_min']}, mean {result['per_shard_mean']:.1f} of {index.num_classes}; "
-        f"per batch of {batch} (rank 0 of {world}, default shuffle buffer): mean {result['per_batch_mean']:.1f}, min {result['per_batch_min']}"
+        f"classes per shard: min {result['per_shard_min']}, "
+        f"mean {result['per_shard_mean']:.1f} of {index.num_classes}; "
+        f"per batch of {batch} (rank 0 of {world}, default shuffle buffer): "
+        f"mean {result['per_batch_mean']:.1f}, min {result['per_batch_min']}"
     )
     return result
 
@@ -255,7 +259,8 @@ def main() -> None:
     start = time.perf_counter()
     made = make_folder(folder, args.images, args.classes)
     print(
-        f"data: {made['images']} JPEGs in {made['classes']} classes, mean {made['mean_kb']:.0f} KB and {made['mean_pixels'] / 1e3:.0f}k pixels "
+        f"data: {made['images']} JPEGs in {made['classes']} classes, "
+        f"mean {made['mean_kb']:.0f} KB and {made['mean_pixels'] / 1e3:.0f}k pixels "
         f"({time.perf_counter() - start:.0f} s to make or find)"
     )
     results: dict = {"data": made, "cores": os.cpu_count(), "cpu": _cpu_name()}
@@ -273,12 +278,14 @@ def main() -> None:
     results["loader"] = loader_rates(folder, shards, args.workers, args.loader_images, args.rounds, args.batch)
     results["tar_reading"] = tar_reading(shards["original"])
     print(
-        f"\nloaders at the imagenet spec, batch {args.batch}, best of {args.rounds} rounds of {args.loader_images} images"
+        f"\nloaders at the imagenet spec, batch {args.batch}, best of {args.rounds} rounds of {args.loader_images} "
+        "images"
     )
     print(f"{'loader':<44}{'workers':>8}{'images/s':>10}{'per worker':>12}{'vs ImageFolder':>16}")
     for name, row in results["loader"].items():
         print(
-            f"{name.split(' | ')[0]:<44}{row['workers']:>8}{row['images_per_s']:>10.0f}{row['per_worker']:>12.0f}{row['vs_imagefolder']:>15.2f}x"
+            f"{name.split(' | ')[0]:<44}{row['workers']:>8}{row['images_per_s']:>10.0f}"
+            f"{row['per_worker']:>12.0f}{row['vs_imagefolder']:>15.2f}x"
         )
     with open(os.path.join(args.work, "scale.json"), "w") as f:
         json.dump(results, f, indent=1)

@@ -61,7 +61,8 @@ from pipeline.viz import cam_agreement, load_model, load_split, raw_true_class_c
 class StudyConfig:
     archive: str
     out: str = "outputs/study"
-    subset: int = 10000  # images kept per split, evenly spaced over classes (CIFAR-10: 1,000 per class in train, all of test); 0 keeps all
+    # images kept per split, evenly spaced over classes (CIFAR-10: 1,000 per class in train, all of test); 0 keeps all
+    subset: int = 10000
     teacher_weights: str = ""  # a trained teacher checkpoint (catkd format); empty: train one here
     teacher: str = "resnet20"  # its architecture (checked against the checkpoint)
     teacher_epochs: int = 20  # only when the teacher is trained here
@@ -73,7 +74,8 @@ class StudyConfig:
     view_seeds: int = 2  # the S study runs the first this many seeds
     batch_size: int = 64  # per Ray Train worker
     lr: float = 0.05  # for one worker at batch_size; scaled linearly with workers
-    beta: float = 0.7  # the paper's CAT weight for CIFAR resnet56 -> resnet20, the nearest pair of this family (jobs/configs/paper)
+    # the paper's CAT weight for CIFAR resnet56 -> resnet20, the nearest pair of this family (jobs/configs/paper)
+    beta: float = 0.7
     resolution: int = 2  # the paper's r for CIFAR
     kd_temperature: float = 4.0
     teacher_workers: int = 2  # Ray Train workers for a teacher trained here (it runs alone)
@@ -228,7 +230,7 @@ def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict
         )
     for entry in per_group.values():
         members = entry.pop("runs")
-        for metric in ("cosine_pooled_r%d" % cfg.resolution, "cosine_full", "peak_cell_agreement"):
+        for metric in (f"cosine_pooled_r{cfg.resolution}", "cosine_full", "peak_cell_agreement"):
             entry[metric] = statistics.mean(m[metric] for m in members)
             entry[metric + "_std"] = spread([m[metric] for m in members])
         entry["runs"], entry["cells"], entry["samples"] = len(members), members[0]["cells"], members[0]["samples"]
@@ -247,7 +249,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
         label = f"{run['mode']}" + ("" if run["views"] is None else f" S={run['views']}")
         first = run["seed"] == min(r["seed"] for r in runs if (r["mode"], r["views"]) == group)
         epochs = [m["epoch"] for m in run["history"]]
-        for ax, key in zip(axes, ("test_top1", "train_top1")):
+        for ax, key in zip(axes, ("test_top1", "train_top1"), strict=True):
             ax.plot(
                 epochs,
                 [m[key] for m in run["history"]],
@@ -256,7 +258,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
                 label=label if first else None,
                 lw=1.2,
             )
-    for ax, title in zip(axes, ("test top-1 (%)", "train top-1 (%)")):
+    for ax, title in zip(axes, ("test top-1 (%)", "train top-1 (%)"), strict=True):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -414,7 +416,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
         results = list(pool.map(train, configs))
     seconds["students"] = time.perf_counter() - t
     runs = []
-    for (mode, views, seed), result in zip(planned, results):
+    for (mode, views, seed), result in zip(planned, results, strict=True):
         last = result["history"][-1]
         runs.append(
             {

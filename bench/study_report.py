@@ -42,12 +42,14 @@ def accuracy(summary: dict) -> str:
         per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
         views = "" if g["views"] is None else g["views"]
         lines.append(
-            f"| {MODE_NAMES[g['mode']]} | {views} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |"
+            f"| {MODE_NAMES[g['mode']]} | {views} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | "
+            f"{_std(g['top1_std'])} | {per_seed} |"
         )
     t = summary["teacher"]
     lines += [
         "",
-        f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same {summary['data']['test_images']:,} test images.",
+        f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same {summary['data']['test_images']:,} test "
+        "images.",
     ]
     return "\n".join(lines)
 
@@ -102,7 +104,8 @@ def view_study(summary: dict) -> str:
     for g in sorted((g for g in summary["groups"] if g["mode"] == "catkd"), key=lambda g: g["views"]):
         per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
         lines.append(
-            f"| {g['views']} | {len(g['top1'])} | {g['top1_mean']:.2f} | {_std(g['top1_std'])} | {per_seed} | {first_train[('catkd', g['views'])]:.1f} |"
+            f"| {g['views']} | {len(g['top1'])} | {g['top1_mean']:.2f} | {_std(g['top1_std'])} | {per_seed} | "
+            f"{first_train[('catkd', g['views'])]:.1f} |"
         )
     return "\n".join(lines)
 
@@ -119,7 +122,8 @@ def cam_agreement(summary: dict) -> str:
     for key, e in entries:
         label = MODE_NAMES[e["mode"]] + ("" if key == e["mode"] else f", S = {e['views']}")
         lines.append(
-            f"| {label} | {e['runs']} | {e[f'cosine_pooled_r{r}']:.3f} | {e['cosine_full']:.3f} | {100 * e['peak_cell_agreement']:.1f}% |"
+            f"| {label} | {e['runs']} | {e[f'cosine_pooled_r{r}']:.3f} | {e['cosine_full']:.3f} | "
+            f"{100 * e['peak_cell_agreement']:.1f}% |"
         )
     return "\n".join(lines)
 
@@ -130,14 +134,16 @@ def speed(summary: dict) -> str:
     lines = ["| mode (alone, one epoch) | images/s | vs `ce` | data wait |", "|---|---:|---:|---:|"]
     for mode, m in t["modes"].items():
         lines.append(
-            f"| {MODE_NAMES[mode]} | {m['images_per_s']:.0f} | {m['images_per_s'] / base:.2f} | {100 * m['data_wait_fraction']:.1f}% |"
+            f"| {MODE_NAMES[mode]} | {m['images_per_s']:.0f} | {m['images_per_s'] / base:.2f} | "
+            f"{100 * m['data_wait_fraction']:.1f}% |"
         )
     s = summary["settings"]
     f = t["forward_images_per_s"]
     lines += [
         "",
         f"Bare forward at batch {s['batch_size']} on one thread: teacher `{s['teacher']}` {f['teacher']:.0f} images/s, "
-        f"student `{s['student']}` {f['student']:.0f} images/s ({f['teacher'] / f['student']:.2f} of the student's rate).",
+        f"student `{s['student']}` {f['student']:.0f} images/s ({f['teacher'] / f['student']:.2f} of the student's "
+        "rate).",
         "",
         "| cache | views | build time | views/s | bytes per view | total size |",
         "|---|---:|---:|---:|---:|---:|",
@@ -148,7 +154,8 @@ def speed(summary: dict) -> str:
             (f"{c['build_seconds']:.0f} s", f"{c['views'] / c['build_seconds']:.0f}") if timed else ("not timed", "")
         )
         lines.append(
-            f"| S = {views} | {c['views']:,} | {took} | {rate} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} MB |"
+            f"| S = {views} | {c['views']:,} | {took} | {rate} | {c['bytes_per_view']:.0f} | {c['bytes'] / 1e6:.2f} "
+            "MB |"
         )
     seconds = summary["seconds"]
     lines += ["", "Wall time (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in seconds.items()) + "."]

@@ -204,7 +204,8 @@ def main() -> None:
                 subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(worktree)], check=False)
     tables = {side: best(rounds) for side, rounds in results.items()}
     print(
-        f"\n{args.subset} CIFAR-10 images, {args.pair}, batch {args.batch} per worker, {args.loader_workers} loader worker(s) per worker, "
+        f"\n{args.subset} CIFAR-10 images, {args.pair}, batch {args.batch} per worker, "
+        f"{args.loader_workers} loader worker(s) per worker, "
         f"last of {args.epochs} epochs, best of {args.rounds} round(s); {os.cpu_count()} CPUs"
     )
     header = f"{'mode':<12}{'workers':>4}" + "".join(f"{side + ' img/s':>14}{'wait':>7}" for side in sides)
@@ -222,7 +223,8 @@ def main() -> None:
     compiled, plain = tables["after"].get(("ce+compile", 1)), tables["after"].get(("ce", 1))
     if compiled and plain:
         print(
-            f"torch.compile, student alone, 1 worker: {compiled['images_per_s'] / plain['images_per_s']:.2f}x the eager rate (last epoch)"
+            f"torch.compile, student alone, 1 worker: {compiled['images_per_s'] / plain['images_per_s']:.2f}x the "
+            "eager rate (last epoch)"
         )
 
 

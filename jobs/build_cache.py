@@ -1,4 +1,6 @@
-"""Stage 3: run the teacher once and cache its targets.  python -m jobs.build_cache --data ... --teacher ... --weights ... --root ...
+"""Stage 3: run the teacher once and cache its targets.
+
+python -m jobs.build_cache --data ... --teacher ... --weights ... --root ...
 
 Resources: ``--actors N --gpus-per-actor G`` (one teacher per GPU on a GPU cluster).
 """

@@ -43,7 +43,7 @@ def _jpeg(pixels: np.ndarray, mode: str = "RGB", **save) -> bytes:
 
 
 def _cpu_views(spec, images, ids, num_views):
-    params, views = zip(*(render_views(spec, images, ids, view) for view in range(num_views)))
+    params, views = zip(*(render_views(spec, images, ids, view) for view in range(num_views)), strict=True)
     return np.stack(params, 1), torch.stack(views, 1)
 
 
@@ -105,7 +105,7 @@ def test_packed_batch_decodes_on_the_device_with_counted_fallbacks():
     images, rejected = host_images.upload(packed, np.arange(6), torch.device("cpu"), "shard-x.tar")
     cpu = host_images.pack(samples, None, "shard-x.tar", "cpu")  # every image decoded on the host
     expected, _ = host_images.upload(cpu, np.arange(6), torch.device("cpu"), "shard-x.tar")
-    assert rejected == 0 and all(torch.equal(a, b) for a, b in zip(images, expected))
+    assert rejected == 0 and all(torch.equal(a, b) for a, b in zip(images, expected, strict=True))
 
     def picky(chunks, device):  # a device decoder that rejects one image: the batch call fails, then that one
         if any(len(c) == len(blobs[4]) for c in chunks):
@@ -203,7 +203,7 @@ def test_device_path_of_the_loader_gives_the_cpu_renderer_views(setup):
         stream.set_epoch(1)
         batches[renderer] = list(make_loader(stream, 1))
     fallbacks = np.zeros(len(host_images.FALLBACK_REASONS), np.int64)
-    for cpu, dev in zip(batches["cpu"], batches["device"]):
+    for cpu, dev in zip(batches["cpu"], batches["device"], strict=True):
         assert "image" not in dev and dev["host_data"].dtype == torch.uint8
         assert torch.equal(cpu["ids"], dev["ids"]) and torch.equal(cpu["params"], dev["params"])
         views, batch_fallbacks = batch_views(_small_spec("device", "nvjpeg"), dev, torch.device("cpu"))

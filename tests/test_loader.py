@@ -120,7 +120,7 @@ def test_persistent_workers_read_each_epochs_view(shards):
         batches = list(loader)
         iterators.add(id(loader._iterator))  # a persistent DataLoader keeps one iterator and its workers
         assert {int(b["view"]) for b in batches} == {epoch % 3}
-        params = {int(i): p.tolist() for b in batches for i, p in zip(b["ids"], b["params"])}
+        params = {int(i): p.tolist() for b in batches for i, p in zip(b["ids"], b["params"], strict=True)}
         ids = np.array(sorted(params))
         expected = view_params(SPEC, ids, epoch % 3, (32, 32))
         assert [params[int(i)] for i in ids] == expected.tolist()

@@ -70,7 +70,7 @@ def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
             break
         time.sleep(0.2)
     outputs = [p.communicate(timeout=600)[0] for p in started]
-    for process, output in zip(started, outputs):
+    for process, output in zip(started, outputs, strict=True):
         assert process.returncode == 0, output[-3000:]
         assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-3000:]
         assert output.count("[train] epoch 2/2  train_") == 1, output[-3000:]  # one line per epoch, no duplicate
@@ -99,7 +99,10 @@ def test_a_dead_heads_record_is_replaced(tmp_path):
     (ray_dir / "head.json").write_text(
         json.dumps({"address": "127.0.0.1:1", "pid": dead.pid, "token": "x", "dashboard_port": 1})
     )
-    probe = "from pipeline.ray_setup import init_ray; import ray; init_ray(num_cpus=1); print('cpus', ray.cluster_resources()['CPU'])"
+    probe = (
+        "from pipeline.ray_setup import init_ray; import ray; init_ray(num_cpus=1); "
+        "print('cpus', ray.cluster_resources()['CPU'])"
+    )
     done = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), capture_output=True, text=True, timeout=300
     )
@@ -110,7 +113,10 @@ def test_a_dead_heads_record_is_replaced(tmp_path):
 
 def test_a_head_whose_last_user_was_killed_stops_by_itself(tmp_path):
     ray_dir = tmp_path / "ray"
-    probe = "from pipeline.ray_setup import init_ray; import time; init_ray(num_cpus=1); print('joined', flush=True); time.sleep(600)"
+    probe = (
+        "from pipeline.ray_setup import init_ray; import time; init_ray(num_cpus=1); "
+        "print('joined', flush=True); time.sleep(600)"
+    )
     user = subprocess.Popen(
         [sys.executable, "-c", probe], cwd=ROOT, env=_env(ray_dir), stdout=subprocess.PIPE, text=True
     )

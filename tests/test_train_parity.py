@@ -106,7 +106,7 @@ def test_cached_equals_live(request, which, variant):
     assert set(cached_terms) == set(live_terms)
     for name in cached_terms:
         torch.testing.assert_close(cached_terms[name], live_terms[name], rtol=5e-3, atol=1e-5)
-    for g_cached, g_live in zip(cached_grads, live_grads):
+    for g_cached, g_live in zip(cached_grads, live_grads, strict=True):
         torch.testing.assert_close(g_cached, g_live, rtol=1e-2, atol=1e-2 * float(g_live.abs().max()) + 1e-7)
 
 

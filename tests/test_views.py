@@ -71,7 +71,7 @@ def test_applying_stored_params_equals_an_independent_crop():
     images = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(16)]
     params, batch = render_views(CIFAR, images, np.arange(16), 0)
     assert np.array_equal(params, view_params(CIFAR, np.arange(16), 0, (32, 32)))
-    for k, (image, (x0, y0, w, h, flip)) in enumerate(zip(images, params.tolist())):
+    for k, (image, (x0, y0, w, h, flip)) in enumerate(zip(images, params.tolist(), strict=True)):
         padded = torch.nn.functional.pad(torch.from_numpy(image).permute(2, 0, 1), (4, 4, 4, 4))
         expected = padded[:, y0 + 4 : y0 + 4 + h, x0 + 4 : x0 + 4 + w]
         assert torch.equal(batch[k], expected.flip(-1) if flip else expected)

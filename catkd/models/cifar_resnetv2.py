@@ -62,7 +62,7 @@ class CifarResNetV2(nn.Module):
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         cin = 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts, strict=True)):
             layer = []
             for j in range(count):
                 layer.append(block(cin, planes, (1 if i == 0 else 2) if j == 0 else 1))

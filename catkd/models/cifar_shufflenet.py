@@ -50,7 +50,7 @@ class ShuffleNetV1(nn.Module):
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         in_planes = 24
-        for i, (planes, count) in enumerate(zip(out_planes, blocks)):
+        for i, (planes, count) in enumerate(zip(out_planes, blocks, strict=True)):
             layer = []
             for j in range(count):
                 # A downsampling block concatenates its input, so it makes only the rest.
@@ -114,7 +114,7 @@ class ShuffleNetV2(nn.Module):
         self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(24)
         cin = 24
-        for i, (width, count) in enumerate(zip(widths[:3], blocks)):
+        for i, (width, count) in enumerate(zip(widths[:3], blocks, strict=True)):
             layer = [ShuffleV2Down(cin, width)] + [ShuffleV2Basic(width) for _ in range(count)]
             self.add_module(f"layer{i + 1}", nn.Sequential(*layer))
             cin = width

@@ -37,7 +37,7 @@ class VGG(nn.Module):
     def __init__(self, config: list[list[int]]) -> None:
         super().__init__()
         in_channels = [3] + [widths[-1] for widths in config[:-1]]
-        for i, (widths, cin) in enumerate(zip(config, in_channels)):
+        for i, (widths, cin) in enumerate(zip(config, in_channels, strict=True)):
             self.add_module(f"block{i}", _conv_block(widths, cin))
         self.num_features = config[-1][-1]
         init_conv_bn(self)

@@ -157,7 +157,8 @@ def load_state_into(
     if model.bias is None and "bias" in cam_state:
         if torch.count_nonzero(cam_state["bias"]):
             raise CheckpointMismatchError(
-                f"{source}: has a non-zero classifier bias but {arch} was built without one; build the teacher with bias=True"
+                f"{source}: has a non-zero classifier bias but {arch} was built without one; build the teacher with "
+                "bias=True"
             )
         del cam_state["bias"]
     try:
@@ -232,7 +233,8 @@ def load_checkpoint(file: str | IO[bytes], arch: str, num_classes: int) -> CAMCl
     ckpt = read_checkpoint(file)
     if ckpt["arch"] is not None and (ckpt["arch"], ckpt["num_classes"]) != (arch, num_classes):
         raise CheckpointMismatchError(
-            f"{source}: is a {ckpt['arch']} checkpoint with {ckpt['num_classes']} classes, not {arch} with {num_classes} classes"
+            f"{source}: is a {ckpt['arch']} checkpoint with {ckpt['num_classes']} classes, not {arch} with "
+            f"{num_classes} classes"
         )
     model = build_model(arch, num_classes, bias=True)
     load_state_into(model, ckpt["state"], arch=arch, source=str(source))

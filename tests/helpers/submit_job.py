@@ -29,7 +29,7 @@ def main() -> None:
         except Exception as exc:
             print(f"submit: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
             if time.time() > deadline:
-                raise SystemExit(f"could not submit: {exc}")
+                raise SystemExit(f"could not submit: {exc}") from exc
             time.sleep(2)
     while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         if time.time() > deadline:
