@@ -56,7 +56,8 @@ def cmd_shard(args: argparse.Namespace) -> int:
         for problem in problems:
             print(problem, file=sys.stderr)
         print(
-            f"{args.paths[0]}: {'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}"
+            f"{args.paths[0]}: "
+            f"{'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}"
         )
         return 1 if problems else 0
     if len(args.paths) != 2:
@@ -144,7 +145,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     last = result["history"][-1]
     print(
-        f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder {result['run']}"
+        f"[train] done: {cfg.name}: test top-1 {last['test_top1']:.2f}% after {last['epoch']} epochs; run folder "
+        f"{result['run']}"
     )
     for name, path in result["exported"].items():
         print(f"[train] exported {name}: {path}")
@@ -170,8 +172,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.checkpoint, args.data, split=args.split, arch=args.arch, spec=args.spec, device=args.device
     )
     print(
-        f"{args.checkpoint}: {metrics['arch']} on {args.data} [{args.split}], {metrics['samples']} samples, {metrics['device']}: "
-        f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
+        f"{args.checkpoint}: {metrics['arch']} on {args.data} [{args.split}], {metrics['samples']} samples, "
+        f"{metrics['device']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%"
     )
     return 0
 
@@ -253,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual choice on GPUs)",
+        help=(
+            "channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual "
+            "choice on GPUs)"
+        ),
     )
     b.add_argument(
         "--feed-tasks",
@@ -264,13 +269,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--renderer",
         choices=["auto", "cpu", "device"],
         default="auto",
-        help="where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have one); part of the identity",
+        help=(
+            "where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have "
+            "one); part of the identity"
+        ),
     )
     b.add_argument(
         "--decoder",
         choices=["auto", "cpu", "nvjpeg"],
         default="auto",
-        help="JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device renderer); part of the identity",
+        help=(
+            "JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device "
+            "renderer); part of the identity"
+        ),
     )
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")

@@ -140,7 +140,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     print_table(summary)
     print(f"\n[demo] finished in {summary['total_seconds']:.0f} s; everything is in {out}")
     print(
-        "[demo]   results.json, cams.png, data/ (shards), caches/ (teacher targets), runs/ (checkpoints, metrics, TensorBoard)"
+        "[demo]   results.json, cams.png, data/ (shards), caches/ (teacher targets), "
+        "runs/ (checkpoints, metrics, TensorBoard)"
     )
     return summary
 
@@ -153,5 +154,6 @@ def print_table(summary: dict) -> None:
             f"{label:<17}{r['arch']:<10}{r['top1']:>9.1f}{r['images_per_s']:>13.0f}{100 * r['cam_peak_in_box']:>16.1f}%"
         )
     print(
-        f"teacher cache: {cache['bytes'] / 1e6:.2f} MB ({cache['bytes_per_view']:.0f} bytes per view), built in {cache['build_seconds']:.0f} s"
+        f"teacher cache: {cache['bytes'] / 1e6:.2f} MB ({cache['bytes_per_view']:.0f} bytes per view), built in "
+        f"{cache['build_seconds']:.0f} s"
     )

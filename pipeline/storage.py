@@ -116,7 +116,8 @@ def check_location(url: str) -> None:
         exists = fs.exists(bucket)
     except PermissionError as exc:
         raise StorageError(
-            f"{url}: access denied to bucket {bucket!r}; check the credentials in the environment ({type(exc).__name__})"
+            f"{url}: access denied to bucket {bucket!r}; check the credentials in the environment "
+            f"({type(exc).__name__})"
         ) from None
     except Exception as exc:  # botocore and aiohttp raise many types
         raise StorageError(f"{url}: cannot reach the object store ({type(exc).__name__}: {str(exc)[:200]})") from None

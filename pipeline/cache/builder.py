@@ -177,8 +177,9 @@ class BuildTiming:
     def summary(self, num_views: int = 1) -> str:
         wall = self.ended_at - self.started_at
         line = (
-            f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy {self.busy_fraction:.0%} "
-            f"of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); the first was ready after {self.startup_s:.1f} s"
+            f"[cache] built {self.views:,} views in {wall:.1f} s ({self.views / wall:,.0f} views/s); teachers busy "
+            f"{self.busy_fraction:.0%} of the time they were held ({self.busy_views_per_s:,.0f} views/s while busy); "
+            f"the first was ready after {self.startup_s:.1f} s"
         )
         fallbacks = describe_fallbacks(self.decode_fallbacks, self.views // max(1, num_views))
         return line + (f"\n[cache] {fallbacks}" if fallbacks else "")
@@ -199,7 +200,8 @@ def _run_actors(
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
         raise CacheBuildError(
-            f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU ({resources.get('GPU', 0)} in all)"
+            f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU "
+            f"({resources.get('GPU', 0)} in all)"
         )
     cpus = int(resources.get("CPU", 1))
     actor_count = min(cfg.actors, len(todo))
@@ -212,7 +214,8 @@ def _run_actors(
     feed_cpus = 1 if cfg.gpus_per_actor > 0 and free >= 1 else 0
     if free < 1:
         print(
-            f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: the feed shares their cores",
+            f"[cache] {actor_count} actors x {cfg.cpus_per_actor} CPUs hold all {cpus} CPUs: "
+            "the feed shares their cores",
             file=sys.stderr,
         )
     chunk_samples = max(1, cfg.chunk_views // cfg.num_views)

@@ -77,12 +77,13 @@ class CacheBuildConfig:
         decoder = self.decoder if self.decoder != "auto" else ("nvjpeg" if renderer == "device" and on_gpu else "cpu")
         if renderer not in RENDERERS or decoder not in DECODERS:
             raise ConfigError(
-                f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got {self.renderer!r}, {self.decoder!r}"
+                f"renderer must be auto, {' or '.join(RENDERERS)} and decoder auto, {' or '.join(DECODERS)}; got "
+                f"{self.renderer!r}, {self.decoder!r}"
             )
         if (renderer == "device" or decoder == "nvjpeg") and not on_gpu:
             raise CacheBuildError(
-                f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none (--gpus-per-actor 0): "
-                "use --renderer cpu --decoder cpu, or give the actors a GPU"
+                f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none "
+                "(--gpus-per-actor 0): use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 

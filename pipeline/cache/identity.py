@@ -55,7 +55,8 @@ class CacheIdentity:
         if version != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"cache format version {version}, this catkd reads version {FORMAT_VERSION} (older caches lack the "
-                "compute precision, the view renderer and decoder, or class-mixed data in their identity); rebuild it with `catkd cache build`"
+                "compute precision, the view renderer and decoder, or class-mixed data in their identity); "
+                "rebuild it with `catkd cache build`"
             )
         return cls(**data)
 
@@ -99,13 +100,20 @@ def first_difference(expected: CacheIdentity, found: CacheIdentity, *, ignore: t
             continue
         if isinstance(want[name], dict) and isinstance(have[name], dict):  # name the key inside (spec)
             key = next(k for k in sorted(set(want[name]) | set(have[name])) if want[name].get(k) != have[name].get(k))
-            message = f"{name}.{key}: the run needs {want[name].get(key)!r}, the cache holds {have[name].get(key, '(absent)')!r}"
+            message = (
+                f"{name}.{key}: the run needs {want[name].get(key)!r}, the cache holds "
+                f"{have[name].get(key, '(absent)')!r}"
+            )
             if key == "renderer_version":
-                message += "; the view renderer changed since this cache was built, so its targets were computed on other pixels: rebuild the cache"
+                message += (
+                    "; the view renderer changed since this cache was built, so its targets were computed on other "
+                    "pixels: rebuild the cache"
+                )
             elif key in ("renderer", "decoder"):
                 message += (
-                    f"; the teacher saw views made by the {have[name].get(key)} {key}, and another {key} gives other pixels "
-                    f"(docs/cache.md gives the measured difference): set {key}={have[name].get(key)} to see what the teacher saw"
+                    f"; the teacher saw views made by the {have[name].get(key)} {key}, and another {key} gives other "
+                    f"pixels (docs/cache.md gives the measured difference): set {key}={have[name].get(key)} "
+                    "to see what the teacher saw"
                 )
             return message
         return f"{name}: the run needs {want[name]!r}, the cache holds {have[name]!r}"

@@ -51,7 +51,8 @@ def build_device(gpus: float) -> torch.device:
     if not torch.cuda.is_available():
         raise CacheBuildError(
             f"asked for {gpus} GPU per teacher, but torch finds no CUDA device here "
-            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or build on CPU with --gpus-per-actor 0"
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); check the driver, or build on CPU with "
+            "--gpus-per-actor 0"
         )
     return torch.device("cuda")
 
@@ -137,7 +138,8 @@ def check_finite(cam: np.ndarray, logits: np.ndarray, ids: np.ndarray, view: int
     if bad.any():
         k = int(np.argmax(bad))
         raise CacheBuildError(
-            f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing was stored for this shard"
+            f"{source}: sample {sample_key(int(ids[k]))} view {view}: non-finite teacher output (NaN or inf); nothing "
+            "was stored for this shard"
         )
 
 
@@ -180,7 +182,9 @@ class ShardTargets:
 
     def arrays(self, storage: str) -> dict[str, np.ndarray]:
         parts = sorted(self.parts, key=lambda part: int(part[0][0]))  # by first id: chunks may come in any order
-        ids, params, cam, logits, feats = (np.concatenate(p) if p[0] is not None else None for p in zip(*parts))
+        ids, params, cam, logits, feats = (
+            np.concatenate(p) if p[0] is not None else None for p in zip(*parts, strict=True)
+        )
         expected = np.arange(self.first_id, self.first_id + self.count)
         if not np.array_equal(ids, expected):
             raise CacheBuildError(

@@ -167,6 +167,7 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         if error > tolerance or logit_error > logit_tolerance:
             problems.append(
                 f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the teacher's "
-                f"(relative error {error:.2e} in CAMs, {logit_error:.2e} in logits; {ident.storage} in {ident.precision} allows {tolerance:.1e})"
+                f"(relative error {error:.2e} in CAMs, {logit_error:.2e} in logits; {ident.storage} in "
+                f"{ident.precision} allows {tolerance:.1e})"
             )
     return problems

@@ -142,7 +142,8 @@ def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torc
                 out[first : first + c] = _round_uint8(cols).to(torch.uint8)
     except torch.OutOfMemoryError as exc:
         raise DeviceRenderError(
-            f"out of {device} memory rendering {m} images x {views} views (largest {tuple(padded.shape[-2:]) if 'padded' in locals() else '?'}): "
+            f"out of {device} memory rendering {m} images x {views} views (largest "
+            f"{tuple(padded.shape[-2:]) if 'padded' in locals() else '?'}): "
             f"lower chunk_views (cache build) or batch_size (training), or shard with a smaller max_short_side"
         ) from exc
     return out

@@ -169,12 +169,12 @@ def upload(
             decoded = decode(chunks, device)
         except RuntimeError:  # one bad image fails the whole batched call: retry one by one
             decoded = []
-            for k, chunk in zip(jpegs, chunks):
+            for chunk in chunks:
                 try:
                     decoded.append(decode([chunk], device)[0])
                 except RuntimeError:
                     decoded.append(None)
-        for k, image in zip(jpegs, decoded):
+        for k, image in zip(jpegs, decoded, strict=True):
             if image is None or tuple(image.shape[1:]) != tuple(hw[k]):
                 rejected += 1
                 image = _host_decode(data[offsets[k] : offsets[k + 1]], ids[k], source).to(device)
@@ -189,7 +189,7 @@ def _host_decode(chunk: torch.Tensor, sample_id: int, source: str) -> torch.Tens
 
 def fallback_counts(total: torch.Tensor | np.ndarray) -> dict[str, int]:
     """Non-zero fallback counts by reason, for reports."""
-    return {reason: int(n) for reason, n in zip(FALLBACK_REASONS, np.asarray(total).tolist()) if n}
+    return {reason: int(n) for reason, n in zip(FALLBACK_REASONS, np.asarray(total).tolist(), strict=True) if n}
 
 
 def describe_fallbacks(total: torch.Tensor | np.ndarray, images: int) -> str | None:
@@ -197,4 +197,7 @@ def describe_fallbacks(total: torch.Tensor | np.ndarray, images: int) -> str | N
     if not counts:
         return None
     n = sum(counts.values())
-    return f"{n:,} of {images:,} images decoded on the host instead of nvJPEG ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
+    return (
+        f"{n:,} of {images:,} images decoded on the host instead of nvJPEG "
+        f"({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
+    )

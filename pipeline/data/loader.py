@@ -112,7 +112,8 @@ class ShardStream(IterableDataset):
         if not np.array_equal(stored["ids"], ids):
             bad = int(np.argmax(stored["ids"] != ids)) if len(ids) == len(stored["ids"]) else 0
             raise ShardError(
-                f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at position {bad})"
+                f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at "
+                f"position {bad})"
             )
         fields = [name for name in stored if name != "ids"]
         for k, sample in enumerate(samples):

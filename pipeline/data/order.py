@@ -49,7 +49,7 @@ def epoch_plan(
     for rank_shards in _deal(order, world_size):
         workers = _deal(rank_shards, num_workers)
         samples = [sum(shard_sizes[s] for s in w) for w in workers]
-        plans.append([WorkerPlan(tuple(w), n, -(-n // batch_size)) for w, n in zip(workers, samples)])
+        plans.append([WorkerPlan(tuple(w), n, -(-n // batch_size)) for w, n in zip(workers, samples, strict=True)])
     steps = max(sum(w.batches for w in rank) for rank in plans)
     return [_pad_rank(rank, steps) for rank in plans]
 
@@ -60,7 +60,7 @@ def _pad_rank(workers: list[WorkerPlan], steps: int) -> list[WorkerPlan]:
     with_data = [i for i, w in enumerate(workers) if w.shards]
     for k in range(extra):
         batches[with_data[k % len(with_data)]] += 1
-    return [WorkerPlan(w.shards, w.samples, b) for w, b in zip(workers, batches)]
+    return [WorkerPlan(w.shards, w.samples, b) for w, b in zip(workers, batches, strict=True)]
 
 
 def eval_plan(num_shards: int, world_size: int, num_workers: int) -> list[list[tuple[int, ...]]]:

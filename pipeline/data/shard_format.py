@@ -29,14 +29,14 @@ import torch
 from torchvision.io import ImageReadMode
 from torchvision.io import decode_image as decode_image_tensor
 
+from catkd.errors import CatkdError
+from pipeline.storage import filesystem, join, write_atomic
+
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still
 # work and are the fastest decoders we have, so the per-call warning is silenced here.
 warnings.filterwarnings(
     "ignore", message="The image decoding and encoding capabilities of TorchVision", category=DeprecationWarning
 )
-
-from catkd.errors import CatkdError
-from pipeline.storage import filesystem, join, write_atomic
 
 INDEX_FORMAT = "catkd.shards"
 # 2: ids are positions in a seeded permutation of the sorted source order (class-mixed
@@ -211,11 +211,13 @@ def read_index(url: str, split: str) -> ShardIndex:
     if data.get("format") == INDEX_FORMAT and data.get("version") == 1:
         raise ShardError(
             f"{path}: written by an older catkd (index version 1: ids in sorted source order, so shards of an image "
-            f"folder hold one class each); reshard the source with `catkd shard` into a new folder (index version {INDEX_VERSION})"
+            "folder hold one class each); reshard the source with `catkd shard` into a new folder "
+            f"(index version {INDEX_VERSION})"
         )
     if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
         raise ShardError(
-            f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {INDEX_FORMAT!r} {INDEX_VERSION}"
+            f"{path}: format {data.get('format')!r} version {data.get('version')!r}, expected {INDEX_FORMAT!r} "
+            f"{INDEX_VERSION}"
         )
     data.pop("num_samples", None)
     data.pop("num_classes", None)
@@ -245,11 +247,12 @@ def load_shard(url: str, index: ShardIndex, info: ShardInfo) -> list[Sample]:
     got = [s.id for s in samples]
     if got != expected:
         first_bad = next(
-            (sample_key(e) for e, g in zip(expected, got) if e != g),
+            (sample_key(e) for e, g in zip(expected, got, strict=False) if e != g),
             sample_key(expected[min(len(got), len(expected) - 1)]),
         )
         raise ShardError(
-            f"{path}: holds {len(got)} samples, index says ids {info.first_id}..{info.first_id + info.count - 1}; first mismatch at sample {first_bad}"
+            f"{path}: holds {len(got)} samples, index says ids {info.first_id}..{info.first_id + info.count - 1}; "
+            f"first mismatch at sample {first_bad}"
         )
     for s in samples:
         if not 0 <= s.label < index.num_classes:

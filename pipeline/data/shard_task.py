@@ -90,7 +90,8 @@ def _to_sample(record: Record, sample_id: int, task: ShardTask) -> tuple[Sample,
     if task.max_short_side is not None and min(pixels.shape[:2]) > task.max_short_side:
         if record.box is not None:
             raise SourceError(
-                f"{record.origin}: sample {key}: resizing would invalidate its object box; shard it without --max-short-side"
+                f"{record.origin}: sample {key}: resizing would invalidate its object box; shard it without "
+                "--max-short-side"
             )
         pixels = _shrink(pixels, task.max_short_side)
         sample.image, sample.fmt = _jpeg(pixels, task.jpeg_quality), "jpg"

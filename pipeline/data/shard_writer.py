@@ -134,7 +134,8 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
     existing = _check_settings(cfg.out, split, settings)
     if existing is not None:
         print(
-            f"[shard] {split}: already complete in {cfg.out} ({existing.num_samples} samples, {len(existing.shards)} shards)"
+            f"[shard] {split}: already complete in {cfg.out} "
+            f"({existing.num_samples} samples, {len(existing.shards)} shards)"
         )
         return existing
 
@@ -188,7 +189,8 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
     )
     write_index(cfg.out, index)
     print(
-        f"[shard] {split}: {index.num_samples} samples in {len(index.shards)} shards -> {join(cfg.out, index_name(split))}"
+        f"[shard] {split}: {index.num_samples} samples in {len(index.shards)} shards -> "
+        f"{join(cfg.out, index_name(split))}"
     )
     return index
 
@@ -287,7 +289,8 @@ def _common_shape(records: list[dict[str, Any]], cfg: ShardConfig, split: str) -
         return list(shapes.pop())
     if any(RAW_FORMAT in r["formats"] for r in records):
         raise ShardError(
-            f"{cfg.out}: split {split}: raw pixels need images of one size, found {sorted(shapes)[:4]}; use --encoding keep"
+            f"{cfg.out}: split {split}: raw pixels need images of one size, found {sorted(shapes)[:4]}; "
+            "use --encoding keep"
         )
     return None
 
@@ -307,7 +310,10 @@ def _hash_shard(out: str, info: ShardInfo) -> str | None:
     except FileNotFoundError:
         return f"{path}: missing"
     if size != info.bytes or h.hexdigest() != info.sha256:
-        return f"{path}: size or sha256 does not match the index ({size} bytes, index says {info.bytes}; samples {sample_key(info.first_id)}..{sample_key(info.first_id + info.count - 1)})"
+        return (
+            f"{path}: size or sha256 does not match the index ({size} bytes, index says {info.bytes}; samples "
+            f"{sample_key(info.first_id)}..{sample_key(info.first_id + info.count - 1)})"
+        )
     return None
 
 

@@ -276,7 +276,7 @@ class ImageFolderSource(Source):
     def listing_digest(self, split: str) -> str:
         h = hashlib.sha256()
         part = self._split(split)
-        for name, label in zip(part.names, part.labels.tolist()):
+        for name, label in zip(part.names, part.labels.tolist(), strict=True):
             h.update(f"{name}\0{label}\n".encode())
         return h.hexdigest()[:16]
 
@@ -317,7 +317,7 @@ class _FolderSlice(SourceSlice):
             found = fs.cat(paths, on_error="return")
             data = [found[p] for p in paths]
         records = []
-        for name, label, payload in zip(self.names, self.labels, data):
+        for name, label, payload in zip(self.names, self.labels, data, strict=True):
             origin = join(self.root, name)
             if isinstance(payload, BaseException):
                 raise SourceError(f"{origin}: cannot read ({type(payload).__name__}: {payload})")
@@ -346,10 +346,10 @@ class _ArchiveSlice(SourceSlice):
         else:
             starts = [self.offsets[k] for k in order]
             ends = [self.offsets[k] + self.sizes[k] for k in order]
-            for k, payload in zip(order, fs.cat_ranges([path] * len(order), starts, ends)):
+            for k, payload in zip(order, fs.cat_ranges([path] * len(order), starts, ends), strict=True):
                 data[k] = payload
         records = []
-        for name, label, payload, size in zip(self.names, self.labels, data, self.sizes):
+        for name, label, payload, size in zip(self.names, self.labels, data, self.sizes, strict=True):
             origin = f"{self.origin}:{name}"
             if len(payload) != size:
                 raise SourceError(f"{origin}: archive member is truncated ({len(payload)} of {size} bytes)")

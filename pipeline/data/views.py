@@ -132,7 +132,7 @@ def view_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndar
         return np.stack([x0, y0, side, side, (u[:, 2] < 0.5).astype(np.int64)], axis=1)
     u = uniforms(spec.seed, ids, view, 41)
     return np.array(
-        [_resized_crop_box(spec, row, int(hw[0]), int(hw[1])) for row, hw in zip(u, image_hw)], np.int64
+        [_resized_crop_box(spec, row, int(hw[0]), int(hw[1])) for row, hw in zip(u, image_hw, strict=True)], np.int64
     ).reshape(-1, NUM_PARAMS)
 
 
@@ -172,7 +172,8 @@ def check_params(
         k = int(bad[0])
         raise ViewMismatchError(
             f"{source}: sample {int(ids[k])} view {view}: stored parameters {stored[k].tolist()} but spec "
-            f"{spec.name} (fingerprint {spec.fingerprint()}) gives {expected[k].tolist()}: the augmentation spec changed"
+            f"{spec.name} (fingerprint {spec.fingerprint()}) gives {expected[k].tolist()}: "
+            "the augmentation spec changed"
         )
 
 
@@ -223,10 +224,13 @@ def _apply(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> t
         return torch.from_numpy(crop_flip_batch(np.stack(images), params)).permute(0, 3, 1, 2)
     if spec.name == "cifar":
         return torch.stack(
-            [torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1) for im, p in zip(images, params)]
+            [
+                torch.from_numpy(crop_flip_batch(im[None], p[None])[0]).permute(2, 0, 1)
+                for im, p in zip(images, params, strict=True)
+            ]
         )
     out = torch.empty((len(images), 3, spec.size, spec.size), dtype=torch.uint8)
-    for k, (im, p) in enumerate(zip(images, params)):
+    for k, (im, p) in enumerate(zip(images, params, strict=True)):
         _resized_crop_into(out[k], im, p)
     return out
 

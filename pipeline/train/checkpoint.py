@@ -48,6 +48,7 @@ def load_training_state(folder: str) -> dict[str, Any]:
     state = torch.load(os.path.join(folder, FILENAME), map_location="cpu", weights_only=True)
     if state.get("format") != FORMAT or state.get("version") != VERSION:
         raise ValueError(
-            f"{folder}: not a catkd training checkpoint (format {state.get('format')!r} version {state.get('version')!r})"
+            f"{folder}: not a catkd training checkpoint (format {state.get('format')!r} version "
+            f"{state.get('version')!r})"
         )
     return state

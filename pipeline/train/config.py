@@ -145,7 +145,8 @@ class TrainConfig:
         )
         if (renderer == "device" or decoder == "nvjpeg") and not self.use_gpu:
             raise ConfigError(
-                f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set renderer=cpu decoder=cpu, or use_gpu=true"
+                f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set "
+                "renderer=cpu decoder=cpu, or use_gpu=true"
             )
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
 

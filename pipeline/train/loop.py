@@ -176,7 +176,8 @@ class _Progress:
         if self.active and now - self.last >= self.every_s:
             self.last = now
             _say(
-                f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  {images / (now - self.start):.0f} images/s on rank 0"
+                f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
+                f"{images / (now - self.start):.0f} images/s on rank 0"
             )
 
 
@@ -248,8 +249,8 @@ def _train_epoch(
 def _raise_if_nonfinite(bad: torch.Tensor, bad_ids: torch.Tensor, rank: int) -> None:
     if bool(bad):  # one host sync
         raise FloatingPointError(
-            f"rank {rank}: the training loss became non-finite at sample ids {[i for i in bad_ids.tolist() if i >= 0]}...; "
-            "lower lr or beta, or set normalize=true"
+            f"rank {rank}: the training loss became non-finite at sample ids "
+            f"{[i for i in bad_ids.tolist() if i >= 0]}...; lower lr or beta, or set normalize=true"
         )
 
 

@@ -58,8 +58,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     )
     if not cfg.use_gpu and (cfg.renderer == "device" or cfg.decoder == "nvjpeg"):
         raise CacheMismatchError(
-            f"{cfg.cache}: its views were made by the {made_by['renderer']} renderer and the {made_by['decoder']} decoder, on a GPU; "
-            f"this run would make them with renderer={cfg.renderer} decoder={cfg.decoder} but has no GPU (use_gpu=false): "
+            f"{cfg.cache}: its views were made by the {made_by['renderer']} renderer and the {made_by['decoder']} "
+            f"decoder, on a GPU; this run would make them with renderer={cfg.renderer} decoder={cfg.decoder} "
+            "but has no GPU (use_gpu=false): "
             "train with use_gpu=true, or build a cache with --renderer cpu --decoder cpu"
         )
     ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
@@ -98,13 +99,15 @@ def check_resume(cfg: TrainConfig) -> None:
         if refused:
             field = refused[0]
             raise ResumeError(
-                f"{join(cfg.storage_path, cfg.name)}: this run was started with {field}={saved.get(field)!r}, now {field}={getattr(cfg, field)!r}"
-                f"{f' (and {len(refused) - 1} more: {refused[1:]})' if len(refused) > 1 else ''}; resuming would mix two runs: "
-                "choose another name= for a new run"
+                f"{join(cfg.storage_path, cfg.name)}: this run was started with {field}={saved.get(field)!r}, now "
+                f"{field}={getattr(cfg, field)!r}"
+                f"{f' (and {len(refused) - 1} more: {refused[1:]})' if len(refused) > 1 else ''}; "
+                "resuming would mix two runs: choose another name= for a new run"
             )
         if allowed:
             print(
-                f"[train] resuming {cfg.name} with changed {', '.join(f'{k}={getattr(cfg, k)!r} (was {saved.get(k)!r})' for k in allowed)}"
+                f"[train] resuming {cfg.name} with changed "
+                f"{', '.join(f'{k}={getattr(cfg, k)!r} (was {saved.get(k)!r})' for k in allowed)}"
             )
     write_atomic(fs, path, json.dumps(asdict(cfg), indent=1).encode())
 
@@ -117,7 +120,8 @@ def _cpus_per_worker(cfg: TrainConfig) -> int:
     fit = max(1, available // max(1, cfg.num_workers))
     if wanted > fit:
         print(
-            f"[train] {cfg.num_workers} workers x {wanted} CPUs do not fit in this Ray cluster's {available} CPUs: reserving {fit} per worker"
+            f"[train] {cfg.num_workers} workers x {wanted} CPUs do not fit in this Ray cluster's {available} CPUs: "
+            f"reserving {fit} per worker"
         )
         return fit
     return wanted
