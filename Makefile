@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.catkd-installed
 OUT ?= outputs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -21,8 +21,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/catkd demo --out $(OUT)
 
-test: $(STAMP)
+# The full suite, which CI runs (bash .ci/run), after the linter.
+test: lint
 	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The inner loop: every test not marked slow (no Ray Train start-ups), in a few minutes.
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10 tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs
