@@ -46,19 +46,24 @@ def state_dir() -> Path:
     return Path(os.environ.get("CATKD_RAY_DIR") or Path(tempfile.gettempdir()) / f"catkd-ray-{os.getuid()}")
 
 
-def init_ray(num_cpus: int | None = None) -> None:
-    """Idempotent. ``num_cpus`` caps a head this call starts (an existing one keeps its own)."""
+def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
+    """Idempotent. ``num_cpus`` caps a head this call starts (an existing one keeps its own).
+
+    Quiet unless ``verbose``: what Ray's workers print stays in their log files (the
+    head's session folder) instead of reaching this console; catkd's own lines from
+    workers come through ``pipeline.console``."""
     if ray.is_initialized():
         return
+    options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": verbose}
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, **options)
         return
     address = join_local_ray(num_cpus)
     # The head was started by whichever command came first, with that command's
     # environment: this command's own (credentials, Ray Train settings) goes with its job.
     env = {k: v for k, v in os.environ.items() if k not in _OWN_ENV} | {"RAY_ADDRESS": address}
-    ray.init(address=address, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+    ray.init(address=address, runtime_env={"env_vars": env}, **options)
 
 
 def join_local_ray(num_cpus: int | None = None) -> str:

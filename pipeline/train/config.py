@@ -83,7 +83,7 @@ class TrainConfig:
     name: str = "run"
     max_failures: int = 0
     shuffle_buffer: int = 2048
-    verbose: bool = False  # keep Ray Train's own INFO lines (each report, each checkpoint) on the console
+    verbose: bool = False  # Ray's own output on the console too (worker logs, Ray Train's INFO lines)
     compile: bool = False  # wrap the student in torch.compile (docs/training.md says when it helps)
 
     def __post_init__(self) -> None:

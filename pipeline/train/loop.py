@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
 import tempfile
 import time
 import warnings
@@ -19,6 +18,7 @@ import torch.distributed as dist
 
 from catkd.models import CAMClassifier, build_model, load_checkpoint
 from pipeline.cache.reader import TargetCache
+from pipeline.console import Console
 from pipeline.data.device_render import batch_views
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
@@ -60,13 +60,6 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def _say(line: str) -> None:
-    """One console line from rank 0. Ray Train routes a worker's ``print`` both to its
-    logger and to stdout (two copies on the console); writing to the process's own
-    stdout gives one."""
-    print(line, file=sys.__stdout__, flush=True)
-
-
 def _quiet_ray_train() -> None:
     """Ray Train's per-report and per-checkpoint INFO lines (every metric, from every
     rank) off; warnings stay. Some of its loggers are named by file path, not module."""
@@ -77,6 +70,7 @@ def _quiet_ray_train() -> None:
 
 def train_loop(config: dict[str, Any]) -> None:
     cfg = TrainConfig(**config["cfg"])
+    console: Console = config.get("console") or Console()
     if not cfg.verbose:
         _quiet_ray_train()
     # The CPU conv backward gives a 1x1 head weight's gradient (C, D, 1, 1) strides
@@ -111,6 +105,10 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = state["epoch"], state["history"]
+    if rank == 0:
+        # After a lost worker or node, or on a rerun: the user sees where training picks up.
+        started = f"resuming after epoch {start_epoch} of {cfg.epochs}" if checkpoint else "started"
+        console.say(f"[train] {cfg.name}: {world} worker(s) {started}; rank 0 on {device}")
     model = ray.train.torch.prepare_model(model)
     if cfg.compile:
         model = torch.compile(model)
@@ -131,7 +129,7 @@ def train_loop(config: dict[str, Any]) -> None:
     test_loader = make_loader(test_stream, cfg.loader_workers)
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
-        progress = _Progress(rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
+        progress = _Progress(console, rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
         metrics = _train_epoch(cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight)
         scheduler.step()
         _use_rank0_buffers(model)
@@ -142,7 +140,7 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_training_state(folder, model, optimizer, scheduler, epoch + 1, cfg, history)
                 _write_run_logs(cfg, history)
-                _say(_format(metrics, cfg.epochs))
+                console.say(_format(metrics, cfg.epochs))
             # report() is a barrier: every rank calls it once per epoch.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
 
@@ -167,15 +165,16 @@ def _inputs(
 class _Progress:
     """A rate line from rank 0 every ``every_s`` seconds within a long epoch."""
 
-    def __init__(self, rank: int, epoch: int, epochs: int, steps: int, every_s: float = 30.0) -> None:
-        self.active, self.epoch, self.epochs, self.steps, self.every_s = rank == 0, epoch, epochs, steps, every_s
+    def __init__(self, console: Console, rank: int, epoch: int, epochs: int, steps: int, every_s: float = 30.0) -> None:
+        self.console, self.active, self.epoch, self.epochs, self.steps = console, rank == 0, epoch, epochs, steps
+        self.every_s = every_s
         self.start = self.last = time.perf_counter()
 
     def step(self, step: int, images: int) -> None:
         now = time.perf_counter()
         if self.active and now - self.last >= self.every_s:
             self.last = now
-            _say(
+            self.console.say(
                 f"[train] epoch {self.epoch + 1}/{self.epochs}  step {step}/{self.steps}  "
                 f"{images / (now - self.start):.0f} images/s on rank 0"
             )
@@ -242,7 +241,7 @@ def _train_epoch(
         metrics["host_decoded"] = float(host_decoded.sum())  # images nvJPEG did not decode
         note = describe_fallbacks(host_decoded, int(world_seen))
         if note and rank == 0:
-            _say(f"[train] epoch {progress.epoch + 1}: {note}")
+            progress.console.say(f"[train] epoch {progress.epoch + 1}: {note}")
     return metrics
 
 

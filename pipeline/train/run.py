@@ -16,13 +16,14 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from catkd.errors import CatkdError
 from catkd.models import build_model
 from pipeline.cache.identity import CacheMismatchError, file_sha256, identity_of
 from pipeline.cache.reader import TargetCache
+from pipeline.console import Console, Relay
 from pipeline.data.shard_format import read_index
 from pipeline.ray_setup import init_ray
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
@@ -131,27 +132,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     check_location(cfg.storage_path)
     cfg = resolve(cfg)
     check_resume(cfg)
-    init_ray()
+    init_ray(verbose=cfg.verbose)
     storage = cfg.storage_path
     resources = {"CPU": _cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": asdict(cfg)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(
-            name=cfg.name,
-            storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    result = trainer.fit()
+    with Relay(waiting=lambda: _waiting_line(cfg, resources)) as console:
+        result = _fit(cfg, resources, console)
     if result.error:
         raise result.error
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(folder)
     exported = export_student(cfg, state)
     return {"history": state["history"], "exported": exported, "run": join(storage, cfg.name)}
+
+
+def _waiting_line(cfg: TrainConfig, resources: dict[str, float]) -> str:
+    free = {k: v for k, v in ray.available_resources().items() if k in resources}
+    return (
+        f"[train] {cfg.name}: still waiting for {cfg.num_workers} worker(s) x {resources}; "
+        f"this Ray cluster has {free or 'none of that'} free (other runs may hold it, or an autoscaler is adding nodes)"
+    )
+
+
+def _fit(cfg: TrainConfig, resources: dict[str, float], console: Console) -> Result:
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": asdict(cfg), "console": console},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.name,
+            storage_path=cfg.storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
 
 
 def export_student(cfg: TrainConfig, state: dict[str, Any]) -> dict[str, str]:

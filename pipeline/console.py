@@ -1,0 +1,93 @@
+"""catkd's own console lines from Ray workers, printed by the driver without Ray's noise.
+
+A quiet run (the default) connects with ``log_to_driver=False``: nothing Ray's
+controller and workers print reaches the console (no ``(RayTrainWorker pid=...)``
+prefixes, worker-group tables, or ``core_worker.cc`` lines a user reads as failures).
+The lines meant for the user (progress within an epoch, one line per epoch, resumes)
+travel instead through a ``Relay`` actor that the driver drains and prints as they
+come. ``verbose=true`` keeps Ray's own output as well.
+
+The relay is also where the driver notices a worker group that cannot start: when no
+worker has spoken for ``WAITING_NOTE_S``, it says what the run asked for and what the
+cluster has free, instead of Ray's repeated "Requesting resources" lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+WAITING_NOTE_S = 60.0  # silence from the workers before the driver says it is waiting for resources
+POLL_S = 0.5
+
+
+@ray.remote(num_cpus=0)
+class _Lines:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def put(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+class Console:
+    """What a worker prints through: the driver's relay, or (outside a relayed run)
+    this process's own stdout. Picklable: it travels in the train loop's config."""
+
+    def __init__(self, actor: Any = None) -> None:
+        self.actor = actor
+
+    def say(self, line: str) -> None:
+        if self.actor is None:
+            print(line, file=sys.__stdout__, flush=True)
+            return
+        # A round trip, so a line said just before a worker exits is not lost.
+        ray.get(self.actor.put.remote(line))
+
+
+class Relay:
+    """Driver side: ``with Relay(waiting=...) as console:`` hands ``console`` to the
+    workers and prints their lines until the block ends (then the last ones)."""
+
+    def __init__(self, waiting: Callable[[], str] | None = None, out: Any = None) -> None:
+        self.waiting, self.out = waiting, out
+        self._stop = threading.Event()
+        self._spoke = time.monotonic()
+        self._noted = False
+
+    def __enter__(self) -> Console:
+        self.actor = _Lines.remote()
+        self._thread = threading.Thread(target=self._pump, name="catkd-console", daemon=True)
+        self._thread.start()
+        return Console(self.actor)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._print(ray.get(self.actor.take.remote()))
+        ray.kill(self.actor)
+
+    def _pump(self) -> None:
+        while not self._stop.wait(POLL_S):
+            self._print(ray.get(self.actor.take.remote()))
+            if self.waiting and not self._noted and time.monotonic() - self._spoke > WAITING_NOTE_S:
+                self._noted = True  # once: a cluster that autoscales may take minutes, one line says why
+                self._write(self.waiting())
+
+    def _print(self, lines: list[str]) -> None:
+        if lines:
+            self._spoke, self._noted = time.monotonic(), False
+        for line in lines:
+            self._write(line)
+
+    def _write(self, line: str) -> None:
+        print(line, file=self.out or sys.stdout, flush=True)
