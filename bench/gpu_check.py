@@ -51,11 +51,12 @@ sys.path.insert(0, ROOT)
 from bench.imagenet_like import make_folder  # noqa: E402
 from catkd.losses import teacher_cam_targets  # noqa: E402
 from catkd.models import build_model, checkpoint_payload, load_checkpoint  # noqa: E402
+from pipeline.cache.commit import commit_shard, write_manifest  # noqa: E402
 from pipeline.cache.config import CacheBuildConfig, expected_identity  # noqa: E402
 from pipeline.cache.feed import render_chunks  # noqa: E402
 from pipeline.cache.identity import file_sha256  # noqa: E402
-from pipeline.cache.manifest import write_manifest  # noqa: E402
-from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings, commit_shard  # noqa: E402
+from pipeline.cache.reader import TargetCache  # noqa: E402
+from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings  # noqa: E402
 from pipeline.data import host_images  # noqa: E402
 from pipeline.data.device_render import batch_views, render_packed  # noqa: E402
 from pipeline.data.host_images import FALLBACK_REASONS  # noqa: E402
@@ -238,7 +239,7 @@ def train(
             spec=spec,
             num_views=args.views if cache else 0,
             normalize=False,
-            cache=cache,
+            targets=TargetCache(cache) if cache else None,
         )
     )
     model = build_model(cfg.student, stream.index.num_classes).to(device).to(memory_format=torch.channels_last)

@@ -290,7 +290,7 @@ def test_bf16_cache_verifies_clean_and_a_tampered_value_still_fails(setup):
     # bf16 tolerance is not so loose that recomputing the samples lets them through.
     import zarr
 
-    from pipeline.cache.teacher import array_checksums
+    from pipeline.cache.commit import array_checksums
 
     group = zarr.open_group(str(next((setup["base"] / "root-bf16").rglob("shard-000000.zarr"))), mode="r+")
     arrays = {name: group[name][:] for name in ("cam", "logits", "params", "ids")}

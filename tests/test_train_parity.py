@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from catkd.models import build_model, checkpoint_payload, load_checkpoint
-from pipeline.cache import CacheBuildConfig, build_cache
+from pipeline.cache import CacheBuildConfig, TargetCache, build_cache
 from pipeline.data.loader import ReaderConfig, ShardStream
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.data.views import AugmentSpec, normalize_batch
@@ -89,7 +89,9 @@ def test_cached_equals_live(request, which, variant):
         num_views=2,
     )
     cfg = TrainConfig(**(base | variant))
-    stream = ShardStream(ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, cache=cache))
+    stream = ShardStream(
+        ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, targets=TargetCache(cache))
+    )
     stream.set_epoch(1)  # view 1
     batch = next(iter(stream))
     x = normalize_batch(spec, batch["image"])
@@ -114,7 +116,9 @@ def test_kd_from_cached_logits_equals_live(cifar):
     data, weights, cache = cifar
     spec = AugmentSpec.preset("cifar")
     cfg = TrainConfig(mode="kd", data=data, cache=cache)
-    stream = ShardStream(ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, cache=cache))
+    stream = ShardStream(
+        ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, targets=TargetCache(cache))
+    )
     batch = next(iter(stream))
     x = normalize_batch(spec, batch["image"])
     _, live_logits = live_targets(

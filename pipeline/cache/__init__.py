@@ -1,4 +1,5 @@
-"""Teacher targets in zarr: identity, layout, feed, teacher, builder, reader, verification.
+"""Teacher targets in zarr: config and identity, layout, commit protocol, feed, teacher,
+builder, reader, verification.
 
 The builder needs Ray; everything else here works without it (``bench/gpu_check.py``
 drives the feed and the teacher in-process), so the builder is imported on first use.

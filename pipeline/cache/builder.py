@@ -18,23 +18,13 @@ over Ray Data's CPU and GPU actor stages because a data shard's S views must all
 reach the one writer of that shard's zarr group, in order, which a per-shard stream
 gives directly (docs/cache.md).
 
-Commit protocol, which makes reruns resume and concurrent jobs safe:
-  1. an actor writes a data shard's zarr group under a fresh, unique folder
-     ``data/<uuid>/shard-<j>.zarr`` (no two writers ever touch the same store);
-  2. it then creates ``done/shard-<j>.json`` (path, ids, checksums) with the store's
-     conditional write (O_EXCL locally, If-None-Match on S3): the first writer wins,
-     a loser deletes its own copy (the values are identical);
-  3. ``manifest.json`` is written last, once every data shard has its record.
-A rerun skips data shards with a record. Folders without one are leftovers of a crash
-or of a losing writer; they are removed once nothing has written them for a lease
-(``orphan_lease_s``), since a younger one may be a concurrent build's, about to be
-committed.
+Shards are committed and the cache completed by the protocol of ``pipeline.cache.commit``,
+which makes reruns resume and concurrent builds safe.
 """
 
 from __future__ import annotations
 
 import io
-import posixpath
 import sys
 import threading
 import time
@@ -51,24 +41,21 @@ from tqdm import tqdm
 
 from catkd.errors import ConfigError, user_error
 from catkd.models import load_checkpoint
+from pipeline.cache.commit import MANIFEST, commit_shard, done_records, remove_orphans, start_cache, write_manifest
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
 from pipeline.cache.identity import file_sha256
-from pipeline.cache.layout import DATA_DIR, MANIFEST
-from pipeline.cache.manifest import write_manifest
 from pipeline.cache.teacher import (
     CacheBuildError,
     ShardTargets,
     TeacherRunner,
     TeacherSettings,
     build_device,
-    commit_shard,
-    read_done,
 )
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.shard_format import ShardIndex, read_index
 from pipeline.ray_setup import init_ray
-from pipeline.storage import check_location, create_exclusive, filesystem, join, write_atomic
+from pipeline.storage import check_location, filesystem, join
 
 
 def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str:
@@ -92,16 +79,9 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     if fs.exists(join(root, MANIFEST)):
         print(f"[cache] complete: {url}")
         return url
-    fs.makedirs(root, exist_ok=True)
-    create_exclusive(fs, join(root, "identity.json"), identity.canonical().encode())
-    if cfg.storage == "features":
-        head = teacher.head.weight.detach().flatten(1).numpy().astype(np.float32)
-        if not fs.exists(join(root, "head.npy")):
-            buf = io.BytesIO()
-            np.save(buf, head)
-            write_atomic(fs, join(root, "head.npy"), buf.getvalue())
-
-    records = {j: rec for j in range(len(index.shards)) if (rec := read_done(fs, root, j)) is not None}
+    head = teacher.head.weight.detach().flatten(1).numpy().astype(np.float32) if cfg.storage == "features" else None
+    start_cache(fs, root, identity, head)
+    records = done_records(fs, root, len(index.shards))
     todo = [j for j in range(len(index.shards)) if j not in records]
     init_ray()
     total_views = index.num_samples * cfg.num_views
@@ -118,7 +98,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
             )
         finally:
             bar.close()
-    _remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
+    remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()
@@ -311,32 +291,6 @@ class _FeedQueue:
             item = self.started.popleft()
             self._top_up()
             return item
-
-
-def _remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
-    """Remove data folders that no completion record points to and that nothing has
-    written for ``lease_s`` seconds: leftovers of crashed writers. A folder younger
-    than that may belong to a concurrent build about to commit it, so it stays (a
-    later build removes it); records are read again here, after that build's commit."""
-    data_dir = join(root, DATA_DIR)
-    if not fs.exists(data_dir):
-        return
-    kept = {posixpath.dirname(r["path"]) for j in range(num_shards) if (r := read_done(fs, root, j)) is not None}
-    now = time.time()
-    for folder in fs.ls(data_dir, detail=False):
-        name = posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
-        if name in kept:
-            continue
-        files = fs.find(folder, detail=True).values()
-        newest = max((_mtime(info) for info in files), default=0.0)
-        if now - newest > lease_s:
-            fs.rm(folder, recursive=True)
-
-
-def _mtime(info: dict[str, Any]) -> float:
-    """Modification time (seconds since the epoch) of an fsspec info dict, local or S3."""
-    value = info.get("mtime", info.get("LastModified", info.get("updated", 0)))
-    return value.timestamp() if hasattr(value, "timestamp") else float(value or 0)
 
 
 @ray.remote

@@ -24,14 +24,11 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.cache.identity import StorageForm
-
-MANIFEST = "manifest.json"  # written last: the cache is complete
-DONE_DIR = "done"  # done/shard-<j>.json: completion record of data shard j
-DATA_DIR = "data"  # data/<writer uuid>/shard-<j>.zarr: its targets
 
 
 def compressors() -> list:
@@ -76,17 +73,35 @@ def read_view(
     """Targets of one view of one data shard: ids, params, logits and, decoded, cam
     (n, C, r, r) float32. With ``decode=False`` the arrays stay as stored (float16 cam,
     int8 cam + cam_scale, or features): 2-4x fewer bytes to move, decoded on the
-    training device (``pipeline.train.step.cached_targets``)."""
+    training device by the same ``decode_stored``."""
     out = {"ids": group["ids"][:], "params": group["params"][:, view], "logits": group["logits"][:, view]}
-    names = {"float16": ["cam"], "float32": ["cam"], "int8": ["cam", "cam_scale"], "features": ["features"]}[form]
-    out |= {name: group[name][:, view] for name in names}
+    out |= {name: group[name][:, view] for name in STORED[form]}
     if not decode:
         return out
-    out["logits"] = out["logits"].astype(np.float32)
-    if form == "int8":
-        out["cam"] = out["cam"].astype(np.float32) * out.pop("cam_scale").astype(np.float32)[..., None, None]
-    elif form == "features":
-        out["cam"] = np.einsum("cd,ndhw->nchw", head_weight, out.pop("features").astype(np.float32))
-    else:
-        out["cam"] = out["cam"].astype(np.float32)
-    return out
+    stored = {name: torch.from_numpy(out.pop(name)) for name in ("logits", *STORED[form])}
+    cam, logits = decode_stored(stored, torch.from_numpy(head_weight) if head_weight is not None else None)
+    return out | {"cam": cam.numpy(), "logits": logits.numpy()}
+
+
+# The arrays each storage form keeps besides ids, params and logits.
+STORED: dict[str, tuple[str, ...]] = {
+    "float16": ("cam",),
+    "float32": ("cam",),
+    "int8": ("cam", "cam_scale"),
+    "features": ("features",),
+}
+
+
+def decode_stored(
+    stored: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cam (n, C, r, r), logits (n, C)) in float32 from any storage form, computed on
+    the tensors' device: maps as they are, int8 maps times their per-map scales, or
+    pooled features projected through the head weight (C, D): P(cam) = W . P(features)."""
+    logits = stored["logits"].float()
+    if "features" in stored:
+        return torch.einsum("cd,ndhw->nchw", head_weight.float(), stored["features"].float()), logits
+    cam = stored["cam"].float()
+    if "cam_scale" in stored:
+        cam = cam * stored["cam_scale"].float()[..., None, None]
+    return cam, logits

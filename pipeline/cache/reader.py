@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from functools import cached_property
 from typing import Any
@@ -10,8 +9,9 @@ from typing import Any
 import numpy as np
 import zarr
 
+from pipeline.cache.commit import DONE_DIR, IDENTITY, MANIFEST, read_head
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, first_difference
-from pipeline.cache.layout import DONE_DIR, MANIFEST, read_view
+from pipeline.cache.layout import read_view
 from pipeline.storage import filesystem, join, zarr_store
 
 
@@ -27,7 +27,7 @@ class TargetCache:
             done = len(fs.ls(join(root, DONE_DIR))) if fs.exists(join(root, DONE_DIR)) else 0
             what = (
                 f"a partial cache ({done} data shards done, no manifest)"
-                if fs.exists(join(root, "identity.json"))
+                if fs.exists(join(root, IDENTITY))
                 else "not a catkd cache"
             )
             raise CacheMismatchError(f"{url}: {what}; rerun `catkd cache build` with the same arguments to finish it")
@@ -50,8 +50,7 @@ class TargetCache:
     def head_weight(self) -> np.ndarray | None:
         if self.identity.storage != "features":
             return None
-        fs, root = filesystem(self.url)
-        return np.load(io.BytesIO(fs.cat_file(join(root, "head.npy"))))
+        return read_head(*filesystem(self.url))
 
     def group(self, j: int) -> zarr.Group:
         if j not in self.records:

@@ -1,5 +1,6 @@
 """The teacher side of a cache build, free of Ray: precision settings, the forward
-pass over rendered views, and the commit of one data shard's targets.
+pass over rendered views, and one data shard's targets gathered for its commit
+(``pipeline.cache.commit``).
 
 ``pipeline.cache.builder`` wraps these in Ray actors; ``bench/gpu_check.py`` drives
 them in-process. Precision is part of the cache identity (DESIGN section 6):
@@ -11,13 +12,9 @@ them in-process. Precision is part of the cache identity (DESIGN section 6):
 
 from __future__ import annotations
 
-import hashlib
-import json
-import posixpath
-import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -25,13 +22,12 @@ import torch
 from catkd.errors import CatkdError
 from catkd.losses import teacher_cam_targets
 from catkd.models import CAMClassifier
-from pipeline.cache.layout import DATA_DIR, DONE_DIR, encode_targets, write_group
+from pipeline.cache.layout import encode_targets
 from pipeline.data.device_render import render_packed
 from pipeline.data.host_images import FALLBACK_REASONS
 from pipeline.data.shard_format import sample_key
 from pipeline.data.views import AugmentSpec, normalize_batch
 from pipeline.malloc import keep_freed_memory
-from pipeline.storage import create_exclusive, filesystem, join, zarr_store
 
 if TYPE_CHECKING:
     from pipeline.cache.config import CacheBuildConfig
@@ -197,36 +193,3 @@ class ShardTargets:
             "ids": ids,
         }
         return arrays
-
-
-def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
-    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
-
-
-def read_done(fs, root: str, j: int) -> dict[str, Any] | None:
-    path = join(root, DONE_DIR, f"shard-{j:06d}.json")
-    try:
-        return json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-
-
-def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write the shard's zarr group under a fresh folder, then create its completion
-    record with the store's conditional write; a loser deletes its own copy and
-    returns the winner's record (the values are identical)."""
-    fs, root = filesystem(url)
-    rel = posixpath.join(DATA_DIR, uuid.uuid4().hex, f"shard-{j:06d}.zarr")
-    write_group(zarr_store(join(url, rel)), arrays)
-    record = {
-        "shard": j,
-        "first_id": first_id,
-        "count": int(len(arrays["ids"])),
-        "path": rel,
-        "checksums": array_checksums(arrays),
-        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
-    }
-    if create_exclusive(fs, join(root, DONE_DIR, f"shard-{j:06d}.json"), json.dumps(record).encode()):
-        return record
-    fs.rm(join(root, posixpath.dirname(rel)), recursive=True)  # another build committed this shard first
-    return read_done(fs, root, j)

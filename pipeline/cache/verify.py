@@ -12,9 +12,10 @@ import torch
 from tqdm import tqdm
 
 from catkd.models import load_checkpoint
+from pipeline.cache.commit import array_checksums
 from pipeline.cache.identity import file_sha256
 from pipeline.cache.reader import TargetCache
-from pipeline.cache.teacher import TeacherRunner, TeacherSettings, array_checksums
+from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data import host_images
 from pipeline.data.device_render import render_packed
 from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key

@@ -7,12 +7,16 @@ batch is a dict: ``ids`` (B,), ``image`` (B, 3, H, W), ``label`` (B,), ``params`
 the teacher are joined to these ids, one read per shard and view, and travel in their
 stored form (``t_logits``, ``t_cam`` [+ ``t_cam_scale``] or ``t_features``) to be
 decoded on the training device.
+
+The data plane knows nothing of how targets are stored: a ``TargetReader`` (the cache's
+``TargetCache`` is one) is handed in, and the loader only joins what it returns by id.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -23,6 +27,16 @@ from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views, replay_params
 from pipeline.storage import join
+
+
+class TargetReader(Protocol):
+    """Per-shard teacher targets: ``read(j, view, decode=False)`` gives data shard j's
+    ``ids`` (n,), ``params`` (n, 5) and target arrays of that view, in their stored form.
+    Picklable: it travels to the DataLoader's worker processes."""
+
+    url: str
+
+    def read(self, j: int, view: int, decode: bool = True) -> dict[str, np.ndarray]: ...
 
 
 @dataclass
@@ -37,7 +51,7 @@ class ReaderConfig:
     seed: int = 0  # run seed: shard order and shuffling
     shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
     normalize: bool = True  # float with the spec's mean/std; False: uint8 (normalise on device)
-    cache: str | None = None  # teacher-target cache URL: join its targets to the samples
+    targets: TargetReader | None = None  # teacher targets to join to the samples (training only)
 
 
 class ShardStream(IterableDataset):
@@ -97,23 +111,19 @@ class ShardStream(IterableDataset):
     def _samples(self, shards: tuple[int, ...]) -> Iterator[Sample]:
         for j in shards:
             samples = load_shard(self.cfg.data, self.index, self.index.shards[j])
-            if self.cfg.cache and self.cfg.train:
+            if self.cfg.targets is not None and self.cfg.train:
                 self._join_targets(j, samples)
             yield from samples
 
     def _join_targets(self, j: int, samples: list[Sample]) -> None:
         """One read of shard j's targets for this epoch's view, joined by id."""
-        if not hasattr(self, "_targets"):
-            from pipeline.cache.reader import TargetCache
-
-            self._targets = TargetCache(self.cfg.cache)
-        stored = self._targets.read(j, self.view, decode=False)  # stored form: decoded on the training device
+        stored = self.cfg.targets.read(j, self.view, decode=False)  # stored form: decoded on the training device
         ids = np.array([s.id for s in samples])
         if not np.array_equal(stored["ids"], ids):
             bad = int(np.argmax(stored["ids"] != ids)) if len(ids) == len(stored["ids"]) else 0
             raise ShardError(
-                f"{self.cfg.cache}: data shard {j}: cached ids do not match {self.index.shards[j].name} (first at "
-                f"position {bad})"
+                f"{self.cfg.targets.url}: data shard {j}: cached ids do not match {self.index.shards[j].name} "
+                f"(first at position {bad})"
             )
         fields = [name for name in stored if name != "ids"]
         for k, sample in enumerate(samples):
@@ -133,6 +143,10 @@ class ShardStream(IterableDataset):
         yield from pool
 
     @property
+    def _targets_url(self) -> str:
+        return self.cfg.targets.url if self.cfg.targets is not None else ""
+
+    @property
     def _source(self) -> str:
         """What decoding errors name: the split's shards."""
         return join(self.cfg.data, f"{self.cfg.split} shards")
@@ -150,10 +164,10 @@ class ShardStream(IterableDataset):
         spec = self.cfg.spec
         if spec.renderer == "device":
             packed = host_images.pack(samples, self.index.image_shape, self._source, spec.decoder)
-            params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self.cfg.cache or "")
+            params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self._targets_url)
             batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
         else:
-            params, views = render_views(spec, self._decode(samples), ids, self.view, stored, self.cfg.cache or "")
+            params, views = render_views(spec, self._decode(samples), ids, self.view, stored, self._targets_url)
             batch = self._collate(samples, views, params)
         if cached:  # t_logits, t_cam (and t_cam_scale for int8), or t_features: as stored
             for name in samples[0].target:

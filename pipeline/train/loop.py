@@ -29,7 +29,9 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
 
 
-def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) -> ShardStream:
+def _reader(
+    cfg: TrainConfig, split: str, train: bool, rank: int, world: int, targets: TargetCache | None = None
+) -> ShardStream:
     reader_cfg = ReaderConfig(
         data=cfg.data,
         split=split,
@@ -41,7 +43,7 @@ def _reader(cfg: TrainConfig, split: str, train: bool, rank: int, world: int) ->
         seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer,
         normalize=False,  # uint8 leaves the loader; normalised on the device
-        cache=cfg.cache if train and cfg.needs_cache else None,
+        targets=targets,
     )
     return ShardStream(reader_cfg, rank, world)
 
@@ -84,7 +86,8 @@ def train_loop(config: dict[str, Any]) -> None:
     # Subnormal floats make CPU arithmetic orders of magnitude slower (seen here: a
     # CAT-KD epoch slowed from 40 s to minutes once small gradients went subnormal).
     torch.set_flush_denormal(True)
-    train_stream = _reader(cfg, cfg.train_split, True, rank, world)
+    targets = TargetCache(cfg.cache) if cfg.needs_cache else None
+    train_stream = _reader(cfg, cfg.train_split, True, rank, world, targets)
     num_classes = train_stream.index.num_classes
     spec = train_stream.cfg.spec
 
@@ -120,7 +123,7 @@ def train_loop(config: dict[str, Any]) -> None:
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 
-    head = TargetCache(train_stream.cfg.cache).head_weight if train_stream.cfg.cache else None  # the features form only
+    head = targets.head_weight if targets is not None else None  # the features form only
     head_weight = torch.from_numpy(head).to(device) if head is not None else None
     test_stream = _reader(cfg, cfg.test_split, False, rank, world)
     # Loader workers persist across epochs; the epoch reaches them through the stream's

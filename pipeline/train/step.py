@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from catkd.losses import CATKDConfig, catkd_loss, kd_loss, teacher_cam_targets
 from catkd.models import CAMClassifier
+from pipeline.cache.layout import decode_stored
 from pipeline.train.config import TrainConfig
 
 
@@ -28,19 +29,12 @@ def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> t
 def cached_targets(
     batch: dict[str, torch.Tensor], device: torch.device, head_weight: torch.Tensor | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(t_cam, t_logits) as float32 on ``device``, from the stored form the loader sends:
-    float16/float32 maps, int8 maps with per-map scales, or pooled features projected
-    through the teacher's head weight (C, D) on the device: P(cam) = W . P(features)."""
+    """(t_cam, t_logits) as float32 on ``device``, decoded there from the stored form the
+    loader sends (``t_``-prefixed arrays of the cache's form)."""
     if "t_logits" not in batch:
         return None, None
-    logits = batch["t_logits"].to(device, non_blocking=True).float()
-    if "t_features" in batch:
-        features = batch["t_features"].to(device, non_blocking=True).float()  # (n, D, r, r)
-        return torch.einsum("cd,ndhw->nchw", head_weight, features), logits
-    cam = batch["t_cam"].to(device, non_blocking=True).float()
-    if "t_cam_scale" in batch:
-        cam = cam * batch["t_cam_scale"].to(device, non_blocking=True).float()[..., None, None]
-    return cam, logits
+    stored = {name[2:]: a.to(device, non_blocking=True) for name, a in batch.items() if name.startswith("t_")}
+    return decode_stored(stored, head_weight)
 
 
 def loss_terms(

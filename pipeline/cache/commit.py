@@ -1,0 +1,185 @@
+"""The cache's commit protocol (DESIGN section 6), in one place: its file names, the
+completion record of each data shard (with the checksums ``catkd cache verify``
+compares), orphan removal and the manifest written last.
+
+Under a cache root ``<root>/<cache_id>``:
+
+    identity.json                      created once, first: what the cache is for
+    head.npy                           the teacher's head weight (the features form)
+    data/<writer uuid>/shard-<j>.zarr  one writer's targets of data shard j
+    done/shard-<j>.json                the completion record of data shard j
+    manifest.json                      written last: the cache is complete
+
+1. A writer stores a data shard's zarr group under a fresh, unique folder, so no two
+   writers (a concurrent build, a retried actor) ever touch the same store.
+2. It then creates the shard's completion record (path, ids, checksums) with the
+   store's conditional write; a loser deletes its own copy and takes the winner's
+   record (the values are identical: same identity, same inputs).
+3. Once every data shard has a record, folders no record points to that nothing has
+   written for a lease are removed (leftovers of crashed writers), and the manifest
+   is written. A rerun skips data shards with a record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import platform
+import posixpath
+import time
+import uuid
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from pipeline.cache.identity import CacheIdentity
+from pipeline.cache.layout import write_group
+from pipeline.data.shard_format import ShardIndex
+from pipeline.storage import create_exclusive, filesystem, join, write_atomic, zarr_store
+
+if TYPE_CHECKING:
+    from pipeline.cache.config import CacheBuildConfig
+
+IDENTITY = "identity.json"
+HEAD = "head.npy"
+MANIFEST = "manifest.json"
+DONE_DIR = "done"
+DATA_DIR = "data"
+
+
+def done_path(root: str, j: int) -> str:
+    return join(root, DONE_DIR, f"shard-{j:06d}.json")
+
+
+def start_cache(fs, root: str, identity: CacheIdentity, head_weight: np.ndarray | None) -> None:
+    """The first files of a cache (kept as they are when a build resumes)."""
+    fs.makedirs(root, exist_ok=True)
+    create_exclusive(fs, join(root, IDENTITY), identity.canonical().encode())
+    if head_weight is not None and not fs.exists(join(root, HEAD)):
+        buf = io.BytesIO()
+        np.save(buf, head_weight)
+        write_atomic(fs, join(root, HEAD), buf.getvalue())
+
+
+def read_head(fs, root: str) -> np.ndarray:
+    return np.load(io.BytesIO(fs.cat_file(join(root, HEAD))))
+
+
+def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    return {name: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for name, a in arrays.items()}
+
+
+def read_done(fs, root: str, j: int) -> dict[str, Any] | None:
+    try:
+        return json.loads(fs.cat_file(done_path(root, j)))
+    except FileNotFoundError:
+        return None
+
+
+def done_records(fs, root: str, num_shards: int) -> dict[int, dict[str, Any]]:
+    """The completion records present, by data shard."""
+    return {j: record for j in range(num_shards) if (record := read_done(fs, root, j)) is not None}
+
+
+def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Steps 1 and 2 for data shard ``j``; returns the record that holds (ours or the
+    winner's)."""
+    fs, root = filesystem(url)
+    rel = posixpath.join(DATA_DIR, uuid.uuid4().hex, f"shard-{j:06d}.zarr")
+    write_group(zarr_store(join(url, rel)), arrays)
+    record = {
+        "shard": j,
+        "first_id": first_id,
+        "count": int(len(arrays["ids"])),
+        "path": rel,
+        "checksums": array_checksums(arrays),
+        "arrays": {name: {"shape": list(a.shape), "dtype": str(a.dtype)} for name, a in arrays.items()},
+    }
+    if create_exclusive(fs, done_path(root, j), json.dumps(record).encode()):
+        return record
+    fs.rm(join(root, posixpath.dirname(rel)), recursive=True)  # another build committed this shard first
+    return read_done(fs, root, j)
+
+
+def remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
+    """Remove data folders that no completion record points to and that nothing has
+    written for ``lease_s`` seconds. A folder younger than that may belong to a
+    concurrent build about to commit it, so it stays (a later build removes it);
+    records are read again here, after that build's commit."""
+    data_dir = join(root, DATA_DIR)
+    if not fs.exists(data_dir):
+        return
+    kept = {posixpath.dirname(record["path"]) for record in done_records(fs, root, num_shards).values()}
+    now = time.time()
+    for folder in fs.ls(data_dir, detail=False):
+        name = posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
+        if name in kept:
+            continue
+        files = fs.find(folder, detail=True).values()
+        newest = max((_mtime(info) for info in files), default=0.0)
+        if now - newest > lease_s:
+            fs.rm(folder, recursive=True)
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    """Modification time (seconds since the epoch) of an fsspec info dict, local or S3."""
+    value = info.get("mtime", info.get("LastModified", info.get("updated", 0)))
+    return value.timestamp() if hasattr(value, "timestamp") else float(value or 0)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:  # run from a source tree without installing (bench/gpu_check.py)
+        return "not installed"
+
+
+def _versions() -> dict[str, str]:
+    import numcodecs
+    import torchvision
+    import zarr
+
+    return {
+        "catkd": _version("catkd"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "ray": _version("ray"),
+        "numpy": np.__version__,
+    }
+
+
+def write_manifest(
+    fs, root: str, identity: CacheIdentity, index: ShardIndex, cfg: CacheBuildConfig, records: list[dict[str, Any]]
+) -> None:
+    """Step 3's last write: the cache is complete."""
+    manifest = {
+        "identity": asdict(identity),
+        "cache_id": identity.cache_id,
+        "num_samples": index.num_samples,
+        "shards": records,
+        "arrays": records[0]["arrays"],
+        "codecs": {
+            "compressor": "blosc zstd clevel 5 bitshuffle, then crc32c per chunk",
+            "layout": "one zarr shard per array, one inner chunk per view",
+        },
+        "teacher_weights": cfg.weights,
+        "data": cfg.data,
+        "build": {
+            "precision": cfg.precision,
+            "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            "channels_last": cfg.channels_last,
+            "batch_size": cfg.batch_size,
+        },
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "complete": True,
+    }
+    write_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
