@@ -63,7 +63,7 @@ def shard_rates(folder: str, work: str, count: int) -> dict[str, dict[str, float
         dest = os.path.join(work, "shards-" + ("orig" if not extra else "256"))
         shutil.rmtree(dest, ignore_errors=True)
         seconds, peak, _ = catkd_shard(
-            f"imagefolder:{folder}", dest, "--split", "train", "--samples-per-shard", "1000", *extra
+            f"imagefolder:{folder}", dest, "--splits", "train", "--samples-per-shard", "1000", *extra
         )
         index = read_index(dest, "train")
         size = sum(s.bytes for s in index.shards)

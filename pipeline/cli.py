@@ -6,6 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from catkd.errors import ConfigError
+
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -48,69 +50,33 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def cmd_shard(args: argparse.Namespace) -> int:
     from pipeline.data.shard_writer import ShardConfig, shard_dataset, verify_shards
+    from pipeline.data.sources import ShapesSource
+    from pipeline.settings import flag_values
 
     if args.verify:
         if len(args.paths) != 1:
-            raise SystemExit("catkd shard --verify takes one argument: the shards folder OUT")
-        problems = verify_shards(args.paths[0], args.split or None)
+            raise ConfigError("--verify takes one argument: the shards folder OUT")
+        problems = verify_shards(args.paths[0], getattr(args, "splits", None))
         for problem in problems:
             print(problem, file=sys.stderr)
-        print(
-            f"{args.paths[0]}: "
-            f"{'FAILED, ' + str(len(problems)) + ' problems' if problems else 'every shard matches its index'}"
-        )
+        verdict = f"FAILED, {len(problems)} problems" if problems else "every shard matches its index"
+        print(f"{args.paths[0]}: {verdict}")
         return 1 if problems else 0
     if len(args.paths) != 2:
-        raise SystemExit("catkd shard takes SOURCE OUT (or --verify OUT)")
+        raise ConfigError("expected SOURCE OUT (or --verify OUT)")
     source, out = args.paths
-    synthetic = {
-        "image_size": args.image_size,
-        "train_samples": args.train_samples,
-        "test_samples": args.test_samples,
-        "seed": args.seed,
-    }
-    cfg = ShardConfig(
-        source=source,
-        out=out,
-        splits=args.split or None,
-        samples_per_shard=args.samples_per_shard,
-        encoding=args.encoding,
-        subset=args.subset,
-        order_seed=args.order_seed,
-        max_short_side=args.max_short_side,
-        jpeg_quality=args.jpeg_quality,
-        synthetic=synthetic if source.startswith("synthetic:") else {},
-    )
-    shard_dataset(cfg)
+    synthetic = flag_values(ShapesSource, args)
+    if synthetic and not source.startswith("synthetic:"):
+        raise ConfigError(f"--{next(iter(synthetic)).replace('_', '-')}: an option of synthetic:shapes, not {source}")
+    shard_dataset(ShardConfig(source=source, out=out, synthetic=synthetic, **flag_values(ShardConfig, args)))
     return 0
 
 
 def cmd_cache_build(args: argparse.Namespace) -> int:
     from pipeline.cache import CacheBuildConfig, build_cache
+    from pipeline.settings import flag_values
 
-    cfg = CacheBuildConfig(
-        data=args.data,
-        teacher=args.teacher,
-        weights=args.weights,
-        root=args.root,
-        split=args.split,
-        num_views=args.views,
-        resolution=args.resolution,
-        spec=args.spec,
-        spec_seed=args.spec_seed,
-        storage=args.storage,
-        binarize=args.binarize,
-        actors=args.actors,
-        gpus_per_actor=args.gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        feed_tasks=args.feed_tasks,
-        renderer=args.renderer,
-        decoder=args.decoder,
-    )
-    url = build_cache(cfg)
+    url = build_cache(CacheBuildConfig(**flag_values(CacheBuildConfig, args)))
     print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
     return 0
 
@@ -154,14 +120,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline.settings import flag_values
     from pipeline.train.config import load_config
     from pipeline.train.sweep import SweepGrid, run_sweep
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
         config, overrides = None, [config, *overrides]
-    grid = SweepGrid(students=args.students, betas=args.betas, resolutions=args.resolutions, seeds=args.seeds)
-    run_sweep(load_config(config, overrides), grid, max_concurrent=args.concurrent)
+    run_sweep(load_config(config, overrides), SweepGrid(**flag_values(SweepGrid, args)))
     return 0
 
 
@@ -179,6 +145,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # The settings' dataclasses give the flags of shard, cache build and sweep: their
+    # defaults live there only (pipeline.settings.add_flags).
+    from pipeline.cache.config import CacheBuildConfig
+    from pipeline.data.shard_writer import ShardConfig
+    from pipeline.data.sources import ShapesSource
+    from pipeline.settings import add_flags
+    from pipeline.train.sweep import SweepGrid
+
     parser = argparse.ArgumentParser(
         prog="catkd", description="CAT-KD at cluster scale: cached teacher CAMs, distilled students."
     )
@@ -202,87 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic:shapes; OUT: output URL (path, file://, s3://, ...)",
     )
     p.add_argument("--verify", action="store_true", help="re-hash every shard in OUT against its index (no SOURCE)")
-    p.add_argument("--order-seed", type=int, default=0, help="seed of the permutation that mixes classes across shards")
-    p.add_argument(
-        "--max-short-side",
-        type=int,
-        help="store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet",
-    )
-    p.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of images resized by --max-short-side")
-    p.add_argument("--split", action="append", help="split to shard (repeatable; default: all)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
-    p.add_argument(
-        "--encoding", choices=["keep", "raw"], default="keep", help="keep the source encoding or store raw RGB pixels"
-    )
-    p.add_argument(
-        "--subset", type=int, help="keep N samples per split, evenly spaced over the sorted source (class-balanced)"
-    )
-    p.add_argument("--image-size", type=int, default=32, help="synthetic:shapes image side")
-    p.add_argument("--train-samples", type=int, default=5000, help="synthetic:shapes training samples")
-    p.add_argument("--test-samples", type=int, default=1000, help="synthetic:shapes test samples")
-    p.add_argument("--seed", type=int, default=0, help="synthetic:shapes seed")
+    add_flags(p, ShardConfig, skip=("source", "out", "synthetic"))
+    add_flags(p.add_argument_group("synthetic:shapes options"), ShapesSource)
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("cache", help="teacher target caches: build, info, verify")
     cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     b = cache.add_parser("build", help="run the teacher once over every (sample, view); write zarr targets")
-    b.add_argument("--data", required=True, help="shards URL (from catkd shard)")
-    b.add_argument("--split", default="train")
-    b.add_argument("--teacher", required=True, help="teacher architecture (catkd models)")
-    b.add_argument(
-        "--weights", required=True, help="teacher checkpoint URL (ours, torchvision, or the reference code base's)"
-    )
-    b.add_argument("--root", required=True, help="cache root URL; the cache goes to ROOT/<cache_id>")
-    b.add_argument("--views", type=int, default=4, help="augmentation views per sample (S)")
-    b.add_argument("--resolution", type=int, default=2, help="CAM pooling resolution r")
-    b.add_argument("--spec", choices=["cifar", "imagenet"], default="cifar")
-    b.add_argument("--spec-seed", type=int, default=0)
-    b.add_argument("--storage", choices=["float16", "float32", "int8", "features"], default="float16")
-    b.add_argument("--binarize", action="store_true", help="store binarised CAMs (the paper's variant)")
-    b.add_argument("--actors", type=int, default=1)
-    b.add_argument("--gpus-per-actor", type=float, default=0.0)
-    b.add_argument("--cpus-per-actor", type=int, default=1)
-    b.add_argument(
-        "--batch-size", type=int, default=256, help="views per teacher forward pass (as large as the GPU allows)"
-    )
-    b.add_argument(
-        "--precision",
-        choices=["fp32", "tf32", "bf16"],
-        default="fp32",
-        help="teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the cache identity",
-    )
-    b.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help=(
-            "channels-last memory format for the teacher (default; 1.2-1.3x faster convolutions on CPU, the usual "
-            "choice on GPUs)"
-        ),
-    )
-    b.add_argument(
-        "--feed-tasks",
-        type=int,
-        help="data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)",
-    )
-    b.add_argument(
-        "--renderer",
-        choices=["auto", "cpu", "device"],
-        default="auto",
-        help=(
-            "where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the GPU when actors have "
-            "one); part of the identity"
-        ),
-    )
-    b.add_argument(
-        "--decoder",
-        choices=["auto", "cpu", "nvjpeg"],
-        default="auto",
-        help=(
-            "JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto: nvjpeg with the device "
-            "renderer); part of the identity"
-        ),
-    )
+    add_flags(b, CacheBuildConfig)
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")
@@ -306,11 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid of student runs reading one cache concurrently, with a results table")
     p.add_argument("config", nargs="?", help="base YAML config (the run name becomes the sweep's folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
-    p.add_argument("--students", nargs="+", default=["resnet8"])
-    p.add_argument("--betas", nargs="+", type=float, default=[1.0])
-    p.add_argument("--resolutions", nargs="+", type=int, default=[2])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--concurrent", type=int, default=2, help="runs at the same time")
+    add_flags(p, SweepGrid)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")

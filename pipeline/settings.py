@@ -8,6 +8,12 @@ fields' type hints, so that a wrong value is one line naming its field
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -70,6 +76,24 @@ def check_value(name: str, value: Any, hint: Any) -> Any:
     return value
 
 
+def check_fields(config: Any, at_least: dict[str, float] | None = None) -> None:
+    """A dataclass config's ``__post_init__`` checks: every field against its type hint
+    (types first: later checks compare values), then the lowest value of each field in
+    ``at_least`` (None, an unset optional field, passes)."""
+    hints = _field_hints(type(config))
+    for f in dataclasses.fields(config):
+        check_value(f.name, getattr(config, f.name), hints[f.name])
+    for name, low in (at_least or {}).items():
+        value = getattr(config, name)
+        if value is not None and value < low:
+            raise ConfigError(f"{name}: must be at least {low}, got {value}")
+
+
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(map(str, typing.get_args(hint)))
@@ -128,3 +152,122 @@ def load_settings(cls: type[T], path: str | None = None, overrides: list[str] | 
         key, value = parse_override(item, hints)
         values[key] = value
     return cls(**values)
+
+
+# ---------------------------------------------------------------- command-line flags
+# Commands whose settings are flags (``catkd shard``, ``catkd cache build``) derive them
+# from the dataclass: ``num_views`` is ``--num-views``, a bool is ``--name/--no-name``,
+# a list takes several values; help is the field's comment and the dataclass default.
+# Values go through the same checks as ``key=value`` overrides, and defaults live in
+# the dataclass only: a flag not given is not passed on.
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in the class source: on its line (or lines), or the comment
+    block right above it."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    lines = source.splitlines()
+    names = {f.name for f in dataclasses.fields(cls)}
+    starts = [
+        (number, match.group(1))
+        for number, line in enumerate(lines, 1)
+        if (match := re.match(r"    (\w+)\s*:", line)) and match.group(1) in names
+    ]
+    out = {}
+    for k, (number, name) in enumerate(starts):
+        end = starts[k + 1][0] if k + 1 < len(starts) else number + 1
+        inline = [comments[n] for n in range(number, end) if n in comments and lines[n - 1].strip()[:1] != "#"]
+        above, n = [], number - 1
+        while n in comments and lines[n - 1].strip().startswith("#"):
+            above.insert(0, comments[n])
+            n -= 1
+        text = " ".join(inline or above)
+        if text:
+            out[name] = text
+    return out
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def add_flags(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of ``cls`` (except ``skip``), into ``parser`` (an argparse
+    parser or group); fields without a default are required flags."""
+    import argparse
+
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        hint, default = hints[f.name], _default(f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, "")
+        if default is dataclasses.MISSING:
+            kwargs: dict[str, Any] = {"required": True}
+        else:
+            kwargs = {}
+            if "(default:" not in help_text:
+                help_text = f"{help_text} (default: {_shown(default)})".strip()
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(_optional(hint)) is list:
+            kwargs["nargs"] = "+"
+        parser.add_argument(
+            flag, dest=f.name, default=argparse.SUPPRESS, help=help_text, metavar=_metavar(hint), **kwargs
+        )
+
+
+def _optional(hint: Any) -> Any:
+    """X for ``X | None``."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return options[0] if len(options) == 1 else hint
+    return hint
+
+
+def _metavar(hint: Any) -> str | None:
+    if hint is bool:
+        return None
+    hint = _optional(hint)
+    if typing.get_origin(hint) is list:
+        hint = (typing.get_args(hint) or (str,))[0]
+    if typing.get_origin(hint) is Literal:
+        return "{" + ",".join(map(str, typing.get_args(hint))) + "}"
+    return {int: "N", float: "X", str: "TEXT"}.get(hint, "VALUE")
+
+
+def flag_values(cls: type, args: Any) -> dict[str, Any]:
+    """The fields of ``cls`` given as flags in ``args``, typed and checked as
+    ``key=value`` overrides are; fields not given are left out (their default holds)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not hasattr(args, f.name):
+            continue
+        raw, hint = getattr(args, f.name), hints[f.name]
+        if isinstance(raw, list):
+            element = (typing.get_args(_optional(hint)) or (str,))[0]
+            values[f.name] = [parse_override(f"{f.name}={item}", {f.name: element})[1] for item in raw]
+        elif isinstance(raw, bool):
+            values[f.name] = raw
+        else:
+            values[f.name] = parse_override(f"{f.name}={raw}", {f.name: hint})[1]
+    return values

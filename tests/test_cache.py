@@ -156,7 +156,7 @@ def _cli_build(setup, root):
         setup["weights"],
         "--root",
         str(root),
-        "--views",
+        "--num-views",
         "3",
         "--batch-size",
         "32",

@@ -56,7 +56,7 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (["train", f"data={tmp}/no-shards", "mode=ce", f"storage_path={tmp}/runs"], f"{tmp}/no-shards"),
         (train + ["renderer=device"], "use_gpu=false"),
         (
-            build[:2] + ["--data", shards, "--teacher", "resnet8", "--weights", "w", "--root", "r", "--views", "0"],
+            build[:2] + ["--data", shards, "--teacher", "resnet8", "--weights", "w", "--root", "r", "--num-views", "0"],
             "num_views: must be at least 1, got 0",
         ),
         (
@@ -70,6 +70,22 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (["cache", "info", f"{tmp}"], f"{tmp}: not a catkd cache"),
         (["cache", "verify", f"{tmp}"], f"{tmp}: not a catkd cache"),
         (["shard", f"imagefolder:{tmp}/nowhere", f"{tmp}/out"], f"{tmp}/nowhere: source path does not exist"),
+        (build + ["--num-views", "abc"], "num_views: expected an integer, got 'abc'"),
+        (build + ["--storage", "bogus"], "storage: expected one of float16, float32, int8, features, got 'bogus'"),
+        (build + ["--gpus-per-actor", "-1"], "gpus_per_actor: must be at least 0, got -1.0"),
+        (
+            ["shard", "synthetic:shapes", f"{tmp}/s", "--samples-per-shard", "0"],
+            "samples_per_shard: must be at least 1",
+        ),
+        (["shard", "synthetic:shapes", f"{tmp}/s", "--jpeg-quality", "101"], "jpeg_quality: must be at most 100"),
+        (["shard", "synthetic:shapes", f"{tmp}/s", "--train-samples", "x"], "train_samples: expected an integer"),
+        (
+            ["shard", f"imagefolder:{tmp}", f"{tmp}/s", "--train-samples", "9"],
+            "--train-samples: an option of synthetic",
+        ),
+        (["shard", "--verify", f"{tmp}/a", f"{tmp}/b"], "--verify takes one argument"),
+        (["sweep", f"data={shards}", "mode=ce", "--betas", "1", "big"], "betas: expected a number, got 'big'"),
+        (["sweep", f"data={shards}", "mode=ce", "--concurrent", "0"], "concurrent: must be at least 1, got 0"),
     ]
 
 
@@ -95,6 +111,44 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     parser._subparsers._group_actions[0].choices["models"].set_defaults(func=broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["models"])
+
+
+def test_flags_come_from_the_dataclass_fields_with_their_defaults():
+    """The flags of cache build, shard and sweep are the dataclasses' fields: every field
+    has a flag, its help shows the dataclass default, and values given are typed."""
+    import argparse
+    import dataclasses
+
+    from pipeline.cache.config import CacheBuildConfig
+    from pipeline.cli import build_parser
+    from pipeline.settings import add_flags, flag_values
+    from pipeline.train.sweep import SweepGrid
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, CacheBuildConfig)
+    helps = {action.dest: action.help for action in parser._actions}
+    for f in dataclasses.fields(CacheBuildConfig):
+        assert f.name in helps
+        if f.default is not dataclasses.MISSING and f.default is not None:
+            shown = str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+            assert f"(default: {shown})" in helps[f.name], f.name
+    assert "augmentation views per sample (S)" in helps["num_views"]
+    args = parser.parse_args(["--data", "d", "--teacher", "resnet8", "--weights", "w", "--root", "r"])
+    assert flag_values(CacheBuildConfig, args) == {"data": "d", "teacher": "resnet8", "weights": "w", "root": "r"}
+    args = build_parser().parse_args(["sweep", "--betas", "0.5", "2", "--seeds", "1"])
+    assert SweepGrid(**flag_values(SweepGrid, args)) == SweepGrid(betas=[0.5, 2.0], seeds=[1])
+    args = build_parser().parse_args(
+        ["cache", "build", "--data", "d", "--teacher", "t", "--weights", "w"]
+        + ["--root", "r", "--no-channels-last", "--feed-tasks", "3"]
+    )
+    assert flag_values(CacheBuildConfig, args) == {
+        "data": "d",
+        "teacher": "t",
+        "weights": "w",
+        "root": "r",
+        "channels_last": False,
+        "feed_tasks": 3,
+    }
 
 
 def test_overrides_are_typed_as_their_fields():

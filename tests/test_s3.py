@@ -90,7 +90,7 @@ def test_round_trip_on_s3(s3):
         "s3://catkd-bucket/teacher.pth",
         "--root",
         "s3://catkd-bucket/caches",
-        "--views",
+        "--num-views",
         "2",
     )
     assert cache.returncode == 0, cache.stderr[-3000:]
@@ -226,7 +226,7 @@ def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3):
         "s3://catkd-bucket/race-teacher.pth",
         "--root",
         "s3://catkd-bucket/race-caches",
-        "--views",
+        "--num-views",
         "2",
     ]
     procs = [

@@ -176,7 +176,7 @@ def test_sweep_reads_one_cache_concurrently(env):
     from pipeline.train.sweep import SweepGrid, run_sweep
 
     results = run_sweep(
-        _cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0]), max_concurrent=2
+        _cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0], concurrent=2)
     )
     assert sorted(r["beta"] for r in results) == [0.5, 2.0]
     table = json.loads((env["base"] / "runs" / "sweep" / "sweep.json").read_text())

@@ -83,7 +83,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     start_cache(fs, root, identity, head)
     records = done_records(fs, root, len(index.shards))
     todo = [j for j in range(len(index.shards)) if j not in records]
-    init_ray()
+    init_ray(verbose=cfg.verbose)
     total_views = index.num_samples * cfg.num_views
     bar = tqdm(
         total=total_views, unit="views", desc=f"cache {identity.cache_id}", disable=not cfg.progress, file=sys.stderr

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import typing
 from dataclasses import dataclass
 from typing import Literal
 
@@ -14,57 +11,62 @@ from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
-from pipeline.settings import check_value
+from pipeline.settings import check_fields
 
 
 @dataclass
 class CacheBuildConfig:
-    data: str  # shards URL
-    teacher: str  # architecture name
-    weights: str  # URL of the teacher checkpoint (any form catkd.models converts)
-    root: str  # cache root URL; the cache goes to <root>/<cache_id>
-    split: str = "train"
-    num_views: int = 4
-    resolution: int = 2
-    spec: str = "cifar"
-    spec_seed: int = 0
-    storage: StorageForm = "float16"
-    binarize: bool = False
-    actors: int = 1
-    gpus_per_actor: float = 0.0  # 0: CPU actors
-    cpus_per_actor: int = 1  # Ray sets the actor's torch threads to this
-    batch_size: int = 256  # views per teacher forward pass
-    precision: Precision = "fp32"  # fp32, tf32 (GPU) or bf16 autocast: part of the identity
-    channels_last: bool = (
-        True  # NHWC convolutions: 1.2-1.3x faster on CPU (docs/cache.md) and on GPUs; rounding only, not identity
-    )
-    feed_tasks: int | None = None  # shards rendering at once; default: the CPUs the actors leave free (at least 1)
+    # The flags of `catkd cache build` are these fields (pipeline.settings.add_flags):
+    # each comment is its --help line, each default the only one.
+    data: str  # shards URL (from catkd shard)
+    teacher: str  # teacher architecture (catkd models)
+    weights: str  # teacher checkpoint URL (ours, torchvision's, or the reference code base's)
+    root: str  # cache root URL; the cache goes to ROOT/<cache_id>
+    split: str = "train"  # the split whose samples get targets
+    num_views: int = 4  # augmentation views per sample (S)
+    resolution: int = 2  # CAM pooling resolution r
+    spec: str = "cifar"  # augmentation spec: cifar or imagenet
+    spec_seed: int = 0  # seed of the view parameters
+    storage: StorageForm = "float16"  # how pooled CAMs are stored (docs/cache.md compares the forms)
+    binarize: bool = False  # store binarised CAMs (the paper's variant)
+    actors: int = 1  # teacher actors (one per GPU on a GPU cluster)
+    gpus_per_actor: float = 0.0  # GPUs per teacher actor; 0: CPU actors
+    cpus_per_actor: int = 1  # CPUs per teacher actor; Ray sets its torch threads to this
+    batch_size: int = 256  # views per teacher forward pass (as large as the GPU allows)
+    # teacher compute: fp32, tf32 (GPU matrix units) or bf16 autocast; part of the identity
+    precision: Precision = "fp32"
+    # channels-last memory format for the teacher: 1.2-1.3x faster convolutions on CPU
+    # (docs/cache.md), the usual choice on GPUs; changes rounding only, not the identity
+    channels_last: bool = True
+    # data shards rendered at once by CPU tasks (default: the CPUs the actors leave free)
+    feed_tasks: int | None = None
     chunk_views: int = 512  # views per chunk streamed from a feed task to an actor
-    orphan_lease_s: float = 3600.0  # uncommitted data folders older than this are leftovers of crashed writers
-    # Where views are rendered and who decodes JPEGs (both part of the identity). auto:
-    # on the teacher's GPU with nvJPEG when actors have GPUs, on the host CPUs otherwise.
+    # uncommitted data folders older than this (seconds) are leftovers of crashed writers
+    orphan_lease_s: float = 3600.0
+    # where views are cropped and resized: the host CPUs, or the teacher's GPU (auto: the
+    # GPU when actors have one); part of the identity
     renderer: Literal["auto", "cpu", "device"] = "auto"
+    # JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto:
+    # nvjpeg with the device renderer); part of the identity
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
-    progress: bool = True
+    progress: bool = True  # a progress bar on stderr
+    verbose: bool = False  # Ray's own output on the console too (worker logs)
 
     def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():
-            check_value(name, value, _hints()[name])
-        for name, low in (
-            ("num_views", 1),
-            ("resolution", 1),
-            ("actors", 1),
-            ("cpus_per_actor", 1),
-            ("batch_size", 1),
-            ("chunk_views", 1),
-            ("spec_seed", 0),
-        ):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
-        if self.gpus_per_actor < 0:
-            raise ConfigError(f"gpus_per_actor: must not be negative, got {self.gpus_per_actor}")
-        if self.feed_tasks is not None and self.feed_tasks < 1:
-            raise ConfigError(f"feed_tasks: must be at least 1, got {self.feed_tasks}")
+        check_fields(
+            self,
+            at_least={
+                "num_views": 1,
+                "resolution": 1,
+                "actors": 1,
+                "cpus_per_actor": 1,
+                "batch_size": 1,
+                "chunk_views": 1,
+                "spec_seed": 0,
+                "feed_tasks": 1,
+                "gpus_per_actor": 0,
+            },
+        )
         if self.spec not in MEAN_STD:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
         if self.teacher not in list_models():
@@ -86,11 +88,6 @@ class CacheBuildConfig:
                 "(--gpus-per-actor 0): use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
         return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
-
-
-@functools.cache
-def _hints() -> dict:
-    return typing.get_type_hints(CacheBuildConfig)
 
 
 def expected_identity(

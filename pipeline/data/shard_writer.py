@@ -35,7 +35,7 @@ try:
 except ImportError:  # a machine without Ray (bench/gpu_check.py) shards with a local process pool
     ray = None
 
-from catkd.errors import user_error
+from catkd.errors import ConfigError, user_error
 from pipeline.data.shard_format import (
     RAW_FORMAT,
     ShardError,
@@ -49,6 +49,7 @@ from pipeline.data.shard_format import (
 )
 from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
 from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
+from pipeline.settings import check_fields
 from pipeline.storage import check_location, filesystem, join, write_atomic
 
 STAGING_DIR = "_staging"
@@ -56,26 +57,32 @@ STAGING_DIR = "_staging"
 
 @dataclass
 class ShardConfig:
-    source: str
-    out: str
-    splits: list[str] | None = None  # default: every split the source has
-    samples_per_shard: int = 1000
+    # The flags of `catkd shard` are these fields (pipeline.settings.add_flags): each
+    # comment is its --help line, each default the only one.
+    source: str  # imagefolder:URL (a folder or .tar/.tar.gz), cifar10:PATH, cifar100:PATH or synthetic:shapes
+    out: str  # output URL (path, file://, s3://, ...)
+    splits: list[str] | None = None  # the splits to shard (default: every split the source has)
+    samples_per_shard: int = 1000  # samples per tar shard
     encoding: Encoding = "keep"  # keep the source's encoding, or store raw RGB pixels
-    subset: int | None = None  # keep this many samples per split, evenly spaced (SubsetSource)
+    subset: int | None = None  # keep N samples per split, evenly spaced over the sorted source (class-balanced)
     order_seed: int = 0  # seed of the permutation that mixes classes across shards
-    max_short_side: int | None = None  # store images with the shorter side at most this (re-encoded)
-    jpeg_quality: int = 90  # quality of images re-encoded after a resize
-    synthetic: dict[str, Any] = field(default_factory=dict)  # options of synthetic:shapes
-    progress: bool = True
+    # store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet
+    max_short_side: int | None = None
+    jpeg_quality: int = 90  # JPEG quality of images re-encoded after a resize
+    # options of synthetic:shapes (the fields of pipeline.data.sources.ShapesSource)
+    synthetic: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True  # progress bars on stderr
+    verbose: bool = False  # Ray's own output on the console too (worker logs)
+
+    def __post_init__(self) -> None:
+        check_fields(self, at_least={"samples_per_shard": 1, "subset": 1, "max_short_side": 1, "jpeg_quality": 1})
+        if self.jpeg_quality > 100:
+            raise ConfigError(f"jpeg_quality: must be at most 100, got {self.jpeg_quality}")
 
 
 def shard_dataset(cfg: ShardConfig, pool: Executor | None = None) -> dict[str, ShardIndex]:
     """Shard every split of ``cfg.source`` into ``cfg.out``: one Ray task per shard, or
     one ``pool`` task per shard (a local process pool, where Ray is not installed)."""
-    if cfg.samples_per_shard < 1:
-        raise ValueError("samples_per_shard must be at least 1")
-    if cfg.max_short_side is not None and cfg.max_short_side < 1:
-        raise ValueError("max_short_side must be at least 1")
     check_location(cfg.out)
     source = open_source(cfg.source, staging=join(cfg.out, STAGING_DIR), **cfg.synthetic)
     if cfg.subset is not None:
@@ -89,7 +96,7 @@ def shard_dataset(cfg: ShardConfig, pool: Executor | None = None) -> dict[str, S
     if pool is None:
         from pipeline.ray_setup import init_ray
 
-        init_ray()
+        init_ray(verbose=cfg.verbose)
     indexes = {split: _shard_split(cfg, source, split, pool) for split in splits}
     fs, root = filesystem(cfg.out)
     if fs.exists(join(root, STAGING_DIR)):  # a decompressed archive: no longer needed

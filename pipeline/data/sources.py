@@ -450,10 +450,10 @@ class _CifarSlice(SourceSlice):
 class ShapesSource(Source):
     """``synthetic:shapes``: image ``p`` of a split is generated from (seed, p); see ``synthetic``."""
 
-    image_size: int = 32
-    train_samples: int = 5000
-    test_samples: int = 1000
-    seed: int = 0
+    image_size: int = 32  # synthetic:shapes image side
+    train_samples: int = 5000  # synthetic:shapes training samples
+    test_samples: int = 1000  # synthetic:shapes test samples
+    seed: int = 0  # synthetic:shapes seed
 
     def __post_init__(self) -> None:
         self.spec = "synthetic:shapes"

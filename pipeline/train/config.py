@@ -6,14 +6,13 @@ catkd train jobs/configs/demo_catkd.yaml epochs=3 beta=2.0 data=/other/shards
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from catkd.errors import ConfigError
 from catkd.models import list_models
 from pipeline.data.views import MEAN_STD, AugmentSpec
-from pipeline.settings import check_value, load_settings
+from pipeline.settings import check_fields, load_settings
 
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
 MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
@@ -87,34 +86,32 @@ class TrainConfig:
     compile: bool = False  # wrap the student in torch.compile (docs/training.md says when it helps)
 
     def __post_init__(self) -> None:
-        for name, value in dataclasses.asdict(self).items():  # types first: the checks below compare values
-            check_value(name, value, _HINTS[name])
+        check_fields(
+            self,
+            at_least={
+                "epochs": 1,
+                "batch_size": 1,
+                "num_workers": 1,
+                "loader_workers": 0,
+                "cpus_per_worker": 0,
+                "resolution": 1,
+                "num_views": 0,
+                "view_offset": 0,
+                "shuffle_buffer": 1,
+                "lr_base_batch": 1,
+                "max_failures": -1,
+                "spec_seed": 0,
+                "select_n": 1,
+            },
+        )
         if self.mode not in MODES:
             raise ConfigError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
-        for name, low in (
-            ("epochs", 1),
-            ("batch_size", 1),
-            ("num_workers", 1),
-            ("loader_workers", 0),
-            ("cpus_per_worker", 0),
-            ("resolution", 1),
-            ("num_views", 0),
-            ("view_offset", 0),
-            ("shuffle_buffer", 1),
-            ("lr_base_batch", 1),
-            ("max_failures", -1),
-            ("spec_seed", 0),
-        ):
-            if getattr(self, name) < low:
-                raise ConfigError(f"{name}: must be at least {low}, got {getattr(self, name)}")
         for name in ("lr", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("beta", "ce_weight", "kd_weight", "momentum", "weight_decay", "lr_decay_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        if self.select_n is not None and self.select_n < 1:
-            raise ConfigError(f"select_n: must be at least 1 (or null: every class), got {self.select_n}")
         if self.spec not in MEAN_STD:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
         for name in ("student", "teacher"):
@@ -169,9 +166,6 @@ class TrainConfig:
             span = max(1, self.epochs - self.warmup_epochs)
             return 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup_epochs) / span))
         return self.lr_decay_rate ** sum(epoch >= m for m in self.lr_decay_epochs)
-
-
-_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

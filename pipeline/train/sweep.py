@@ -2,7 +2,7 @@
 
 A grid over students, beta, r and seeds; each point is an ordinary ``catkd train`` run
 (its own Ray Train worker group, checkpoints and resume), started from a driver thread
-so that up to ``max_concurrent`` runs read the same cache at once. A finished sweep
+so that up to ``grid.concurrent`` runs read the same cache at once. A finished sweep
 prints one table; rerunning it resumes or skips finished runs (same names).
 """
 
@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipeline.ray_setup import init_ray
+from pipeline.settings import check_fields
 from pipeline.storage import filesystem, join, write_atomic
 from pipeline.train.config import TrainConfig
 from pipeline.train.run import train
@@ -22,10 +23,15 @@ from pipeline.train.run import train
 
 @dataclass
 class SweepGrid:
-    students: list[str] = field(default_factory=lambda: ["resnet8"])
-    betas: list[float] = field(default_factory=lambda: [1.0])
-    resolutions: list[int] = field(default_factory=lambda: [2])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    # The grid flags of `catkd sweep` are these fields (pipeline.settings.add_flags).
+    students: list[str] = field(default_factory=lambda: ["resnet8"])  # student architectures
+    betas: list[float] = field(default_factory=lambda: [1.0])  # CAT loss weights
+    resolutions: list[int] = field(default_factory=lambda: [2])  # CAM pooling resolutions r
+    seeds: list[int] = field(default_factory=lambda: [0])  # run seeds
+    concurrent: int = 2  # runs at the same time
+
+    def __post_init__(self) -> None:
+        check_fields(self, at_least={"concurrent": 1})
 
     def points(self, base: TrainConfig) -> list[TrainConfig]:
         runs = []
@@ -35,10 +41,10 @@ class SweepGrid:
         return runs
 
 
-def run_sweep(base: TrainConfig, grid: SweepGrid, max_concurrent: int = 2) -> list[dict]:
+def run_sweep(base: TrainConfig, grid: SweepGrid) -> list[dict]:
     init_ray()
     points = grid.points(base)
-    print(f"[sweep] {len(points)} runs, up to {max_concurrent} at a time, reading {base.cache or 'no cache'}")
+    print(f"[sweep] {len(points)} runs, up to {grid.concurrent} at a time, reading {base.cache or 'no cache'}")
 
     def one(cfg: TrainConfig) -> dict:
         last = train(cfg)["history"][-1]
@@ -53,7 +59,7 @@ def run_sweep(base: TrainConfig, grid: SweepGrid, max_concurrent: int = 2) -> li
             "images_per_s": last["images_per_s"],
         }
 
-    with ThreadPoolExecutor(max_workers=max_concurrent) as pool:
+    with ThreadPoolExecutor(max_workers=grid.concurrent) as pool:
         results = list(pool.map(one, points))
     fs, root = filesystem(base.storage_path)
     write_atomic(fs, join(root, base.name, "sweep.json"), json.dumps(results, indent=1).encode())
