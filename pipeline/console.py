@@ -17,6 +17,8 @@ from __future__ import annotations
 import sys
 import threading
 import time
+import uuid
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,30 +30,44 @@ POLL_S = 0.5
 
 @ray.remote(num_cpus=0)
 class _Lines:
+    """Lines waiting to be printed, per run: one actor serves every run of a driver (a
+    sweep's runs at once), so a training start costs no extra process."""
+
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: dict[str, list[str]] = defaultdict(list)
 
-    def put(self, line: str) -> None:
-        self.lines.append(line)
+    def put(self, run: str, line: str) -> None:
+        self.lines[run].append(line)
 
-    def take(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
+    def take(self, run: str) -> list[str]:
+        return self.lines.pop(run, [])
+
+
+_actors: dict[str, Any] = {}  # by Ray job: a driver that reconnects gets a new one
+_actors_lock = threading.Lock()
+
+
+def _lines_actor() -> Any:
+    job = ray.get_runtime_context().get_job_id()
+    with _actors_lock:
+        if job not in _actors:
+            _actors[job] = _Lines.remote()
+        return _actors[job]
 
 
 class Console:
     """What a worker prints through: the driver's relay, or (outside a relayed run)
     this process's own stdout. Picklable: it travels in the train loop's config."""
 
-    def __init__(self, actor: Any = None) -> None:
-        self.actor = actor
+    def __init__(self, actor: Any = None, run: str = "") -> None:
+        self.actor, self.run = actor, run
 
     def say(self, line: str) -> None:
         if self.actor is None:
             print(line, file=sys.__stdout__, flush=True)
             return
         # A round trip, so a line said just before a worker exits is not lost.
-        ray.get(self.actor.put.remote(line))
+        ray.get(self.actor.put.remote(self.run, line))
 
 
 class Relay:
@@ -65,20 +81,19 @@ class Relay:
         self._noted = False
 
     def __enter__(self) -> Console:
-        self.actor = _Lines.remote()
+        self.actor, self.run = _lines_actor(), uuid.uuid4().hex
         self._thread = threading.Thread(target=self._pump, name="catkd-console", daemon=True)
         self._thread.start()
-        return Console(self.actor)
+        return Console(self.actor, self.run)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._print(ray.get(self.actor.take.remote()))
-        ray.kill(self.actor)
+        self._print(ray.get(self.actor.take.remote(self.run)))
 
     def _pump(self) -> None:
         while not self._stop.wait(POLL_S):
-            self._print(ray.get(self.actor.take.remote()))
+            self._print(ray.get(self.actor.take.remote(self.run)))
             if self.waiting and not self._noted and time.monotonic() - self._spoke > WAITING_NOTE_S:
                 self._noted = True  # once: a cluster that autoscales may take minutes, one line says why
                 self._write(self.waiting())

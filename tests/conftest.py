@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+SESSION_CPUS = 4
+
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
@@ -25,7 +27,12 @@ def ray_local(tmp_path_factory):
     # Ray Train's controller polls its workers every 2 s by default, so each of the
     # suite's many short trainings waited up to a poll to start and another to finish.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    init_ray(num_cpus=2)
+    # Each training would also start a spot-preemption watcher actor (one more process);
+    # no test preempts a node (tests/test_faults.py removes one, a different path).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Four logical CPUs on this 2-core machine: the suite's trainings are tiny and mostly
+    # Ray Train start-ups, so tests start several at once (tests/test_train_run.py).
+    init_ray(num_cpus=SESSION_CPUS)
     yield ray
     ray.shutdown()
 

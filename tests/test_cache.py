@@ -354,7 +354,9 @@ def test_orphans_are_removed_only_after_their_lease(setup, float16_cache, tmp_pa
 
 
 def test_actors_holding_every_cpu_still_build(setup, float16_cache):
-    """Two CPU actors on the 2-CPU test cluster leave no CPU for the feed tasks: the feed
-    shares the actors' cores instead of waiting forever."""
-    url = build_cache(_cfg(setup, setup["base"] / "root-busy", actors=2))
+    """As many CPU actors as the test cluster has CPUs leave none for the feed tasks: the
+    feed shares the actors' cores instead of waiting forever."""
+    from tests.conftest import SESSION_CPUS
+
+    url = build_cache(_cfg(setup, setup["base"] / "root-busy", actors=SESSION_CPUS))
     _assert_same(_arrays(url), _arrays(float16_cache))

@@ -15,6 +15,7 @@ import pytest
 
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.ray_setup import _pid_alive
+from tests.test_console import OWN_LINE, RAY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -74,6 +75,10 @@ def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
         assert process.returncode == 0, output[-3000:]
         assert "Traceback" not in output and "multiple active Ray instances" not in output, output[-3000:]
         assert output.count("[train] epoch 2/2  train_") == 1, output[-3000:]  # one line per epoch, no duplicate
+        # A quiet console: catkd's own lines only, none of Ray's (tests/test_console.py).
+        lines = [line for line in output.splitlines() if line.strip()]
+        assert [line for line in lines if not OWN_LINE.match(line) or RAY_LINE.search(line)] == [], output[-3000:]
+        assert output.count(" 1 worker(s) started; rank 0 on cpu") == 1, output[-3000:]
     addresses = {
         line.split()[3] for output in outputs for line in output.splitlines() if line.startswith("[ray] local Ray")
     }

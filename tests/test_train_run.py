@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -52,6 +53,7 @@ def _cfg(env, name, **kw):
         lr_decay_epochs=[1],
         num_workers=2,
         loader_workers=1,
+        cpus_per_worker=1,  # so that the module's runs fit in the test cluster at once
         storage_path=str(env["base"] / "runs"),
         name=name,
         beta=0.5,
@@ -59,8 +61,47 @@ def _cfg(env, name, **kw):
     return TrainConfig(**(values | kw))
 
 
-def test_catkd_two_workers_trains_exports_and_evaluates(env):
-    result = train(_cfg(env, "catkd"))
+MODES = ["ce", "kd", "cat", "online-catkd"]
+
+
+def _mode_cfg(env, mode):
+    extra = {"teacher": "resnet8", "teacher_weights": env["weights"]} if mode == "online-catkd" else {}
+    if mode in ("ce", "online-catkd"):
+        extra["cache"] = None
+    return _cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra)
+
+
+@pytest.fixture(scope="module")
+def runs(env):
+    """The module's independent trainings, started together (Ray Train start-ups are
+    most of their time, and overlap): each test then asserts on its own run's result,
+    or on the exception it ended with."""
+    configs = {
+        "catkd": _cfg(env, "catkd"),
+        **{f"mode-{mode}": _mode_cfg(env, mode) for mode in MODES},
+        "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
+        "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
+    }
+
+    def outcome(cfg):
+        try:
+            return train(cfg)
+        except Exception as exc:  # the diverging run's error is what its test checks
+            return exc
+
+    with ThreadPoolExecutor(len(configs)) as pool:
+        return dict(zip(configs, pool.map(outcome, configs.values()), strict=True))
+
+
+def _result(runs, name):
+    result = runs[name]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def test_catkd_two_workers_trains_exports_and_evaluates(env, runs):
+    result = _result(runs, "catkd")
     history = result["history"]
     assert [h["epoch"] for h in history] == [1, 2]
     for key in (
@@ -89,12 +130,9 @@ def test_catkd_two_workers_trains_exports_and_evaluates(env):
     assert metrics["top1"] == pytest.approx(history[-1]["test_top1"], abs=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["ce", "kd", "cat", "online-catkd"])
-def test_every_mode_runs(env, mode):
-    extra = {"teacher": "resnet8", "teacher_weights": env["weights"]} if mode == "online-catkd" else {}
-    if mode in ("ce", "online-catkd"):
-        extra["cache"] = None
-    history = train(_cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra))["history"]
+@pytest.mark.parametrize("mode", MODES)
+def test_every_mode_runs(runs, mode):
+    history = _result(runs, f"mode-{mode}")["history"]
     terms = {k for k in history[0] if k.startswith("train_")}
     expected = {
         "ce": {"train_ce"},
@@ -135,8 +173,8 @@ def test_partial_cache_is_refused(env, tmp_path):
         resolve(_cfg(env, "refused", cache=str(partial)))
 
 
-def test_rerun_resumes_after_last_epoch(env):
-    first = train(_cfg(env, "resume", epochs=1, num_workers=1))
+def test_rerun_resumes_after_last_epoch(env, runs):
+    first = _result(runs, "resume-first")
     assert [h["epoch"] for h in first["history"]] == [1]
     second = train(_cfg(env, "resume", epochs=3, num_workers=1))
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
@@ -204,6 +242,6 @@ def test_paper_config_loads_and_validates(path):
     assert cfg.batch_size * cfg.num_workers == (512 if imagenet else 64)
 
 
-def test_nonfinite_loss_names_the_sample_ids(env):
+def test_nonfinite_loss_names_the_sample_ids(runs):
     with pytest.raises(Exception, match=r"training loss became non-finite at sample ids \[\d+"):
-        train(_cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12))
+        _result(runs, "diverges")
