@@ -103,3 +103,11 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs a Ray cluster is slow (``make test-fast`` leaves them out):
+    Ray start-ups, not the work, are most of such a test's time."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -46,3 +46,19 @@ def test_worker_output_reaches_the_console_only_when_verbose(ray_local, verbose)
     else:
         assert forwarded == []
         assert [line for line in lines if not OWN_LINE.match(line)] == []
+
+
+def test_relay_prints_worker_lines_in_order_and_says_when_nobody_speaks(ray_local, monkeypatch, capsys):
+    import time
+
+    from pipeline import console
+
+    monkeypatch.setattr(console, "WAITING_NOTE_S", 0.3)
+    monkeypatch.setattr(console, "POLL_S", 0.05)
+    with console.Relay(waiting=lambda: "[train] still waiting for 2 worker(s)") as worker_side:
+        time.sleep(1.0)  # silence: the waiting line, once
+        worker_side.say("[train] run: 1 worker(s) started")
+        worker_side.say("[train] epoch 1/1")
+        time.sleep(0.2)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["[train] still waiting for 2 worker(s)", "[train] run: 1 worker(s) started", "[train] epoch 1/1"]

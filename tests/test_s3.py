@@ -18,6 +18,8 @@ import torch
 from catkd.models import build_model, checkpoint_payload
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test here runs catkd commands as subprocesses against a moto server.
+pytestmark = pytest.mark.slow
 SECRET = "catkd-test-secret-never-logged"
 
 
@@ -57,8 +59,28 @@ def _catkd(env, *args, timeout=400):
     )
 
 
-@pytest.mark.slow
-def test_round_trip_on_s3(s3):
+def _build_args(root: str) -> list[str]:
+    """catkd cache build of the shared shards and teacher (s3_data) into ``root``."""
+    data, weights = "s3://catkd-bucket/data", "s3://catkd-bucket/teacher.pth"
+    return [
+        "cache",
+        "build",
+        "--data",
+        data,
+        "--teacher",
+        "resnet8",
+        "--weights",
+        weights,
+        "--root",
+        root,
+        "--num-views",
+        "2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3):
+    """One set of shards and one teacher on the object store, for every test that reads them."""
     env, fs = s3
     shard = _catkd(
         env,
@@ -66,33 +88,24 @@ def test_round_trip_on_s3(s3):
         "synthetic:shapes",
         "s3://catkd-bucket/data",
         "--train-samples",
-        "48",
+        "64",
         "--test-samples",
         "16",
         "--samples-per-shard",
-        "24",
+        "16",
     )
     assert shard.returncode == 0, shard.stderr[-3000:]
     assert fs.exists("catkd-bucket/data/train.index.json")
-
     buf = io.BytesIO()
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), buf)
     fs.pipe("catkd-bucket/teacher.pth", buf.getvalue())
-    cache = _catkd(
-        env,
-        "cache",
-        "build",
-        "--data",
-        "s3://catkd-bucket/data",
-        "--teacher",
-        "resnet8",
-        "--weights",
-        "s3://catkd-bucket/teacher.pth",
-        "--root",
-        "s3://catkd-bucket/caches",
-        "--num-views",
-        "2",
-    )
+    return shard
+
+
+def test_round_trip_on_s3(s3, s3_data):
+    env, fs = s3
+    shard = s3_data
+    cache = _catkd(env, *_build_args("s3://catkd-bucket/caches"))
     assert cache.returncode == 0, cache.stderr[-3000:]
     url = next(line.split()[1] for line in cache.stdout.splitlines() if line.startswith("url "))
     assert url.startswith("s3://catkd-bucket/caches/")
@@ -152,7 +165,6 @@ def test_missing_bucket_is_a_clear_error(s3):
     assert "s3://no-such-bucket/data: bucket 'no-such-bucket' does not exist" in result.stderr
 
 
-@pytest.mark.slow
 def test_image_folder_and_archive_on_s3_shard_like_local(s3, image_folder, tmp_path):
     """An image-folder directory and a .tar.gz on the object store give the same shards
     (same fingerprint) as the same folder on local disk; the archive is streamed."""
@@ -194,41 +206,11 @@ def test_unreadable_source_location_is_a_clear_error(s3, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "train.index.json").exists()
 
 
-@pytest.mark.slow
-def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3):
+def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_data):
     """Completion records are conditional writes (If-None-Match): of two builds racing
     for each data shard exactly one wins, and no record points at deleted data."""
     env, fs = s3
-    shard = _catkd(
-        env,
-        "shard",
-        "synthetic:shapes",
-        "s3://catkd-bucket/race-data",
-        "--train-samples",
-        "64",
-        "--test-samples",
-        "8",
-        "--samples-per-shard",
-        "16",
-    )
-    assert shard.returncode == 0, shard.stderr[-3000:]
-    buf = io.BytesIO()
-    torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), buf)
-    fs.pipe("catkd-bucket/race-teacher.pth", buf.getvalue())
-    args = [
-        "cache",
-        "build",
-        "--data",
-        "s3://catkd-bucket/race-data",
-        "--teacher",
-        "resnet8",
-        "--weights",
-        "s3://catkd-bucket/race-teacher.pth",
-        "--root",
-        "s3://catkd-bucket/race-caches",
-        "--num-views",
-        "2",
-    ]
+    args = _build_args("s3://catkd-bucket/race-caches")
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "pipeline.cli", *args],

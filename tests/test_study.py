@@ -11,6 +11,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -35,11 +36,12 @@ def write_jpeg_archive(path: Path, train: int, test: int) -> None:
                 tar.addfile(info, io.BytesIO(buf.getvalue()))
 
 
+@pytest.mark.slow
 def test_study_smoke(tmp_path):
     """The study as documented, at toy size: a teacher checkpoint brought by the user, every
     phase, every output, and docs tables generated from the JSON."""
     archive = tmp_path / "shapes-jpeg.tar.gz"
-    write_jpeg_archive(archive, train=300, test=100)
+    write_jpeg_archive(archive, train=200, test=60)
     teacher = tmp_path / "teacher.pt"
     torch.save(checkpoint_payload(build_model("resnet8", len(CLASSES)), "resnet8"), teacher)
     out = tmp_path / "study"
@@ -60,6 +62,8 @@ def test_study_smoke(tmp_path):
         "resnet8",
         "--epochs",
         "2",
+        "--concurrent",
+        "3",
         "--view-counts",
         "1",
         "--seeds",
@@ -76,7 +80,7 @@ def test_study_smoke(tmp_path):
     assert "holds a resnet8: using that as the teacher architecture" in done.stdout
 
     summary = json.loads((out / "results.json").read_text())
-    assert summary["data"] == {"train_images": 300, "test_images": 100, "classes": sorted(CLASSES)}
+    assert summary["data"] == {"train_images": 200, "test_images": 60, "classes": sorted(CLASSES)}
     assert summary["teacher"]["arch"] == "resnet8" and not summary["teacher"]["trained_here"]
     assert 0 <= summary["teacher"]["test_top1"] <= 100
     assert (
@@ -103,11 +107,11 @@ def test_study_smoke(tmp_path):
     assert set(summary["cam_agreement"]) == {"ce", "kd", "catkd", "online-catkd", "cat", "catkd-S1"}
     for entry in summary["cam_agreement"].values():
         assert (
-            -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 100
+            -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 60
         )
     assert set(summary["throughput"]["modes"]) == {"ce", "kd", "catkd", "cat", "online-catkd"}
     assert all(t["images_per_s"] > 0 for t in summary["throughput"]["modes"].values())
-    assert {int(v): c["views"] for v, c in summary["throughput"]["caches"].items()} == {1: 300, 2: 600}
+    assert {int(v): c["views"] for v, c in summary["throughput"]["caches"].items()} == {1: 200, 2: 400}
     assert summary["throughput"]["forward_images_per_s"]["teacher"] > 0
     for picture in ("cams.png", "curves.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
