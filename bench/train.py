@@ -63,51 +63,37 @@ def measure(
             data=data, teacher=teacher, weights=weights, root=f"{work}/caches", num_views=epochs, progress=False
         )
     )
+
+    def common(num_workers: int) -> dict:
+        return dict(
+            data=data,
+            student=student,
+            epochs=epochs,
+            batch_size=batch,
+            lr_decay_epochs=[epochs],
+            num_workers=num_workers,
+            loader_workers=loader_workers,
+            storage_path=f"{work}/runs",
+        )
+
+    def row(mode: str, num_workers: int, last: dict) -> dict:
+        return {
+            "mode": mode,
+            "workers": num_workers,
+            "images_per_s": last["images_per_s"],
+            "data_wait_fraction": last["data_wait_fraction"],
+        }
+
     rows = []
     for n in workers:
-        common = dict(
-            data=data,
-            student=student,
-            epochs=epochs,
-            batch_size=batch,
-            lr_decay_epochs=[epochs],
-            num_workers=n,
-            loader_workers=loader_workers,
-            storage_path=f"{work}/runs",
-        )
         # normalize=true: a randomly initialised teacher's CAMs are large; this measures speed.
         for mode, extra in (("ce", {}), ("catkd", {"cache": cache, "normalize": True})):
-            last = train(TrainConfig(mode=mode, name=f"{mode}-{n}w", **common, **extra))["history"][-1]
-            rows.append(
-                {
-                    "mode": mode,
-                    "workers": n,
-                    "images_per_s": last["images_per_s"],
-                    "data_wait_fraction": last["data_wait_fraction"],
-                }
-            )
-    if (
-        compile_student and "compile" in TrainConfig.__dataclass_fields__
-    ):  # item 7 of issue 13: does torch.compile help on CPU?
-        common = dict(
-            data=data,
-            student=student,
-            epochs=epochs,
-            batch_size=batch,
-            lr_decay_epochs=[epochs],
-            num_workers=1,
-            loader_workers=loader_workers,
-            storage_path=f"{work}/runs",
-        )
-        last = train(TrainConfig(mode="ce", name="ce-compiled", compile=True, **common))["history"][-1]
-        rows.append(
-            {
-                "mode": "ce+compile",
-                "workers": 1,
-                "images_per_s": last["images_per_s"],
-                "data_wait_fraction": last["data_wait_fraction"],
-            }
-        )
+            last = train(TrainConfig(mode=mode, name=f"{mode}-{n}w", **common(n), **extra))["history"][-1]
+            rows.append(row(mode, n, last))
+    # item 7 of issue 13: does torch.compile help on CPU? (the older side may lack the field)
+    if compile_student and "compile" in TrainConfig.__dataclass_fields__:
+        last = train(TrainConfig(mode="ce", name="ce-compiled", compile=True, **common(1)))["history"][-1]
+        rows.append(row("ce+compile", 1, last))
     return rows
 
 

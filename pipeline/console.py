@@ -74,8 +74,8 @@ class Relay:
     """Driver side: ``with Relay(waiting=...) as console:`` hands ``console`` to the
     workers and prints their lines until the block ends (then the last ones)."""
 
-    def __init__(self, waiting: Callable[[], str] | None = None, out: Any = None) -> None:
-        self.waiting, self.out = waiting, out
+    def __init__(self, waiting: Callable[[], str] | None = None) -> None:
+        self.waiting = waiting
         self._stop = threading.Event()
         self._spoke = time.monotonic()
         self._noted = False
@@ -105,4 +105,4 @@ class Relay:
             self._write(line)
 
     def _write(self, line: str) -> None:
-        print(line, file=self.out or sys.stdout, flush=True)
+        print(line, flush=True)

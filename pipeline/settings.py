@@ -130,9 +130,8 @@ def _takes_text(hint: Any) -> bool:
 def load_settings(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
     """``cls`` from a YAML file (optional), then ``key=value`` overrides; every value is
     checked against its field's type, unknown keys and unreadable files are errors."""
-    hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    hints = {k: v for k, v in hints.items() if k in fields}
+    hints = {k: v for k, v in _field_hints(cls).items() if k in fields}
     values: dict[str, Any] = {}
     if path:
         try:
@@ -212,7 +211,7 @@ def add_flags(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
     parser or group); fields without a default are required flags."""
     import argparse
 
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -257,7 +256,7 @@ def _metavar(hint: Any) -> str | None:
 def flag_values(cls: type, args: Any) -> dict[str, Any]:
     """The fields of ``cls`` given as flags in ``args``, typed and checked as
     ``key=value`` overrides are; fields not given are left out (their default holds)."""
-    hints = typing.get_type_hints(cls)
+    hints = _field_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):
         if not hasattr(args, f.name):
