@@ -23,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 WAITING_NOTE_S = 60.0  # silence from the workers before the driver says it is waiting for resources
 POLL_S = 0.5
@@ -48,10 +50,15 @@ _actors_lock = threading.Lock()
 
 
 def _lines_actor() -> Any:
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
     with _actors_lock:
         if job not in _actors:
-            _actors[job] = _Lines.remote()
+            # On the driver's own node: the relay must outlive the loss of any worker node
+            # (a training that recovers from a lost node would otherwise lose its console,
+            # and its workers' next line would fail). A 0-CPU actor fits a 0-CPU head.
+            here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
+            _actors[job] = _Lines.options(scheduling_strategy=here).remote()
         return _actors[job]
 
 
@@ -66,8 +73,14 @@ class Console:
         if self.actor is None:
             print(line, file=sys.__stdout__, flush=True)
             return
-        # A round trip, so a line said just before a worker exits is not lost.
-        ray.get(self.actor.put.remote(self.run, line))
+        try:
+            # A round trip, so a line said just before a worker exits is not lost.
+            ray.get(self.actor.put.remote(self.run, line))
+        except RayActorError:
+            # The driver (and its relay) is gone: a console line is never worth a training.
+            # The line still reaches this worker's log.
+            self.actor = None
+            print(line, file=sys.__stdout__, flush=True)
 
 
 class Relay:

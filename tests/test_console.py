@@ -62,3 +62,19 @@ def test_relay_prints_worker_lines_in_order_and_says_when_nobody_speaks(ray_loca
         time.sleep(0.2)
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["[train] still waiting for 2 worker(s)", "[train] run: 1 worker(s) started", "[train] epoch 1/1"]
+
+
+def test_relay_lives_on_the_drivers_node_and_a_lost_relay_costs_no_training(ray_local, capfd):
+    import ray
+
+    from pipeline import console
+
+    relay = console._lines_actor()
+    where = ray.get(relay.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
+    assert where == ray.get_runtime_context().get_node_id()  # tests/test_faults.py loses the other nodes
+    gone = console._Lines.remote()
+    ray.kill(gone)
+    worker_side = console.Console(gone, "run")
+    worker_side.say("[train] epoch 1/2")  # no error: the line falls back to this process's stdout
+    worker_side.say("[train] epoch 2/2")
+    assert capfd.readouterr().out.splitlines()[-2:] == ["[train] epoch 1/2", "[train] epoch 2/2"]

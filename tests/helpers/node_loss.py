@@ -19,6 +19,7 @@ os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.5"
 import ray  # noqa: E402
 from ray._private.state import available_resources_per_node  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME  # noqa: E402
 
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
@@ -48,11 +49,14 @@ def main() -> None:
     outcome: dict = {}
     runner = threading.Thread(target=lambda: outcome.update(train(cfg)))
     runner.start()
-    metrics = os.path.join(storage, "node-loss", "metrics.jsonl")
+    # Written once the controller has registered a checkpoint (epoch 1's). metrics.jsonl
+    # is written before report() uploads it: a node lost then repeats epoch 1 (correct,
+    # but not the restart from a checkpoint this test is about).
+    registered = os.path.join(storage, "node-loss", CHECKPOINT_MANAGER_SNAPSHOT_FILENAME)
     removed = False
     deadline = time.time() + 240
     while runner.is_alive() and time.time() < deadline and not removed:
-        if os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 1:
+        if os.path.exists(registered):
             time.sleep(0.3)  # into the second epoch
             # The node whose only CPU is taken hosts the training worker. (Read from the GCS:
             # the state API needs this cluster's dashboard, whose ports the test session's
