@@ -84,11 +84,21 @@ class StudyConfig:
     cpus_per_worker: int = 1  # what Ray reserves per student worker, so that `concurrent` runs fit at once
     loader_workers: int = 1
     cache_actors: int = 2
+    # the modes the throughput phase times, one Ray Train run each; `ce` is the table's base
+    throughput_modes: list[str] = field(default_factory=lambda: list(MODES))
     use_gpu: bool = False
     # Ordinary settings: shards are class-mixed when written (DESIGN section 4), so
     # neither tiny shards nor a split-sized shuffle buffer are needed.
     samples_per_shard: int = 1000
     shuffle_buffer: int = TrainConfig.shuffle_buffer
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.throughput_modes) - set(MODES))
+        if unknown or "ce" not in self.throughput_modes:
+            raise SystemExit(
+                f"--throughput-modes: {' '.join(self.throughput_modes)}: choose from {', '.join(MODES)}, with ce"
+                " (the base of the throughput table)"
+            )
 
     @property
     def all_view_counts(self) -> list[int]:
@@ -389,7 +399,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     _say("4/7 throughput side by side: each mode alone for one epoch")
     t = time.perf_counter()
     modes = {}
-    for mode in MODES:
+    for mode in cfg.throughput_modes:
         last = train(
             mode_config(
                 cfg, replace(base, epochs=1), mode, cfg.epochs, caches, teacher_weights, name=f"throughput/{mode}"
@@ -499,7 +509,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
         if isinstance(value, bool):
             parser.add_argument(flag, action="store_true")
         elif isinstance(value, list):
-            parser.add_argument(flag, type=int, nargs="+", default=value)
+            parser.add_argument(flag, type=type(value[0]), nargs="+", default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
     return StudyConfig(**vars(parser.parse_args(argv)))

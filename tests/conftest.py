@@ -26,7 +26,7 @@ def ray_local(tmp_path_factory):
     os.environ["CATKD_RAY_DIR"] = str(tmp_path_factory.mktemp("ray"))
     # Ray Train's controller polls its workers every 2 s by default, so each of the
     # suite's many short trainings waited up to a poll to start and another to finish.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     # Each training would also start a spot-preemption watcher actor (one more process);
     # no test preempts a node (tests/test_faults.py removes one, a different path).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import ray_setup
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
-from pipeline.ray_setup import _pid_alive
+from pipeline.ray_setup import _group_alive, _pid_alive, _stop_head
 from tests.test_console import OWN_LINE, RAY_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,3 +135,30 @@ def test_a_head_whose_last_user_was_killed_stops_by_itself(tmp_path):
             break
         time.sleep(0.2)
     assert not _pid_alive(head["pid"]) and not (ray_dir / "head.json").exists()
+
+
+def test_stopping_a_head_ends_its_process_group(tmp_path, monkeypatch):
+    """_stop_head signals the keeper alone, then waits for the group; what ignores the
+    signal is killed at the deadline. The keeper, this process's unreaped child here,
+    does not count once it is a zombie."""
+    monkeypatch.setenv("CATKD_RAY_DIR", str(tmp_path))
+    monkeypatch.setattr(ray_setup, "STOP_TIMEOUT_S", 3.0)
+    stubborn = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    )
+    keeper = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {stubborn!r}], stdout=subprocess.PIPE, text=True)\n"
+        "print(child.stdout.readline().strip(), child.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", keeper], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    word, child = leader.stdout.readline().split()
+    assert word == "up" and _group_alive(leader.pid)
+    _stop_head({"pid": leader.pid})
+    for _ in range(50):  # SIGKILL is delivered asynchronously
+        if not _group_alive(leader.pid):
+            break
+        time.sleep(0.1)
+    assert not _pid_alive(leader.pid) and not _pid_alive(int(child)) and not _group_alive(leader.pid)
+    leader.wait()

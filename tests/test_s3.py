@@ -102,16 +102,33 @@ def s3_data(s3):
     return shard
 
 
-def test_round_trip_on_s3(s3, s3_data):
+@pytest.fixture(scope="module")
+def s3_cache(s3, s3_data):
+    """Two ``catkd cache build`` commands of one cache, racing on the object store: the
+    race is checked by its own test, and the cache it leaves is the round trip's."""
+    env, _ = s3
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", *_build_args("s3://catkd-bucket/caches")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    url = next(line.split()[1] for line in outputs[0][0].splitlines() if line.startswith("url "))
+    return url, outputs
+
+
+def test_round_trip_on_s3(s3, s3_data, s3_cache):
     env, fs = s3
     shard = s3_data
-    cache = _catkd(env, *_build_args("s3://catkd-bucket/caches"))
-    assert cache.returncode == 0, cache.stderr[-3000:]
-    url = next(line.split()[1] for line in cache.stdout.splitlines() if line.startswith("url "))
+    url, builds = s3_cache
     assert url.startswith("s3://catkd-bucket/caches/")
-    verify = _catkd(env, "cache", "verify", url, "--samples", "2")
-    assert verify.returncode == 0, verify.stderr[-3000:]
-
     train = _catkd(
         env,
         "train",
@@ -144,8 +161,9 @@ def test_round_trip_on_s3(s3, s3_data):
     for path in fs.find("catkd-bucket"):
         if path.endswith((".json", ".jsonl")):
             assert SECRET not in fs.cat_file(path).decode(errors="ignore"), path
-    for output in (shard, cache, verify, train, evaluation):
+    for output in (shard, train, evaluation):
         assert SECRET not in output.stdout + output.stderr
+    assert all(SECRET not in out + err for out, err in builds)
 
 
 def test_missing_bucket_is_a_clear_error(s3):
@@ -206,25 +224,11 @@ def test_unreadable_source_location_is_a_clear_error(s3, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "train.index.json").exists()
 
 
-def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_data):
+def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_cache):
     """Completion records are conditional writes (If-None-Match): of two builds racing
     for each data shard exactly one wins, and no record points at deleted data."""
     env, fs = s3
-    args = _build_args("s3://catkd-bucket/race-caches")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=400) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
-    url = next(line.split()[1] for line in outputs[0][0].splitlines() if line.startswith("url "))
+    url, _ = s3_cache
     root = url.removeprefix("s3://")
     records = [json.loads(fs.cat_file(p)) for p in fs.find(f"{root}/done")]
     assert len(records) == 4
@@ -232,6 +236,7 @@ def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_data):
         assert fs.exists(f"{root}/{record['path']}/zarr.json"), record["path"]
     verify = _catkd(env, "cache", "verify", url, "--samples", "4")
     assert verify.returncode == 0, verify.stderr[-3000:]
+    assert SECRET not in verify.stdout + verify.stderr
 
 
 def test_bad_credentials_are_a_clear_error(tmp_path):

@@ -74,6 +74,11 @@ def test_study_smoke(tmp_path):
         "100",
         "--loader-workers",
         "0",
+        # Two of the five throughput runs: the phase and its table are what is checked
+        # here; every mode trains in the student phase.
+        "--throughput-modes",
+        "ce",
+        "catkd",
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -109,7 +114,7 @@ def test_study_smoke(tmp_path):
         assert (
             -1 <= entry["cosine_pooled_r2"] <= 1 and 0 <= entry["peak_cell_agreement"] <= 1 and entry["samples"] == 60
         )
-    assert set(summary["throughput"]["modes"]) == {"ce", "kd", "catkd", "cat", "online-catkd"}
+    assert list(summary["throughput"]["modes"]) == ["ce", "catkd"]
     assert all(t["images_per_s"] > 0 for t in summary["throughput"]["modes"].values())
     assert {int(v): c["views"] for v, c in summary["throughput"]["caches"].items()} == {1: 200, 2: 400}
     assert summary["throughput"]["forward_images_per_s"]["teacher"] > 0
@@ -160,3 +165,13 @@ def test_docs_results_are_generated_from_the_committed_json():
     summary = json.loads((ROOT / "docs" / "results" / "cifar10.json").read_text())
     assert "<!-- study:accuracy -->" in doc and "<!-- study:cams -->" in doc
     assert update_document(doc, summary) == doc
+
+
+def test_throughput_modes_are_checked():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from study import parse_args
+
+    assert parse_args(["a.tar.gz", "--throughput-modes", "ce", "kd"]).throughput_modes == ["ce", "kd"]
+    for bad in (["kd"], ["ce", "mixup"]):
+        with pytest.raises(SystemExit, match="--throughput-modes"):
+            parse_args(["a.tar.gz", "--throughput-modes", *bad])
