@@ -144,14 +144,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # The settings' dataclasses give the flags of shard, cache build and sweep: their
-    # defaults live there only (pipeline.settings.add_flags).
-    from pipeline.cache.config import CacheBuildConfig
-    from pipeline.data.shard_writer import ShardConfig
-    from pipeline.data.sources import ShapesSource
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; with ``command``, the dataclass-derived flags of that one
+    only. The settings' dataclasses give the flags of shard, cache build and sweep (their
+    defaults live there only: pipeline.settings.add_flags), and importing them loads
+    torch, torchvision and Ray Train: ``catkd shard`` would pay 5 s for the cache's flags."""
     from pipeline.settings import add_flags
-    from pipeline.train.sweep import SweepGrid
+
+    def wanted(name: str) -> bool:
+        return command in (None, name)
 
     parser = argparse.ArgumentParser(
         prog="catkd", description="CAT-KD at cluster scale: cached teacher CAMs, distilled students."
@@ -176,14 +177,21 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic:shapes; OUT: output URL (path, file://, s3://, ...)",
     )
     p.add_argument("--verify", action="store_true", help="re-hash every shard in OUT against its index (no SOURCE)")
-    add_flags(p, ShardConfig, skip=("source", "out", "synthetic"))
-    add_flags(p.add_argument_group("synthetic:shapes options"), ShapesSource)
+    if wanted("shard"):
+        from pipeline.data.shard_writer import ShardConfig
+        from pipeline.data.sources import ShapesSource
+
+        add_flags(p, ShardConfig, skip=("source", "out", "synthetic"))
+        add_flags(p.add_argument_group("synthetic:shapes options"), ShapesSource)
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("cache", help="teacher target caches: build, info, verify")
     cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     b = cache.add_parser("build", help="run the teacher once over every (sample, view); write zarr targets")
-    add_flags(b, CacheBuildConfig)
+    if wanted("cache"):
+        from pipeline.cache.config import CacheBuildConfig
+
+        add_flags(b, CacheBuildConfig)
     b.set_defaults(func=cmd_cache_build)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")
@@ -207,7 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="a grid of student runs reading one cache concurrently, with a results table")
     p.add_argument("config", nargs="?", help="base YAML config (the run name becomes the sweep's folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
-    add_flags(p, SweepGrid)
+    if wanted("sweep"):
+        from pipeline.train.sweep import SweepGrid
+
+        add_flags(p, SweepGrid)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")
@@ -240,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from catkd.errors import CatkdError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # None: catkd --help
+    args = build_parser(command).parse_args(argv)
     func: Command = args.func
     try:
         return func(args)

@@ -112,6 +112,10 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     env.setdefault("RAY_raylet_start_wait_time_s", "120")  # a loaded machine starts a raylet slowly (Ray's default: 60)
+    # Stopped only once its last user has left, this head has nothing to drain. Ray's
+    # SIGTERM handler otherwise waits (up to 30 s) for the node to go idle, which it never
+    # does after a training: Ray Train's state actor is detached and holds its lease.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     # Free ports for every listener: another Ray on the machine (a test cluster, a job
     # server) may hold Ray's default ones.
     # The dashboard stays on: Ray Train V2's controller queries the state API it serves.

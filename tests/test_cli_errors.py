@@ -3,10 +3,16 @@ and exit status 2 (DESIGN section 8); run in-process through ``pipeline.cli.main
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from pipeline.cli import main
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,7 @@ def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
 
     monkeypatch.setattr(cli, "cmd_models", broken)
     parser = cli.build_parser()
-    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(cli, "build_parser", lambda command=None: parser)
     parser._subparsers._group_actions[0].choices["models"].set_defaults(func=broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["models"])
@@ -169,3 +175,17 @@ def test_overrides_are_typed_as_their_fields():
     )
     assert cfg.weight_decay == 1e-4 and cfg.beta == 2.0 and isinstance(cfg.beta, float) and cfg.select_n is None
     assert cfg.name == "123" and cfg.lr_decay_epochs == [3, 5] and cfg.bf16 is True
+
+
+def test_sharding_loads_neither_torch_nor_torchvision():
+    """catkd shard's parser, driver and Ray tasks write and check shards without torch
+    (5 s of imports in each process): only the flags of the command run are built."""
+    probe = (
+        "import sys\n"
+        "from pipeline.cli import build_parser\n"
+        "import pipeline.data.shard_task, pipeline.data.shard_writer, pipeline.data.sources\n"
+        "build_parser('shard').parse_args(['shard', 'synthetic:shapes', 'out', '--train-samples', '8'])\n"
+        "print(sorted({'torch', 'torchvision'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]

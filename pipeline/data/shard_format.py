@@ -25,9 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torchvision.io import ImageReadMode
-from torchvision.io import decode_image as decode_image_tensor
 
 from catkd.errors import CatkdError
 from pipeline.storage import filesystem, join, write_atomic
@@ -274,6 +271,12 @@ def decode_image(sample: Sample, shape: list[int] | None, source: str) -> np.nda
     try:
         if sample.fmt in _TORCHVISION_FORMATS:
             # libjpeg-turbo / libpng through torchvision: faster than PIL for small images.
+            # Imported here: a process that only writes or checks shards (catkd shard's
+            # driver and tasks) then never loads torch and torchvision, 2.5-5 s each.
+            import torch
+            from torchvision.io import ImageReadMode
+            from torchvision.io import decode_image as decode_image_tensor
+
             data = torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
             return decode_image_tensor(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
         from PIL import Image
