@@ -15,12 +15,13 @@ iterator (docs/data.md gives the figures).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -257,6 +258,22 @@ def load_shard(url: str, index: ShardIndex, info: ShardInfo) -> list[Sample]:
     return samples
 
 
+@functools.cache
+def _torchvision_decoder() -> Callable[[bytes], np.ndarray]:
+    """Encoded bytes -> (H, W, 3) uint8 RGB. Imported on first use, once: a process that
+    only writes or checks shards (catkd shard's driver and tasks) never loads torch and
+    torchvision (2.5-5 s each), and the loader's per-image call pays no import lookup."""
+    import torch
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_image as decode_image_tensor
+
+    def decode(encoded: bytes) -> np.ndarray:
+        data = torch.frombuffer(bytearray(encoded), dtype=torch.uint8)
+        return decode_image_tensor(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+    return decode
+
+
 def decode_image(sample: Sample, shape: list[int] | None, source: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB; grayscale, palette and RGBA images are converted."""
     if sample.fmt == RAW_FORMAT:
@@ -271,14 +288,7 @@ def decode_image(sample: Sample, shape: list[int] | None, source: str) -> np.nda
     try:
         if sample.fmt in _TORCHVISION_FORMATS:
             # libjpeg-turbo / libpng through torchvision: faster than PIL for small images.
-            # Imported here: a process that only writes or checks shards (catkd shard's
-            # driver and tasks) then never loads torch and torchvision, 2.5-5 s each.
-            import torch
-            from torchvision.io import ImageReadMode
-            from torchvision.io import decode_image as decode_image_tensor
-
-            data = torch.frombuffer(bytearray(sample.image), dtype=torch.uint8)
-            return decode_image_tensor(data, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            return _torchvision_decoder()(sample.image)
         from PIL import Image
 
         with Image.open(io.BytesIO(sample.image)) as img:
