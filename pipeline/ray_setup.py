@@ -186,11 +186,18 @@ def _group_alive(group: int) -> bool:
     """Whether a process of the group still runs (zombies do not count: the keeper is
     this process's own child when this process started the head, and is never reaped)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(") ", 1)[1].split()
-            if int(fields[2]) == group and fields[0] != "Z":  # state, ppid, pgrp
-                return True
+        fields = _stat_fields(stat)
+        if fields and int(fields[2]) == group and fields[0] != "Z":  # state, ppid, pgrp
+            return True
     return False
+
+
+def _stat_fields(stat: Path) -> list[str] | None:
+    """A /proc/PID/stat's fields after the command name (state first); None when the
+    process is gone or there is no /proc."""
+    with contextlib.suppress(OSError, IndexError):
+        return stat.read_text().rsplit(") ", 1)[1].split()
+    return None
 
 
 def _head_alive(state: dict[str, Any]) -> bool:
@@ -216,9 +223,8 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie (exited, not yet reaped by its parent) counts as gone.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    return True
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is None or fields[0] != "Z"
 
 
 def _port_open(port: int) -> bool:
