@@ -36,8 +36,8 @@ def _noop_loop(config: dict) -> None:
 
 
 def child(fits: int) -> dict[str, float]:
-    """One setting, in this process: start a head, fit ``fits`` no-op runs, leave (the
-    last user stops the head), then join a fresh head from a second process."""
+    """One setting, in this process: start a head, time a second process joining it,
+    fit ``fits`` no-op runs, then leave (the last user stops the head)."""
     sys.path.insert(0, str(ROOT))
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
