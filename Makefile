@@ -5,6 +5,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.catkd-installed
 OUT ?= outputs/demo
+# What `make install` installs: the test and S3 extras here and in CI; the Docker image
+# asks for the S3 extra only, with its own constraints (docker/constraints.sh).
+EXTRAS ?= test,s3
+CONSTRAINTS ?= constraints.txt
+PIP_ARGS ?=
 
 .PHONY: demo test test-fast lint install clean
 
@@ -15,7 +20,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,s3]'
+	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -c $(CONSTRAINTS) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 demo: $(STAMP)

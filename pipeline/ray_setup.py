@@ -106,8 +106,29 @@ def leave_local_ray() -> None:
             _stop_head(_read_state())
 
 
+def loopback_head_options(port: int, dashboard_port: int) -> list[str]:
+    """`ray start --head` options for a head on loopback with a free port for every other
+    listener: another Ray on the machine (a test cluster, a job server) may hold Ray's
+    default ones. The dashboard stays on: Ray Train V2's controller queries the state API
+    it serves."""
+    agent_http, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(5))
+    return [
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--ray-client-server-port={client}",
+        "--disable-usage-stats",
+    ]
+
+
 def _start_head(num_cpus: int | None) -> dict[str, Any]:
-    port, dashboard, agent_http, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
+    port, dashboard = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
     token = secrets.token_hex(32)
     env = dict(os.environ, RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
@@ -116,9 +137,6 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
     # SIGTERM handler otherwise waits (up to 30 s) for the node to go idle, which it never
     # does after a training: Ray Train's state actor is detached and holds its lease.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
-    # Free ports for every listener: another Ray on the machine (a test cluster, a job
-    # server) may hold Ray's default ones.
-    # The dashboard stays on: Ray Train V2's controller queries the state API it serves.
     command = [
         sys.executable,
         "-m",
@@ -126,17 +144,7 @@ def _start_head(num_cpus: int | None) -> dict[str, Any]:
         "start",
         "--head",
         "--block",
-        f"--port={port}",
-        "--node-ip-address=127.0.0.1",
-        "--include-dashboard=true",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}",
-        f"--runtime-env-agent-port={runtime_env}",
-        f"--ray-client-server-port={client}",
-        "--disable-usage-stats",
+        *loopback_head_options(port, dashboard),
     ]
     if num_cpus:
         command.append(f"--num-cpus={num_cpus}")
