@@ -130,8 +130,9 @@ stop_cluster() { # times the stop and reads each node's exit status (137: killed
     local start=$SECONDS
     # shellcheck disable=SC2046
     $ENGINE stop -t 10 $(nodes) >/dev/null
-    STOP_REPORT="stop of $(nodes | wc -l) nodes took $((SECONDS - start)) s; exit codes: $($ENGINE ps -a \
-        --filter "label=com.docker.compose.project=$PROJECT" --format '{{.Names}}={{.ExitCode}}' | sort | tr '\n' ' ')"
+    # shellcheck disable=SC2046
+    STOP_REPORT="stop of $(nodes | wc -l) nodes took $((SECONDS - start)) s; exit codes: $($ENGINE inspect \
+        --format '{{.Name}}={{.State.ExitCode}}' $(nodes) | tr -d / | sort | tr '\n' ' ')"
     echo "$STOP_REPORT" >&2
 }
 start_cluster() { # the head first, then the workers
