@@ -263,7 +263,7 @@ def train(
                 fallbacks += batch_fallbacks
             x = normalize_batch(spec, views).contiguous(memory_format=torch.channels_last)
             labels = batch["label"].to(device, non_blocking=True)
-            t_cam, t_logits = cached_targets(batch, device)
+            t_cam, t_logits, _ = cached_targets(batch, device)
             loss_sum += _student_step(cfg, model, optimizer, x, labels, t_cam, t_logits, teacher)
             last_batch = (x, labels, t_cam, t_logits)
             steps += 1

@@ -321,19 +321,9 @@ def prepare_teacher(cfg: StudyConfig, base: TrainConfig, data: str) -> tuple[Stu
     }
 
 
-def run_study(cfg: StudyConfig, command: str = "") -> dict:
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
-    started = time.perf_counter()
-    seconds: dict[str, float] = {}
-    init_ray()
-
-    _say(f"1/7 shard {cfg.archive} (subset {cfg.subset or 'all'})")
-    data_info = shard(cfg, data)
-    seconds["shard"] = data_info.pop("seconds")
-
-    base = TrainConfig(
+def base_config(cfg: StudyConfig, data: str, runs_root: str) -> TrainConfig:
+    """What every student of the study shares; a run changes only its mode, cache, seed and name."""
+    return TrainConfig(
         mode="ce",
         student=cfg.student,
         data=data,
@@ -351,6 +341,40 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
         storage_path=runs_root,
         shuffle_buffer=cfg.shuffle_buffer,
     )
+
+
+def study_cache(
+    cfg: StudyConfig, data: str, teacher_weights: str, cache_root: str, views: int, storage: str = "float16"
+) -> str:
+    """Build (or find) the teacher's cache of ``views`` views in ``storage`` form."""
+    return build_cache(
+        CacheBuildConfig(
+            data=data,
+            teacher=cfg.teacher,
+            weights=teacher_weights,
+            root=cache_root,
+            num_views=views,
+            resolution=cfg.resolution,
+            storage=storage,
+            actors=cfg.cache_actors,
+            gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
+        )
+    )
+
+
+def run_study(cfg: StudyConfig, command: str = "") -> dict:
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    init_ray()
+
+    _say(f"1/7 shard {cfg.archive} (subset {cfg.subset or 'all'})")
+    data_info = shard(cfg, data)
+    seconds["shard"] = data_info.pop("seconds")
+
+    base = base_config(cfg, data, runs_root)
     _say(
         "2/7 the teacher: "
         + (cfg.teacher_weights or f"train {cfg.teacher} ({cfg.teacher_epochs} epochs, {cfg.teacher_workers} workers)")
@@ -370,18 +394,7 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for views in cfg.all_view_counts:
         t, wall_start = time.perf_counter(), time.time()
-        caches[views] = build_cache(
-            CacheBuildConfig(
-                data=data,
-                teacher=cfg.teacher,
-                weights=teacher_weights,
-                root=cache_root,
-                num_views=views,
-                resolution=cfg.resolution,
-                actors=cfg.cache_actors,
-                gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
-            )
-        )
+        caches[views] = study_cache(cfg, data, teacher_weights, cache_root, views)
         info = cache_info(caches[views])
         built_now = datetime.fromisoformat(info["created"].replace("Z", "+00:00")).timestamp() >= wall_start - 1
         if built_now:
@@ -498,9 +511,10 @@ def run_study(cfg: StudyConfig, command: str = "") -> dict:
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> StudyConfig:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    defaults = StudyConfig(archive="")
+def parse_args(argv: list[str] | None = None, cls: type[StudyConfig] = StudyConfig, doc: str = __doc__):
+    """``cls`` (StudyConfig or a study built on it) from the command line: one flag per field."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    defaults = cls(archive="")
     parser.add_argument("archive", help="ImageFolder-layout archive or folder with train/ and test/ (CIFAR-10 as JPEG)")
     for name, value in asdict(defaults).items():
         if name == "archive":
@@ -512,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> StudyConfig:
             parser.add_argument(flag, type=type(value[0]), nargs="+", default=value)
         else:
             parser.add_argument(flag, type=type(value), default=value)
-    return StudyConfig(**vars(parser.parse_args(argv)))
+    return cls(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -172,44 +172,51 @@ TABLES = {
 }
 
 
-def markdown(summary: dict) -> str:
+def markdown(summary: dict, tables: dict = TABLES) -> str:
     """Every table, one after another (the study's results.md)."""
-    return "\n\n".join(f"## {name}\n\n{render(summary)}" for name, render in TABLES.items()) + "\n"
+    return "\n\n".join(f"## {name}\n\n{render(summary)}" for name, render in tables.items()) + "\n"
 
 
-def update_document(text: str, summary: dict) -> str:
-    """``text`` with every ``<!-- study:NAME -->`` block regenerated from ``summary``."""
+def update_document(text: str, summary: dict, tables: dict = TABLES, prefix: str = "study") -> str:
+    """``text`` with every ``<!-- PREFIX:NAME -->`` block regenerated from ``summary``;
+    blocks of another prefix (another study's tables in the same page) are left alone."""
 
     def block(match: re.Match) -> str:
         name = match.group(1)
-        if name not in TABLES:
-            raise KeyError(f"unknown generated block study:{name} (known: {', '.join(TABLES)})")
-        return f"<!-- study:{name} -->\n{TABLES[name](summary)}\n<!-- /study:{name} -->"
+        if name not in tables:
+            raise KeyError(f"unknown generated block {prefix}:{name} (known: {', '.join(tables)})")
+        return f"<!-- {prefix}:{name} -->\n{tables[name](summary)}\n<!-- /{prefix}:{name} -->"
 
-    return re.sub(r"<!-- study:(\w+) -->.*?<!-- /study:\1 -->", block, text, flags=re.S)
+    return re.sub(rf"<!-- {prefix}:(\w+) -->.*?<!-- /{prefix}:\1 -->", block, text, flags=re.S)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def regenerate(argv: list[str] | None, tables: dict, prefix: str, description: str) -> int:
+    """The command line of a study's report: print its tables, or regenerate (or
+    ``--check``) the ``<!-- PREFIX:NAME -->`` blocks of a document."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("results", help="a study's results.json")
-    parser.add_argument("--doc", help="a Markdown document with <!-- study:NAME --> blocks to regenerate in place")
+    parser.add_argument("--doc", help=f"a Markdown document with <!-- {prefix}:NAME --> blocks to regenerate in place")
     parser.add_argument("--check", action="store_true", help="only say whether --doc is up to date (exit 1 if not)")
     args = parser.parse_args(argv)
     summary = json.loads(Path(args.results).read_text())
     if not args.doc:
-        print(markdown(summary))
+        print(markdown(summary, tables))
         return 0
     doc = Path(args.doc)
     before = doc.read_text()
-    after = update_document(before, summary)
+    after = update_document(before, summary, tables, prefix)
     if args.check:
         if before != after:
             print(f"{doc} is out of date with {args.results}: run without --check to regenerate it", file=sys.stderr)
             return 1
         return 0
     doc.write_text(after)
-    print(f"{doc}: {len(re.findall(r'<!-- study:', after))} tables regenerated from {args.results}")
+    print(f"{doc}: {len(re.findall(f'<!-- {prefix}:', after))} tables regenerated from {args.results}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return regenerate(argv, TABLES, "study", __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

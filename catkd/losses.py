@@ -67,15 +67,20 @@ def cat_loss(
     resolution: int = 2,
     normalize: bool = False,
     class_mask: torch.Tensor | None = None,
+    class_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class attention transfer: MSE between pooled (and optionally normalised) CAMs.
 
     ``teacher_cam`` may be full resolution or already pooled to r x r (cached targets).
     With ``class_mask`` (N, C) only the selected class maps count, and the mean is over
-    their elements only.
+    their elements only. With ``class_index`` (N, K) the teacher holds only those K
+    classes' maps (N, K, r, r), a top-k cache: the student's maps of the same classes
+    are compared, which is the same loss as the mask of those classes over all C maps.
     """
     student = pool_cam(student_cam.float(), resolution).flatten(2)  # (N, C, r*r)
     teacher = pool_cam(teacher_cam.float(), resolution).flatten(2)
+    if class_index is not None:
+        student = student.gather(1, class_index[..., None].expand(-1, -1, student.shape[2]))
     if student.shape != teacher.shape:
         raise ValueError(
             f"cat_loss: student CAMs {tuple(student.shape)} and teacher CAMs {tuple(teacher.shape)} differ"
@@ -122,17 +127,30 @@ def catkd_loss(
     teacher_targets: torch.Tensor,
     labels: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
+    teacher_classes: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Loss terms for one batch; ``teacher_targets`` come from ``teacher_cam_targets``.
+    """Loss terms for one batch; ``teacher_targets`` come from ``teacher_cam_targets``,
+    or from a top-k cache: the maps of the ``teacher_classes`` (N, K), highest teacher
+    logit first, which transfers CAT over those K classes (``select_n`` <= K takes the
+    first ``select_n``: the same as ``select_n`` with strategy top over all C maps).
 
     Returns {"loss", "cat", and "ce" when labels are used}.
     """
-    mask = None
-    if cfg.select_n is not None:
+    mask = index = None
+    if teacher_classes is not None:
+        kept = teacher_classes.shape[1]
+        n = kept if cfg.select_n is None else cfg.select_n
+        if n > kept or cfg.select_strategy != "top":
+            raise ValueError(
+                f"the teacher targets hold the top {kept} classes; select_n={n} with strategy "
+                f"{cfg.select_strategy!r} needs others"
+            )
+        index, teacher_targets = teacher_classes[:, :n], teacher_targets[:, :n]
+    elif cfg.select_n is not None:
         if teacher_logits is None:
             raise ValueError("selecting classes needs the teacher's logits")
         mask = select_classes(teacher_logits, cfg.select_n, cfg.select_strategy)
-    terms = {"cat": cat_loss(student_cam, teacher_targets, cfg.resolution, cfg.normalize, mask)}
+    terms = {"cat": cat_loss(student_cam, teacher_targets, cfg.resolution, cfg.normalize, mask, index)}
     total = cfg.beta * terms["cat"]
     if cfg.needs_labels:
         if labels is None:

@@ -118,7 +118,7 @@ def test_storage_forms(setup, storage, tolerance):
         == {"float32": np.float32, "int8": np.int8, "features": np.float16}[storage]
     )
     head = torch.from_numpy(cache.head_weight) if cache.head_weight is not None else None
-    t_cam, t_logits = cached_targets(
+    t_cam, t_logits, _ = cached_targets(
         {f"t_{k}": torch.from_numpy(v) for k, v in stored.items() if k not in ("ids", "params")},
         torch.device("cpu"),
         head,
@@ -133,6 +133,49 @@ def test_binarized_targets(setup):
     assert cache.identity.target_kind == "binarized_cam"
     _, _, cam, _ = _direct(setup, 0, 2, binarize=True)
     np.testing.assert_allclose(cache.read(0, 2)["cam"], cam, atol=1e-3)
+
+
+def test_topk_cache_keeps_the_full_caches_top_classes_and_verifies(setup, float16_cache):
+    """The same teacher and views as the float16 cache: topk:3 holds its three highest
+    classes per view, the same CAT loss over them, and passes verify's recompute."""
+    from catkd.losses import CATKDConfig, catkd_loss
+
+    url = build_cache(_cfg(setup, setup["base"] / "root-topk", storage="topk:3"))
+    topk, full = TargetCache(url), TargetCache(float16_cache)
+    assert topk.identity.storage == "topk:3" and topk.identity.cache_id != full.identity.cache_id
+    assert topk.manifest["arrays"]["classes"] == {"shape": [25, 3, 3], "dtype": "int16"}
+    for j, view in [(0, 0), (2, 1)]:
+        got, ref = topk.read(j, view), full.read(j, view)
+        assert np.array_equal(got["ids"], ref["ids"]) and np.array_equal(got["params"], ref["params"])
+        order = np.argsort(-ref["logits"], axis=1, kind="stable")[:, :3]
+        assert np.array_equal(got["classes"], order)
+        np.testing.assert_array_equal(got["cam"], np.take_along_axis(ref["cam"], order[..., None, None], 1))
+        student = torch.randn(len(got["ids"]), 10, 4, 4)
+        cat = {
+            name: catkd_loss(
+                CATKDConfig(ce_weight=0, select_n=3 if name == "full" else None),
+                None,
+                student,
+                torch.from_numpy(t["cam"]),
+                teacher_logits=torch.from_numpy(t["logits"]),
+                teacher_classes=torch.from_numpy(t["classes"]) if "classes" in t else None,
+            )["cat"]
+            for name, t in (("full", ref), ("topk", got))
+        }
+        torch.testing.assert_close(cat["topk"], cat["full"], rtol=1e-6, atol=1e-7)
+    info = cache_info(url)
+    assert info["raw_bytes_per_view"] == 3 * (2 + 8 + 2) + 2 + 20
+    assert info["raw_bytes_per_view"] < cache_info(float16_cache)["raw_bytes_per_view"]
+    assert "B per view" in info["size"]
+    assert verify_cache(url, sample_views=4) == []
+
+
+def test_topk_above_the_class_count_is_refused_at_start(setup, tmp_path):
+    from catkd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="storage: topk:11 keeps 11 classes per view, but the data has only 10"):
+        build_cache(_cfg(setup, tmp_path / "never", storage="topk:11"))
+    assert not (tmp_path / "never").exists()
 
 
 def test_rerun_of_complete_cache_is_a_no_op(setup, float16_cache):

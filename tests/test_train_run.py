@@ -40,7 +40,18 @@ def env(ray_local, tmp_path_factory):
             data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False
         )
     )
-    return {"base": base, "data": data, "weights": weights, "cache": cache}
+    topk_cache = build_cache(
+        CacheBuildConfig(
+            data=data,
+            teacher="resnet8",
+            weights=weights,
+            root=str(base / "caches"),
+            num_views=2,
+            storage="topk:2",
+            progress=False,
+        )
+    )
+    return {"base": base, "data": data, "weights": weights, "cache": cache, "topk_cache": topk_cache}
 
 
 def _cfg(env, name, **kw):
@@ -68,6 +79,8 @@ def _mode_cfg(env, mode):
     extra = {"teacher": "resnet8", "teacher_weights": env["weights"]} if mode == "online-catkd" else {}
     if mode in ("ce", "online-catkd"):
         extra["cache"] = None
+    if mode == "kd":  # KD from a top-k cache's logits (the full cache's: test_train_parity)
+        extra["cache"] = env["topk_cache"]
     return _cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra)
 
 
@@ -79,6 +92,7 @@ def runs(env):
     configs = {
         "catkd": _cfg(env, "catkd"),
         **{f"mode-{mode}": _mode_cfg(env, mode) for mode in MODES},
+        "catkd-topk": _cfg(env, "catkd-topk", epochs=1, num_workers=1, cache=env["topk_cache"]),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
         "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
     }
@@ -156,6 +170,24 @@ def test_every_mode_runs(runs, mode):
 def test_wrong_cache_is_refused_before_training(env, override, field):
     with pytest.raises(CacheMismatchError, match=field):
         resolve(_cfg(env, "refused", **override))
+
+
+def test_catkd_from_a_topk_cache_trains(runs):
+    history = _result(runs, "catkd-topk")["history"]
+    assert history[0]["train_cat"] > 0 and "train_ce" in history[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"select_n": 3}, "select_n: 3 classes asked for, but .* keeps the top 2 per view"),
+        ({"select_n": 1, "select_strategy": "bottom"}, "select_strategy: 'bottom' needs the lowest classes"),
+    ],
+)
+def test_topk_cache_refuses_what_it_does_not_hold(env, override, message):
+    with pytest.raises(CacheMismatchError, match=message):
+        resolve(_cfg(env, "refused", cache=env["topk_cache"], **override))
+    resolve(_cfg(env, "accepted", cache=env["topk_cache"], select_n=1))
 
 
 def test_foreign_teacher_weights_are_refused(env):

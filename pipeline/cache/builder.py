@@ -44,7 +44,7 @@ from catkd.models import load_checkpoint
 from pipeline.cache.commit import MANIFEST, commit_shard, done_records, remove_orphans, start_cache, write_manifest
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
-from pipeline.cache.identity import file_sha256
+from pipeline.cache.identity import check_topk, file_sha256
 from pipeline.cache.teacher import (
     CacheBuildError,
     ShardTargets,
@@ -65,6 +65,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     cfg.augment_spec()  # a renderer the actors cannot run is refused before anything is read
     check_location(cfg.root)
     index = read_index(cfg.data, cfg.split)
+    check_topk(cfg.storage, index.num_classes)
     wfs, wpath = filesystem(cfg.weights)
     try:
         weights = wfs.cat_file(wpath)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from catkd.errors import ConfigError
 from catkd.models import list_models
-from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of
+from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of, parse_storage
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
@@ -27,7 +27,9 @@ class CacheBuildConfig:
     resolution: int = 2  # CAM pooling resolution r
     spec: str = "cifar"  # augmentation spec: cifar or imagenet
     spec_seed: int = 0  # seed of the view parameters
-    storage: StorageForm = "float16"  # how pooled CAMs are stored (docs/cache.md compares the forms)
+    # how targets are stored: float16, float32, int8, features, or topk:K (the K classes
+    # with the highest teacher logits per view; docs/cache.md compares the forms and sizes)
+    storage: StorageForm = "float16"
     binarize: bool = False  # store binarised CAMs (the paper's variant)
     actors: int = 1  # teacher actors (one per GPU on a GPU cluster)
     gpus_per_actor: float = 0.0  # GPUs per teacher actor; 0: CPU actors
@@ -67,6 +69,8 @@ class CacheBuildConfig:
                 "gpus_per_actor": 0,
             },
         )
+        kind, k = parse_storage(self.storage)
+        self.storage = f"topk:{k}" if kind == "topk" else kind  # one spelling, one cache_id
         if self.spec not in MEAN_STD:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
         if self.teacher not in list_models():

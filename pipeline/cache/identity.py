@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from catkd.errors import CatkdError
+from catkd.errors import CatkdError, ConfigError
 
 # 2: precision in the identity, the view renderer's version and normalisation in the
 # spec, class-mixed data (index version 2). 3: the spec names the renderer (cpu or
@@ -20,7 +20,10 @@ from catkd.errors import CatkdError
 # refused: rebuild them.
 FORMAT_VERSION = 3
 TargetKind = Literal["cam", "binarized_cam"]
-StorageForm = Literal["float16", "float32", "int8", "features"]
+# How targets are stored (docs/cache.md compares them): one of DENSE_FORMS, every
+# class's pooled CAM, or "topk:K", the K classes with the highest teacher logits.
+StorageForm = str
+DENSE_FORMS = ("float16", "float32", "int8", "features")
 
 
 class CacheMismatchError(CatkdError, ValueError):
@@ -59,6 +62,27 @@ class CacheIdentity:
                 "rebuild it with `catkd cache build`"
             )
         return cls(**data)
+
+
+def parse_storage(form: str) -> tuple[str, int | None]:
+    """``"float16"`` -> ("float16", None); ``"topk:50"`` -> ("topk", 50); anything else is
+    a ConfigError naming the field. K's upper bound (the class count) is checked where
+    the data is known (``check_topk``)."""
+    if form in DENSE_FORMS:
+        return form, None
+    kind, sep, k = form.partition(":")
+    if kind == "topk" and sep and k.strip().lstrip("-").isdigit():
+        if int(k) < 1:
+            raise ConfigError(f"storage: topk:K keeps K >= 1 classes per view, got {form!r}")
+        return "topk", int(k)
+    raise ConfigError(f"storage: expected one of {', '.join(DENSE_FORMS)} or topk:K (K classes per view), got {form!r}")
+
+
+def check_topk(form: str, num_classes: int) -> None:
+    """Refuse ``topk:K`` with K above the class count of the data."""
+    kind, k = parse_storage(form)
+    if kind == "topk" and k > num_classes:
+        raise ConfigError(f"storage: {form} keeps {k} classes per view, but the data has only {num_classes} classes")
 
 
 def identity_of(

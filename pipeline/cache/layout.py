@@ -10,25 +10,40 @@ Per data shard ``j`` one zarr v3 group holds, for its ``n`` samples and ``S`` vi
 Each array is one zarr shard (one object on storage) whose inner chunks hold one view
 index, so reading the targets of one view of one data shard is one range read per array.
 
-Storage forms of ``cam``:
+Storage forms (``logits`` in float16, float32 for the float32 form):
   float16 / float32  the pooled CAMs as they are;
   int8               each (sample, view, class) map scaled by its max |value| / 127,
                      with the float16 scales in ``cam_scale`` (n, S, C);
   features           pooled features (n, S, D, r, r) in float16 plus the head weight W
                      (C, D) once per cache: ``P(cam) = W . P(features)`` exactly, smaller
-                     whenever D < C (CIFAR-100 ResNets: D = 64 < C = 100).
+                     whenever D < C (CIFAR-100 ResNets: D = 64 < C = 100);
+  topk:K             per view only the K classes with the highest teacher logits, in
+                     descending order (ties to the lower class index): ``classes``
+                     (n, S, K) int16 (int32 beyond 32,767 classes), ``cam`` (n, S, K, r, r)
+                     in float16, and ``logits`` (n, S, K + 1) in float16: the K classes'
+                     logits, then the logit that spreads the leftover probability mass
+                     evenly over the other C - K classes, logsumexp(rest) - log(C - K)
+                     (in the same array: one read fewer per shard). Decoded, the C
+                     logits are the K stored ones and that last one elsewhere, which
+                     keeps the teacher's softmax over the K classes and the rest's total
+                     at temperature 1 exactly (TinyViT's sparse soft labels spread the
+                     leftover the same way); CAT needs nothing of the rest classes, since
+                     it transfers only the K stored maps (the paper's top-n partial CAMs).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
+import zarr.api.asynchronous
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
-from pipeline.cache.identity import StorageForm
+from pipeline.cache.identity import StorageForm, parse_storage
 
 
 def compressors() -> list:
@@ -43,22 +58,73 @@ def _array(group: zarr.Group, name: str, data: np.ndarray, view_axis: bool = Tru
     group.create_array(name, data=data, chunks=chunks, shards=data.shape, compressors=compressors())
 
 
-def encode_targets(form: StorageForm, cam: np.ndarray, features: np.ndarray | None) -> dict[str, np.ndarray]:
-    """cam (n, S, C, r, r) float32 -> the arrays stored for ``form``."""
-    if form == "float32":
-        return {"cam": cam.astype(np.float32)}
-    if form == "float16":
-        return {"cam": cam.astype(np.float16)}
-    if form == "int8":
+def encode_targets(
+    form: StorageForm, cam: np.ndarray, logits: np.ndarray, features: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """cam (n, S, C, r, r) and logits (n, S, C) float32 -> the arrays stored for ``form``."""
+    kind, k = parse_storage(form)
+    if kind == "topk":
+        return _encode_topk(k, cam, logits)
+    stored_logits = {"logits": logits.astype(np.float32 if kind == "float32" else np.float16)}
+    if kind == "float32":
+        return stored_logits | {"cam": cam.astype(np.float32)}
+    if kind == "float16":
+        return stored_logits | {"cam": cam.astype(np.float16)}
+    if kind == "int8":
         scale = np.abs(cam).max(axis=(3, 4)) / 127.0  # (n, S, C)
         safe = np.where(scale > 0, scale, 1.0)
         quantised = np.clip(np.rint(cam / safe[..., None, None]), -127, 127).astype(np.int8)
-        return {"cam": quantised, "cam_scale": safe.astype(np.float16)}
-    if form == "features":
-        if features is None:
-            raise ValueError("the features form needs pooled features")
-        return {"features": features.astype(np.float16)}
-    raise ValueError(f"unknown storage form {form!r}")
+        return stored_logits | {"cam": quantised, "cam_scale": safe.astype(np.float16)}
+    if features is None:
+        raise ValueError("the features form needs pooled features")
+    return stored_logits | {"features": features.astype(np.float16)}
+
+
+def class_index_dtype(num_classes: int) -> np.dtype:
+    return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
+
+
+def _encode_topk(k: int, cam: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+    num_classes = logits.shape[-1]
+    # Chosen on the float16 logits with a stable sort, as select_classes chooses on a
+    # float16 cache's logits: rounding is monotone, so both pick the same K classes
+    # (ties to the lower index) and the two caches give the same CAT loss.
+    rounded = logits.astype(np.float16)
+    classes = np.argsort(-rounded, axis=-1, kind="stable")[..., :k]  # (n, S, K), descending
+    top_logits = np.take_along_axis(rounded, classes, axis=-1)
+    top_cam = np.take_along_axis(cam, classes[..., None, None], axis=2)
+    if k < num_classes:
+        rest = logits.astype(np.float64)
+        np.put_along_axis(rest, classes, -np.inf, axis=-1)
+        peak = rest.max(axis=-1, keepdims=True)
+        logsumexp = peak[..., 0] + np.log(np.exp(rest - peak).sum(axis=-1))
+        logit_rest = logsumexp - np.log(num_classes - k)
+    else:  # nothing left over; the value is never used
+        logit_rest = np.zeros(logits.shape[:-1])
+    return {
+        "classes": classes.astype(class_index_dtype(num_classes)),
+        "cam": top_cam.astype(np.float16),
+        "logits": np.concatenate([top_logits, logit_rest.astype(np.float16)[..., None]], axis=-1),
+    }
+
+
+def raw_bytes_per_view(form: StorageForm, num_classes: int, resolution: int, feature_dim: int | None = None) -> int:
+    """Uncompressed bytes one view takes in ``form`` (targets, logits and the five int32
+    view parameters): the arithmetic behind docs/cache.md's size tables and
+    ``catkd cache info``."""
+    kind, k = parse_storage(form)
+    maps = resolution * resolution
+    params = 5 * 4
+    if kind == "topk":
+        index = class_index_dtype(num_classes).itemsize
+        return k * (index + 2 * maps + 2) + 2 + params
+    logit_bytes = 4 if kind == "float32" else 2
+    per_class = {"float32": 4 * maps, "float16": 2 * maps, "int8": maps + 2}.get(kind)
+    if kind == "features":
+        if feature_dim is None:
+            raise ValueError("the features form's size needs the feature width D")
+        return 2 * feature_dim * maps + logit_bytes * num_classes + params
+    return num_classes * (per_class + logit_bytes) + params
 
 
 def write_group(store: Any, arrays: dict[str, np.ndarray]) -> None:
@@ -67,41 +133,78 @@ def write_group(store: Any, arrays: dict[str, np.ndarray]) -> None:
         _array(group, name, data, view_axis=name != "ids")
 
 
+def read_arrays(store: Any, selections: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The ``selections`` (array name -> index) of the zarr group in ``store``, read
+    together in one call into zarr's event loop: each synchronous zarr call is a hand-off
+    to that loop's thread, and on object storage the requests overlap instead of
+    queueing one after another."""
+
+    async def gather() -> list[np.ndarray]:
+        group = await zarr.api.asynchronous.open_group(store=store, mode="r", zarr_format=3)
+
+        async def one(name: str, selection: Any) -> np.ndarray:
+            return await (await group.getitem(name)).getitem(selection)
+
+        return await asyncio.gather(*(one(name, sel) for name, sel in selections.items()))
+
+    return dict(zip(selections, sync(gather()), strict=True))
+
+
 def read_view(
-    group: zarr.Group, form: StorageForm, view: int, head_weight: np.ndarray | None, decode: bool = True
+    store: Any,
+    form: StorageForm,
+    view: int,
+    head_weight: np.ndarray | None,
+    decode: bool = True,
+    num_classes: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Targets of one view of one data shard: ids, params, logits and, decoded, cam
-    (n, C, r, r) float32. With ``decode=False`` the arrays stay as stored (float16 cam,
-    int8 cam + cam_scale, or features): 2-4x fewer bytes to move, decoded on the
-    training device by the same ``decode_stored``."""
-    out = {"ids": group["ids"][:], "params": group["params"][:, view], "logits": group["logits"][:, view]}
-    out |= {name: group[name][:, view] for name in STORED[form]}
+    """Targets of one view of the data shard whose group is in ``store``: ids, params,
+    logits and, decoded, cam
+    (n, C, r, r) float32 (topk:K: (n, K, r, r) with ``classes`` (n, K) and logits over
+    all ``num_classes``). With ``decode=False`` the arrays stay as stored (float16 cam,
+    int8 cam + cam_scale, features, or the top-k arrays): 2-4x fewer bytes to move,
+    decoded on the training device by the same ``decode_stored``."""
+    names = ("params", "logits", *stored_arrays(form))
+    out = read_arrays(store, {"ids": slice(None)} | {name: (slice(None), view) for name in names})
     if not decode:
         return out
-    stored = {name: torch.from_numpy(out.pop(name)) for name in ("logits", *STORED[form])}
-    cam, logits = decode_stored(stored, torch.from_numpy(head_weight) if head_weight is not None else None)
-    return out | {"cam": cam.numpy(), "logits": logits.numpy()}
+    stored = {name: torch.from_numpy(out.pop(name)) for name in ("logits", *stored_arrays(form))}
+    head = torch.from_numpy(head_weight) if head_weight is not None else None
+    cam, logits, classes = decode_stored(stored, head, num_classes)
+    out |= {"cam": cam.numpy(), "logits": logits.numpy()}
+    return out | ({"classes": classes.numpy()} if classes is not None else {})
 
 
-# The arrays each storage form keeps besides ids, params and logits.
-STORED: dict[str, tuple[str, ...]] = {
-    "float16": ("cam",),
-    "float32": ("cam",),
-    "int8": ("cam", "cam_scale"),
-    "features": ("features",),
-}
+def stored_arrays(form: StorageForm) -> tuple[str, ...]:
+    """The arrays a storage form keeps besides ids, params and logits."""
+    return {
+        "float16": ("cam",),
+        "float32": ("cam",),
+        "int8": ("cam", "cam_scale"),
+        "features": ("features",),
+        "topk": ("cam", "classes"),
+    }[parse_storage(form)[0]]
 
 
 def decode_stored(
-    stored: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cam (n, C, r, r), logits (n, C)) in float32 from any storage form, computed on
-    the tensors' device: maps as they are, int8 maps times their per-map scales, or
-    pooled features projected through the head weight (C, D): P(cam) = W . P(features)."""
+    stored: dict[str, torch.Tensor], head_weight: torch.Tensor | None = None, num_classes: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(cam, logits (n, C), classes) in float32 (classes int64) from any storage form,
+    computed on the tensors' device. Dense forms give cam (n, C, r, r) and classes None:
+    maps as they are, int8 maps times their per-map scales, or pooled features projected
+    through the head weight (C, D): P(cam) = W . P(features). topk:K gives the K stored
+    maps (n, K, r, r), their class indices (n, K), and the C logits rebuilt from the K
+    stored ones and the rest's logit stored after them (``num_classes`` is C)."""
     logits = stored["logits"].float()
+    if "classes" in stored:
+        if num_classes is None:
+            raise ValueError("decoding top-k targets needs the class count")
+        classes = stored["classes"].long()
+        dense = logits[:, -1:].expand(len(logits), num_classes).clone()
+        return stored["cam"].float(), dense.scatter_(1, classes, logits[:, :-1]), classes
     if "features" in stored:
-        return torch.einsum("cd,ndhw->nchw", head_weight.float(), stored["features"].float()), logits
+        return torch.einsum("cd,ndhw->nchw", head_weight.float(), stored["features"].float()), logits, None
     cam = stored["cam"].float()
     if "cam_scale" in stored:
         cam = cam * stored["cam_scale"].float()[..., None, None]
-    return cam, logits
+    return cam, logits, None

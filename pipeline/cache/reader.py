@@ -17,7 +17,8 @@ from pipeline.storage import filesystem, join, zarr_store
 
 class TargetCache:
     """An opened, complete cache. ``read(j, view)`` returns that data shard's targets:
-    ``ids`` (n,), ``params`` (n, 5), ``cam`` (n, C, r, r) float32, ``logits`` (n, C)."""
+    ``ids`` (n,), ``params`` (n, 5), ``cam`` (n, C, r, r) float32, ``logits`` (n, C)
+    (a top-k cache: ``cam`` (n, K, r, r) and ``classes`` (n, K), see ``read_view``)."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -52,13 +53,19 @@ class TargetCache:
             return None
         return read_head(*filesystem(self.url))
 
-    def group(self, j: int) -> zarr.Group:
+    def store(self, j: int):
+        """The zarr store of data shard ``j``'s group."""
         if j not in self.records:
             raise CacheMismatchError(f"{self.url}: no targets for data shard {j}")
-        return zarr.open_group(store=zarr_store(join(self.url, self.records[j]["path"]), read_only=True), mode="r")
+        return zarr_store(join(self.url, self.records[j]["path"]), read_only=True)
+
+    def group(self, j: int) -> zarr.Group:
+        return zarr.open_group(store=self.store(j), mode="r")
 
     def read(self, j: int, view: int, decode: bool = True) -> dict[str, np.ndarray]:
         """One view of data shard ``j``; ``decode=False`` keeps the stored form (see ``read_view``)."""
         if not 0 <= view < self.identity.num_views:
             raise ValueError(f"{self.url}: view {view} outside 0..{self.identity.num_views - 1}")
-        return read_view(self.group(j), self.identity.storage, view, self.head_weight, decode)
+        return read_view(
+            self.store(j), self.identity.storage, view, self.head_weight, decode, self.identity.num_classes
+        )

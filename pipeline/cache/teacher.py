@@ -186,10 +186,4 @@ class ShardTargets:
             raise CacheBuildError(
                 f"{self.source}: rendered ids do not cover the shard in order (expected {expected[0]}..{expected[-1]})"
             )
-        arrays = encode_targets(storage, cam, feats)
-        arrays |= {
-            "logits": logits.astype(np.float16 if storage != "float32" else np.float32),
-            "params": params.astype(np.int32),
-            "ids": ids,
-        }
-        return arrays
+        return encode_targets(storage, cam, logits, feats) | {"params": params.astype(np.int32), "ids": ids}

@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from catkd.models import load_checkpoint
 from pipeline.cache.commit import array_checksums
-from pipeline.cache.identity import file_sha256
+from pipeline.cache.identity import file_sha256, parse_storage
+from pipeline.cache.layout import raw_bytes_per_view
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data import host_images
@@ -26,12 +27,13 @@ from pipeline.storage import filesystem, join
 # maps: the storage form's rounding plus what the compute precision lets a recompute
 # differ by (another batch size runs other kernels; bf16 keeps 8 bits of mantissa).
 # bench/cache.py measures both parts; docs/cache.md gives the figures.
-TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "features": 4e-3, "int8": 1.2e-2}
+TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "features": 4e-3, "int8": 1.2e-2, "topk": 2e-3}
 PRECISION_TOLERANCE = {"fp32": 0.0, "tf32": 1e-2, "bf16": 4e-2}
 
 
 def cache_info(url: str) -> dict[str, Any]:
     cache = TargetCache(url)
+    ident = cache.identity
     fs, root = filesystem(url)
     stored = fs.du(join(root, "data"), total=True)
     views = cache.manifest["num_samples"] * cache.identity.num_views
@@ -43,10 +45,28 @@ def cache_info(url: str) -> dict[str, Any]:
         "codecs": cache.manifest["codecs"],
         "shards_complete": f"{len(cache.records)}/{len(cache.records)}",
         "bytes_on_storage": stored,
+        "size": f"{_human(stored)} on storage for {views:,} views: {stored / views:,.0f} B per view",
         "bytes_per_view": stored / views,
+        # uncompressed, from the layout: what the size tables of docs/cache.md count
+        "raw_bytes_per_view": raw_bytes_per_view(
+            ident.storage, ident.num_classes, ident.resolution, _feature_dim(cache.manifest)
+        ),
         "created": cache.manifest["created"],
         "versions": cache.manifest["versions"],
     }
+
+
+def _human(size: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:,.1f} {unit}" if unit != "B" else f"{size:,.0f} B"
+        size /= 1000
+    raise AssertionError
+
+
+def _feature_dim(manifest: dict[str, Any]) -> int | None:
+    shape = manifest["arrays"].get("features", {}).get("shape")
+    return shape[2] if shape else None
 
 
 def verify_cache(
@@ -145,7 +165,7 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
     precision = ident.precision if device.type == "cuda" or ident.precision == "bf16" else "fp32"
     settings = TeacherSettings(ident.resolution, ident.target_kind == "binarized_cam", precision, batch_size=1)
     runner = TeacherRunner(teacher, AugmentSpec.from_dict(ident.spec), settings, device)
-    tolerance = TOLERANCE[ident.storage] + PRECISION_TOLERANCE[ident.precision]
+    tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
     logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
     index = read_index(cache.manifest["data"], ident.split)
     samples = load_shard(cache.manifest["data"], index, index.shards[j])
@@ -163,8 +183,14 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
             problems.append(str(exc))
             continue
         expected, logits, _ = runner.targets(views)
-        error = float(np.abs(expected[0] - stored["cam"][k]).max()) / max(float(np.abs(expected[0]).max()), 1e-6)
-        logit_error = float(np.abs(logits[0] - stored["logits"][k]).max()) / max(float(np.abs(logits[0]).max()), 1e-6)
+        cam_scale, logit_scale = max(float(np.abs(expected[0]).max()), 1e-6), max(float(np.abs(logits[0]).max()), 1e-6)
+        kept = stored["classes"][k] if "classes" in stored else slice(None)  # a top-k cache: its K classes
+        error = float(np.abs(expected[0][kept] - stored["cam"][k]).max()) / cam_scale
+        logit_error = float(np.abs(logits[0][kept] - stored["logits"][k][kept]).max()) / logit_scale
+        if "classes" in stored and len(kept) < len(logits[0]):
+            # the stored classes are the teacher's top K: no other class beats the lowest kept one
+            others = np.delete(logits[0], kept)
+            logit_error = max(logit_error, float(others.max() - logits[0][kept].min()) / logit_scale)
         if error > tolerance or logit_error > logit_tolerance:
             problems.append(
                 f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the teacher's "

@@ -133,7 +133,9 @@ def train_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
         progress = _Progress(console, rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
-        metrics = _train_epoch(cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight)
+        metrics = _train_epoch(
+            cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight, num_classes
+        )
         scheduler.step()
         _use_rank0_buffers(model)
         metrics |= _evaluate(cfg, model, test_loader, spec, device)
@@ -184,7 +186,7 @@ class _Progress:
 
 
 def _train_epoch(
-    cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress, head_weight=None
+    cfg, model, teacher, loader, optimizer, spec, device, rank, progress: _Progress, head_weight=None, num_classes=None
 ) -> dict[str, float]:
     """One epoch with no per-step host synchronisation: loss terms and top-1/top-5 counts
     accumulate on the device and are reduced once at the end; a non-finite loss sets a
@@ -202,12 +204,12 @@ def _train_epoch(
         wait += time.perf_counter() - last
         x = _inputs(cfg, batch, spec, device, fallbacks)
         labels = batch["label"].to(device, non_blocking=True)
-        t_cam, t_logits = cached_targets(batch, device, head_weight)
+        t_cam, t_logits, t_classes = cached_targets(batch, device, head_weight, num_classes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if teacher is not None:
                 t_cam, t_logits = live_targets(cfg, teacher, x)
             logits, cam = model(x)
-        terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
+        terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits, t_classes)
         nonfinite = ~torch.isfinite(terms["loss"].detach())
         ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(
             device, non_blocking=True

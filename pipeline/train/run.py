@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from catkd.errors import CatkdError
 from catkd.models import build_model
-from pipeline.cache.identity import CacheMismatchError, file_sha256, identity_of
+from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256, identity_of, parse_storage
 from pipeline.cache.reader import TargetCache
 from pipeline.console import Console, Relay
 from pipeline.data.shard_format import read_index
@@ -82,7 +82,26 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         precision=found.precision,
     )
     cache.check(expected, ignore=tuple(ignore))
+    _check_topk_selection(cfg, found)
     return dataclasses.replace(cfg, num_views=found.num_views, teacher=found.teacher_arch)
+
+
+def _check_topk_selection(cfg: TrainConfig, found: CacheIdentity) -> None:
+    """A top-k cache holds the maps of its K highest classes only: CAT over at most K of
+    them, the highest first (``select_n`` <= K, strategy top)."""
+    kind, k = parse_storage(found.storage)
+    if kind != "topk" or cfg.mode not in ("catkd", "cat"):
+        return
+    if cfg.select_n is not None and cfg.select_n > k:
+        raise CacheMismatchError(
+            f"select_n: {cfg.select_n} classes asked for, but {cfg.cache} keeps the top {k} per view "
+            f"(storage {found.storage}): set select_n <= {k}, or build a cache with storage topk:{cfg.select_n}"
+        )
+    if cfg.select_strategy != "top":
+        raise CacheMismatchError(
+            f"select_strategy: {cfg.select_strategy!r} needs the lowest classes' maps, but {cfg.cache} keeps only "
+            f"the top {k} per view (storage {found.storage}): use a full cache (storage float16) for it"
+        )
 
 
 RUN_CONFIG = "run_config.json"

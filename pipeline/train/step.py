@@ -27,14 +27,18 @@ def live_targets(cfg: TrainConfig, teacher: CAMClassifier, x: torch.Tensor) -> t
 
 
 def cached_targets(
-    batch: dict[str, torch.Tensor], device: torch.device, head_weight: torch.Tensor | None = None
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(t_cam, t_logits) as float32 on ``device``, decoded there from the stored form the
-    loader sends (``t_``-prefixed arrays of the cache's form)."""
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    head_weight: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(t_cam, t_logits, t_classes) on ``device``, decoded there from the stored form the
+    loader sends (``t_``-prefixed arrays of the cache's form); t_classes is None except
+    for a top-k cache (``layout.decode_stored``)."""
     if "t_logits" not in batch:
-        return None, None
+        return None, None, None
     stored = {name[2:]: a.to(device, non_blocking=True) for name, a in batch.items() if name.startswith("t_")}
-    return decode_stored(stored, head_weight)
+    return decode_stored(stored, head_weight, num_classes)
 
 
 def loss_terms(
@@ -44,8 +48,10 @@ def loss_terms(
     labels: torch.Tensor,
     t_cam: torch.Tensor | None = None,
     t_logits: torch.Tensor | None = None,
+    t_classes: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{"loss", and each term}; ``t_cam``/``t_logits`` from the cache or ``live_targets``."""
+    """{"loss", and each term}; ``t_cam``/``t_logits``/``t_classes`` from the cache or
+    ``live_targets``. KD reads the C logits (a top-k cache's rebuilt ones)."""
     if cfg.mode == "ce":
         ce = F.cross_entropy(logits.float(), labels)
         return {"loss": ce, "ce": ce}
@@ -54,5 +60,11 @@ def loss_terms(
         kd = kd_loss(logits, t_logits, cfg.kd_temperature)
         return {"loss": cfg.ce_weight * ce + cfg.kd_weight * kd, "ce": ce, "kd": kd}
     return catkd_loss(
-        catkd_config(cfg), logits, cam, t_cam, labels=labels if cfg.ce_weight > 0 else None, teacher_logits=t_logits
+        catkd_config(cfg),
+        logits,
+        cam,
+        t_cam,
+        labels=labels if cfg.ce_weight > 0 else None,
+        teacher_logits=t_logits,
+        teacher_classes=t_classes,
     )

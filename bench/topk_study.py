@@ -1,0 +1,317 @@
+"""The top-k storage study (docs/RESULTS.md, "Top-k caches"): what keeping only the K
+highest classes per view costs CAT-KD and KD in accuracy, on the real-data study's
+setting, paired by seed against the full float16 cache.
+
+    shard -> the teacher -> a full cache and topk:K caches (S = epochs views) -> students:
+    catkd from each, kd from the full cache and from the --kd-ks caches, every seed ->
+    results.json (rewritten as each run ends), topk.png, results.md
+
+    .venv/bin/python bench/topk_study.py ../shared/data/cifar10-jpeg.tar.gz --out outputs/topk \
+        --teacher-weights ../shared/data/teachers/cifar10_resnet20.pt
+    .venv/bin/python bench/topk_study.py --report outputs/topk/results.json --doc docs/RESULTS.md
+
+Every setting not named here is bench/study.py's (the same data subset, teacher,
+student, schedule, beta, r and views, so a run here is comparable to one there).
+Rerunning with the same --out resumes: finished shards, caches and runs are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
+import study  # noqa: E402
+from study_report import markdown, regenerate  # noqa: E402
+
+from pipeline.cache.layout import raw_bytes_per_view  # noqa: E402
+from pipeline.cache.verify import cache_info  # noqa: E402
+from pipeline.ray_setup import init_ray  # noqa: E402
+from pipeline.train.run import train  # noqa: E402
+
+FULL = "float16"
+IMAGENET = {"ImageNet-1k": (1000, 1_281_167), "ImageNet-21k": (21841, 14_197_122)}
+
+
+@dataclass
+class TopkStudyConfig(study.StudyConfig):
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every student runs every seed
+    ks: list[int] = field(default_factory=lambda: [1, 2, 5])  # catkd from topk:K for each K
+    kd_ks: list[int] = field(default_factory=lambda: [2])  # kd from topk:K for each K (and from the full cache)
+    imagenet_views: int = 8  # S of the ImageNet size arithmetic
+
+
+def storage_label(storage: str) -> str:
+    return "full (float16)" if storage == FULL else storage
+
+
+def planned(cfg: TopkStudyConfig) -> list[tuple[str, str, int]]:
+    """(mode, storage, seed), seed-major so that the first seed's comparison is complete first."""
+    runs = []
+    for seed in cfg.seeds:
+        runs += [("catkd", FULL, seed)] + [("catkd", f"topk:{k}", seed) for k in cfg.ks]
+        runs += [("kd", FULL, seed)] + [("kd", f"topk:{k}", seed) for k in cfg.kd_ks]
+    return runs
+
+
+def run_name(mode: str, storage: str, seed: int) -> str:
+    return f"{mode}-{storage.replace(':', '')}-seed{seed}"
+
+
+def groups(runs: list[dict]) -> list[dict]:
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run["mode"], run["storage"]), []).append(run)
+    return [
+        {
+            "mode": mode,
+            "storage": storage,
+            "seeds": [r["seed"] for r in members],
+            "top1": [r["test_top1"] for r in members],
+            "top1_mean": statistics.mean(r["test_top1"] for r in members),
+            "top1_std": study.spread([r["test_top1"] for r in members]),
+        }
+        for (mode, storage), members in sorted(grouped.items(), key=lambda item: _order(*item[0]))
+    ]
+
+
+def _order(mode: str, storage: str) -> tuple:
+    return (mode != "catkd", storage != FULL, int(storage.split(":")[1]) if ":" in storage else 0)
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Per seed, each top-k run minus the same mode's full-cache run (same initial
+    weights, data order and views: only the stored targets differ)."""
+    final = {(r["mode"], r["storage"], r["seed"]): r["test_top1"] for r in runs}
+    rows = []
+    for mode, storage in sorted({(m, s) for m, s, _ in final if s != FULL}, key=lambda ms: _order(*ms)):
+        seeds = sorted(seed for m, s, seed in final if (m, s) == (mode, storage) and (mode, FULL, seed) in final)
+        if not seeds:
+            continue
+        diffs = {str(seed): final[(mode, storage, seed)] - final[(mode, FULL, seed)] for seed in seeds}
+        values = list(diffs.values())
+        rows.append(
+            {
+                "mode": mode,
+                "storage": storage,
+                "per_seed": diffs,
+                "mean": statistics.mean(values),
+                "std": study.spread(values),
+                "positive": sum(v > 0 for v in values),
+                "seeds": len(values),
+            }
+        )
+    return rows
+
+
+def imagenet_sizes(views: int) -> list[dict]:
+    rows = []
+    for name, (classes, images) in IMAGENET.items():
+        for r in (2, 4):
+            for form in (FULL, "int8", "topk:10", "topk:50", "topk:100"):
+                per_view = raw_bytes_per_view(form, classes, r)
+                rows.append(
+                    {
+                        "dataset": name,
+                        "classes": classes,
+                        "images": images,
+                        "r": r,
+                        "storage": form,
+                        "bytes_per_view": per_view,
+                        "cache_bytes": per_view * images * views,
+                    }
+                )
+    return rows
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Final top-1 against the classes kept per view (every seed and the mean), and each
+    run's test top-1 per epoch."""
+    classes = len(summary["data"]["classes"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    colours = {"catkd": "tab:red", "kd": "tab:blue"}
+    for mode in ("catkd", "kd"):
+        rows = [g for g in summary["groups"] if g["mode"] == mode]
+        kept = [classes if g["storage"] == FULL else int(g["storage"].split(":")[1]) for g in rows]
+        order = sorted(range(len(rows)), key=lambda i: kept[i])
+        left.plot(
+            [kept[i] for i in order], [rows[i]["top1_mean"] for i in order], "-o", color=colours[mode], label=mode
+        )
+        for i in order:
+            left.scatter([kept[i]] * len(rows[i]["top1"]), rows[i]["top1"], color=colours[mode], alpha=0.35, s=14)
+    left.set_xscale("log")
+    left.set_xticks(sorted({1, 2, 5, classes} | set(summary["settings"]["ks"])))
+    left.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    left.set_xlabel(f"classes kept per view (K; {classes} = the full cache)")
+    left.set_ylabel("final test top-1 (%)")
+    left.set_title("accuracy against K (dots: seeds)")
+    left.grid(alpha=0.3)
+    left.legend()
+    styles = {FULL: "-", **{f"topk:{k}": s for k, s in zip(summary["settings"]["ks"], ["--", ":", "-."], strict=False)}}
+    for run in summary["runs"]:
+        right.plot(
+            [m["epoch"] for m in run["history"]],
+            [m["test_top1"] for m in run["history"]],
+            styles.get(run["storage"], "-."),
+            color=colours[run["mode"]],
+            lw=1,
+            alpha=0.8,
+            label=f"{run['mode']} {storage_label(run['storage'])}"
+            if run["seed"] == summary["settings"]["seeds"][0]
+            else None,
+        )
+    right.set_xlabel("epoch")
+    right.set_title("test top-1 (%) per epoch")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_topk_study(cfg: TopkStudyConfig, command: str = "") -> dict:
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
+    started = time.perf_counter()
+    init_ray()
+    study._say(f"1/4 shard {cfg.archive} (subset {cfg.subset or 'all'})")
+    data_info = study.shard(cfg, data)
+    data_info.pop("seconds")
+    base = study.base_config(cfg, data, runs_root)
+    study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
+    cfg, teacher = study.prepare_teacher(cfg, base, data)
+    storages = [FULL] + [f"topk:{k}" for k in sorted(set(cfg.ks) | set(cfg.kd_ks))]
+    study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(storages)}")
+    caches, cache_figures = {}, {}
+    for storage in storages:
+        caches[storage] = study.study_cache(cfg, data, teacher["weights"], cache_root, cfg.epochs, storage)
+        info = cache_info(caches[storage])
+        cache_figures[storage] = {k: info[k] for k in ("bytes_on_storage", "bytes_per_view", "raw_bytes_per_view")}
+
+    plan = planned(cfg)
+    study._say(f"4/4 {len(plan)} student runs, {cfg.concurrent} at a time")
+    summary = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {**asdict(cfg), "student_lr_decay_epochs": study.milestones(cfg.epochs), "spec": base.spec},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "data": data_info,
+        "teacher": teacher,
+        "caches": cache_figures,
+        "imagenet_sizes": imagenet_sizes(cfg.imagenet_views),
+        "runs": [],
+        "complete": False,
+    }
+
+    def student(mode: str, storage: str, seed: int) -> dict:
+        config = replace(base, mode=mode, cache=caches[storage], seed=seed, name=run_name(mode, storage, seed))
+        history = train(config)["history"]
+        last = history[-1]
+        return {
+            "name": config.name,
+            "mode": mode,
+            "storage": storage,
+            "seed": seed,
+            "test_top1": last["test_top1"],
+            "test_top5": last["test_top5"],
+            "train_cat_epoch1": history[0].get("train_cat"),
+            "history": history,
+        }
+
+    with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
+        futures = [pool.submit(student, *run) for run in plan]
+        for future in as_completed(futures):
+            summary["runs"].append(future.result())
+            summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["storage"])))
+            summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
+            summary["seconds"] = time.perf_counter() - started
+            (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")  # as each run ends
+            print(f"[topk] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
+    summary["complete"] = True
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, out / "topk.png")
+    table = markdown(summary, TABLES)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    study._say(f"finished in {summary['seconds']:.0f} s; results.json, results.md, topk.png in {out}")
+    return summary
+
+
+# --- tables for docs/RESULTS.md (<!-- topk:NAME --> blocks) ------------------------------
+
+
+def accuracy_table(summary: dict) -> str:
+    lines = [
+        "| student | cache | stored bytes per view | seeds | top-1 mean (%) | std | per seed |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
+    for g in summary["groups"]:
+        per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
+        stored = summary["caches"][g["storage"]]["bytes_per_view"]
+        lines.append(
+            f"| `{g['mode']}` | {storage_label(g['storage'])} | {stored:,.0f} | {len(g['top1'])} | "
+            f"**{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |"
+        )
+    t = summary["teacher"]
+    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."]
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict) -> str:
+    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
+    for row in summary["paired_differences"]:
+        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
+        lines.append(
+            f"| `{row['mode']}` {row['storage']} - `{row['mode']}` full | {per_seed} | **{row['mean']:+.2f}** | "
+            f"{_std(row['std'])} | {row['positive']} of {row['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+def sizes_table(summary: dict) -> str:
+    views = summary["settings"]["imagenet_views"]
+    lines = [
+        f"| dataset | r | storage | bytes per view | whole cache at S = {views} |",
+        "|---|---:|---|---:|---:|",
+    ]
+    for row in summary["imagenet_sizes"]:
+        lines.append(
+            f"| {row['dataset']} ({row['classes']:,} classes, {row['images']:,} images) | {row['r']} | "
+            f"`{row['storage']}` | {row['bytes_per_view']:,} | {row['cache_bytes'] / 1e9:,.1f} GB |"
+        )
+    return "\n".join(lines)
+
+
+def _std(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+TABLES = {"accuracy": accuracy_table, "paired": paired_table, "sizes": sizes_table}
+
+
+def main(argv: list[str]) -> int:
+    if "--report" in argv:  # tables only, from a finished run's JSON
+        i = argv.index("--report")
+        return regenerate(argv[:i] + argv[i + 1 :], TABLES, "topk", __doc__.splitlines()[0])
+    cfg = study.parse_args(argv, TopkStudyConfig, __doc__)
+    run_topk_study(cfg, command=shlex.join(["python", "bench/topk_study.py", *argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
