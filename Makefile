@@ -5,9 +5,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.catkd-installed
 OUT ?= outputs/demo
-# What `make install` installs: the test and S3 extras here and in CI; the Docker image
-# asks for the S3 extra only, with its own constraints (docker/constraints.sh).
-EXTRAS ?= test,s3
+# What `make install` installs: the test, S3 and timm extras here and in CI; the Docker image
+# asks for the S3 and timm extras only, with its own constraints (docker/constraints.sh).
+EXTRAS ?= test,s3,timm
 CONSTRAINTS ?= constraints.txt
 PIP_ARGS ?=
 

@@ -270,3 +270,15 @@ def flag_values(cls: type, args: Any) -> dict[str, Any]:
         else:
             values[f.name] = parse_override(f"{f.name}={raw}", {f.name: hint})[1]
     return values
+
+
+def check_normalization(cfg: Any) -> None:
+    """``mean`` and ``std`` of a config, when set: three values per RGB channel, std positive."""
+    for name in ("mean", "std"):
+        values = getattr(cfg, name)
+        if values is None:
+            continue
+        if len(values) != 3:
+            raise ConfigError(f"{name}: expected 3 values (R, G, B), got {values!r}")
+        if name == "std" and min(values) <= 0:
+            raise ConfigError(f"std: must be positive, got {values!r}")

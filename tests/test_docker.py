@@ -38,7 +38,7 @@ def test_dockerfile_copies_existing_paths_and_installs_like_ci():
             for source in line.split()[1:-1]:
                 assert os.path.exists(os.path.join(ROOT, source)), source
     text = "\n".join(lines)
-    assert "make install VENV=/opt/venv EXTRAS=s3 CONSTRAINTS=/tmp/constraints.txt" in text  # runtime extras only
+    assert "make install VENV=/opt/venv EXTRAS=s3,timm CONSTRAINTS=/tmp/constraints.txt" in text  # runtime extras only
     assert 'sh docker/constraints.sh "$TORCH"' in text and "ARG TORCH=cpu" in lines
     makefile = open(os.path.join(ROOT, "Makefile")).read()
     assert re.search(r"^install:", makefile, re.M) and "-c $(CONSTRAINTS)" in makefile

@@ -13,7 +13,7 @@ from catkd.models.convert import (
     read_checkpoint,
 )
 from catkd.models.identify import identify_architecture
-from catkd.models.registry import build_model, list_models, model_entry
+from catkd.models.registry import build_model, list_models, model_entry, model_normalization, model_problem
 
 __all__ = [
     "CAMClassifier",
@@ -27,5 +27,7 @@ __all__ = [
     "load_checkpoint",
     "load_state_into",
     "model_entry",
+    "model_normalization",
+    "model_problem",
     "read_checkpoint",
 ]

@@ -84,6 +84,58 @@ def _is_passthrough(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _describe_node(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
+    """What a traced node computes, in the model's own names: ``head.norm (LayerNorm2d)``."""
+    if node.op == "call_module":
+        return f"{node.target} ({type(modules[node.target]).__name__})"
+    target = getattr(node.target, "__name__", node.target)
+    # a module traced into functions: name the module through the parameters it reads
+    owner = next(
+        (a.target.rsplit(".", 1)[0] for a in node.all_input_nodes if a.op == "get_attr" and "." in a.target), None
+    )
+    return f"{target}" + (f" of {owner}" if owner else "")
+
+
+def gap_linear_head(traced: torch.fx.GraphModule, name: str) -> tuple[torch.fx.Node, nn.Linear, str]:
+    """In a traced classifier, the node that global average pooling pools (the feature
+    map), the Linear layer after it and that layer's qualified name; a ConversionError
+    naming what stands in the way when the head is not GAP -> [flatten/dropout] -> Linear."""
+    modules = dict(traced.named_modules())
+    output = next(n for n in traced.graph.nodes if n.op == "output")
+    linear = output.args[0]
+    # A flatten or identity after the Linear layer (timm's ClassifierHead) changes nothing.
+    while isinstance(linear, torch.fx.Node) and _is_passthrough(linear, modules) and linear.args:
+        linear = linear.args[0]
+    if not (
+        isinstance(linear, torch.fx.Node)
+        and linear.op == "call_module"
+        and isinstance(modules[linear.target], nn.Linear)
+    ):
+        found = _describe_node(linear, modules) if isinstance(linear, torch.fx.Node) else repr(linear)
+        raise ConversionError(f"{name}: the output is not produced by one nn.Linear layer (it comes from {found})")
+    node = linear.args[0]
+    while isinstance(node, torch.fx.Node) and _is_passthrough(node, modules):
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and _is_global_avg_pool(node, modules)):
+        found = _describe_node(node, modules) if isinstance(node, torch.fx.Node) else repr(node)
+        raise ConversionError(
+            f"{name}: the Linear head {linear.target} is not fed by global average pooling (it is fed by {found}); "
+            "only GAP -> [flatten/dropout] -> Linear heads can be written as CAMs"
+        )
+    return node.args[0], modules[linear.target], str(linear.target)
+
+
+def cam_around(backbone: nn.Module, head: nn.Linear, source_head: str, *, bias: bool) -> CAMClassifier:
+    """A CAMClassifier whose 1x1 CAM head (and bias) is the Linear layer ``head``."""
+    backbone.num_features = head.in_features
+    cam = CAMClassifier(backbone, head.out_features, bias=bias, source_head=source_head)
+    with torch.no_grad():
+        cam.head.weight.copy_(head.weight.view_as(cam.head.weight))
+        if bias:
+            cam.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(cam.bias))
+    return cam
+
+
 def cam_from_classifier(model: nn.Module, *, bias: bool = True) -> CAMClassifier:
     """Rewrite ``GAP -> Linear`` classifier ``model`` in CAM form, weights included."""
     name = type(model).__name__
@@ -91,38 +143,13 @@ def cam_from_classifier(model: nn.Module, *, bias: bool = True) -> CAMClassifier
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # torch.fx raises many types for untraceable code
         raise ConversionError(f"{name}: torch.fx cannot trace this model ({exc})") from exc
-    modules = dict(traced.named_modules())
-    output = next(n for n in traced.graph.nodes if n.op == "output")
-    linear = output.args[0]
-    if not (
-        isinstance(linear, torch.fx.Node)
-        and linear.op == "call_module"
-        and isinstance(modules[linear.target], nn.Linear)
-    ):
-        raise ConversionError(f"{name}: the output is not produced by one nn.Linear layer")
-    node = linear.args[0]
-    while isinstance(node, torch.fx.Node) and _is_passthrough(node, modules):
-        node = node.args[0]
-    if not (isinstance(node, torch.fx.Node) and _is_global_avg_pool(node, modules)):
-        found = node.format_node() if isinstance(node, torch.fx.Node) else repr(node)
-        raise ConversionError(
-            f"{name}: the Linear head is not fed by global average pooling (found {found}); "
-            "only GAP -> [flatten/dropout] -> Linear heads can be written as CAMs"
-        )
-    features = node.args[0]
-    traced.graph.erase_node(output)
+    features, head, source_head = gap_linear_head(traced, name)
+    traced.graph.erase_node(next(n for n in traced.graph.nodes if n.op == "output"))
     traced.graph.output(features)
     traced.graph.eliminate_dead_code()
     backbone = FeatureGraph(traced, traced.graph, class_name=f"{name}Features")
     backbone.delete_all_unused_submodules()
-    head: nn.Linear = modules[linear.target]
-    backbone.num_features = head.in_features
-    cam = CAMClassifier(backbone, head.out_features, bias=bias, source_head=str(linear.target))
-    with torch.no_grad():
-        cam.head.weight.copy_(head.weight.view_as(cam.head.weight))
-        if bias:
-            cam.bias.copy_(head.bias if head.bias is not None else torch.zeros_like(cam.bias))
-    return cam
+    return cam_around(backbone, head, source_head, bias=bias)
 
 
 # ---------------------------------------------------------------- weights
@@ -205,11 +232,13 @@ def _mismatch(
 
 
 def read_checkpoint(file: str | IO[bytes]) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` and recognise the three forms we accept.
+    """``torch.load(weights_only=True)`` (or safetensors) and recognise the forms we accept.
 
     Returns ``{"state": state_dict, "arch": str | None, "num_classes": int | None}``.
     """
     source = file if isinstance(file, str) else getattr(file, "name", "checkpoint")
+    if _is_safetensors(file):
+        return {"state": _load_safetensors(file, source), "arch": None, "num_classes": None}
     try:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -223,6 +252,30 @@ def read_checkpoint(file: str | IO[bytes]) -> dict[str, Any]:
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return {"state": obj, "arch": None, "num_classes": None}
     raise ConversionError(f"{source}: not a state dict, a catkd checkpoint, or a dict with a 'model' state dict")
+
+
+def _is_safetensors(file: str | IO[bytes]) -> bool:
+    """safetensors files open with an 8-byte header length, then the JSON header."""
+    if isinstance(file, str):
+        with open(file, "rb") as f:
+            head = f.read(9)
+    else:
+        position = file.tell()
+        head = file.read(9)
+        file.seek(position)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
+
+
+def _load_safetensors(file: str | IO[bytes], source: str) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors.torch import load
+    except ImportError:
+        raise ConversionError(f"{source}: a .safetensors file needs safetensors: pip install 'catkd[timm]'") from None
+    data = open(file, "rb").read() if isinstance(file, str) else file.read()
+    try:
+        return load(data)
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise ConversionError(f"{source}: cannot be read as safetensors ({str(exc)[:200]})") from None
 
 
 def load_checkpoint(file: str | IO[bytes], arch: str, num_classes: int) -> CAMClassifier:

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from catkd.errors import ConfigError
-from catkd.models import list_models
+from catkd.models import model_normalization, model_problem
 from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of, parse_storage
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
-from pipeline.settings import check_fields
+from pipeline.settings import check_fields, check_normalization
 
 
 @dataclass
@@ -51,6 +51,10 @@ class CacheBuildConfig:
     # JPEG decoding: the host's libjpeg-turbo, or nvJPEG on the teacher's GPU (auto:
     # nvjpeg with the device renderer); part of the identity
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
+    # the teacher's input normalisation per RGB channel (default: a timm teacher's
+    # pretrained_cfg, else the spec's); part of the spec, hence of the identity
+    mean: list[float] | None = None
+    std: list[float] | None = None
     progress: bool = True  # a progress bar on stderr
     verbose: bool = False  # Ray's own output on the console too (worker logs)
 
@@ -73,8 +77,9 @@ class CacheBuildConfig:
         self.storage = f"topk:{k}" if kind == "topk" else kind  # one spelling, one cache_id
         if self.spec not in MEAN_STD:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
-        if self.teacher not in list_models():
-            raise ConfigError(f"teacher: unknown model {self.teacher!r}; `catkd models` lists them")
+        if problem := model_problem(self.teacher):
+            raise ConfigError(f"teacher: {problem}")
+        check_normalization(self)
 
     def augment_spec(self) -> AugmentSpec:
         """The spec every part of the build renders with: made here, nowhere else."""
@@ -91,7 +96,11 @@ class CacheBuildConfig:
                 f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none "
                 "(--gpus-per-actor 0): use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
-        return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        spec = AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        own = model_normalization(self.teacher) or (None, None)
+        return spec.normalized_by(
+            self.mean if self.mean is not None else own[0], self.std if self.std is not None else own[1]
+        )
 
 
 def expected_identity(

@@ -20,9 +20,11 @@ them and students must match them (``pipeline.train.run.resolve``).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -81,6 +83,16 @@ class AugmentSpec:
         mean, std = MEAN_STD[name]
         return cls(
             name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std, renderer=renderer, decoder=decoder
+        )
+
+    def normalized_by(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> AugmentSpec:
+        """This spec with another input normalisation (a model's own; None keeps this one's)."""
+        if mean is None and std is None:
+            return self
+        return dataclasses.replace(
+            self,
+            mean=tuple(float(v) for v in (mean if mean is not None else self.mean)),
+            std=tuple(float(v) for v in (std if std is not None else self.std)),
         )
 
     @classmethod
@@ -293,3 +305,14 @@ def normalize_batch(spec: AugmentSpec, batch_uint8: torch.Tensor) -> torch.Tenso
         _NORMALIZERS[key] = (1 / (255 * std), mean / std)
     scale, shift = _NORMALIZERS[key]
     return batch_uint8.float().mul_(scale).sub_(shift)
+
+
+def renormalize(x: torch.Tensor, spec: AugmentSpec, other: AugmentSpec) -> torch.Tensor:
+    """``x`` normalised by ``spec`` -> the same pixels normalised by ``other`` (a live
+    teacher whose weights expect another mean and std than the student's)."""
+    if (spec.mean, spec.std) == (other.mean, other.std):
+        return x
+    shape = (1, 3, 1, 1)
+    mean, std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(shape) for v in (spec.mean, spec.std))
+    to_mean, to_std = (torch.tensor(v, dtype=x.dtype, device=x.device).view(shape) for v in (other.mean, other.std))
+    return (x * std + mean - to_mean) / to_std

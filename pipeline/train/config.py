@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from catkd.errors import ConfigError
-from catkd.models import list_models
+from catkd.models import model_normalization, model_problem
 from pipeline.data.views import MEAN_STD, AugmentSpec
-from pipeline.settings import check_fields, load_settings
+from pipeline.settings import check_fields, check_normalization, load_settings
 
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
 MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
@@ -35,6 +35,10 @@ class TrainConfig:
     # nvJPEG when use_gpu, else on the host. Set, they must match the cache's.
     renderer: Literal["auto", "cpu", "device"] = "auto"
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
+    # the student's input normalisation per RGB channel (default: a timm student's
+    # pretrained_cfg, else the spec's); a cache's teacher keeps its own, on the same pixels
+    mean: list[float] | None = None
+    std: list[float] | None = None
     num_views: int = (
         0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
     )
@@ -115,8 +119,9 @@ class TrainConfig:
         if self.spec not in MEAN_STD:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
         for name in ("student", "teacher"):
-            if getattr(self, name) is not None and getattr(self, name) not in list_models():
-                raise ConfigError(f"{name}: unknown model {getattr(self, name)!r}; `catkd models` lists them")
+            if getattr(self, name) is not None and (problem := model_problem(getattr(self, name))):
+                raise ConfigError(f"{name}: {problem}")
+        check_normalization(self)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
         if self.mode == "online-catkd" and not (self.teacher and self.teacher_weights):
@@ -145,7 +150,18 @@ class TrainConfig:
                 f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set "
                 "renderer=cpu decoder=cpu, or use_gpu=true"
             )
-        return AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        spec = AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        own = model_normalization(self.student) or (None, None)
+        return spec.normalized_by(
+            self.mean if self.mean is not None else own[0], self.std if self.std is not None else own[1]
+        )
+
+    def teacher_spec(self) -> AugmentSpec:
+        """The spec with the live teacher's normalisation (online-catkd): its own model's,
+        else the spec's; the pixels are the student's."""
+        own = model_normalization(self.teacher) if self.teacher else None
+        base = AugmentSpec.preset(self.spec, self.spec_seed)
+        return self.augment_spec().normalized_by(*(own or (base.mean, base.std)))
 
     @property
     def global_batch(self) -> int:

@@ -22,7 +22,7 @@ from pipeline.console import Console
 from pipeline.data.device_render import batch_views
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
-from pipeline.data.views import normalize_batch
+from pipeline.data.views import normalize_batch, renormalize
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
@@ -193,6 +193,7 @@ def _train_epoch(
     device-side flag (with the first bad batch's sample ids), checked every
     NONFINITE_CHECK_STEPS steps and at the end."""
     model.train()
+    teacher_spec = cfg.teacher_spec() if teacher is not None else None  # the live teacher's own normalisation
     sums: dict[str, torch.Tensor] = {}
     correct = torch.zeros(2, dtype=torch.float64, device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -207,7 +208,7 @@ def _train_epoch(
         t_cam, t_logits, t_classes = cached_targets(batch, device, head_weight, num_classes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if teacher is not None:
-                t_cam, t_logits = live_targets(cfg, teacher, x)
+                t_cam, t_logits = live_targets(cfg, teacher, renormalize(x, spec, teacher_spec))
             logits, cam = model(x)
         terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits, t_classes)
         nonfinite = ~torch.isfinite(terms["loss"].detach())

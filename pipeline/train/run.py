@@ -74,7 +74,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         weights_sha=weights_sha,
         index=index,
         split=cfg.train_split,
-        spec=cfg.augment_spec().to_dict(),
+        # the teacher normalised by its own mean and std (in the cache's spec), the student
+        # by its own: both see the same pixels, so those two fields are the cache's to say
+        spec=cfg.augment_spec().to_dict() | {key: found.spec.get(key) for key in ("mean", "std")},
         num_views=cfg.num_views if cfg.num_views > 0 else found.num_views,
         resolution=cfg.resolution,
         binarize=cfg.binarize,
