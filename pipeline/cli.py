@@ -207,12 +207,29 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     v.add_argument("--weights", help="teacher checkpoint URL (default: the one recorded at build time)")
     v.set_defaults(func=cmd_cache_verify)
 
-    p = sub.add_parser("train", help="train a teacher or a student on Ray Train (ce, kd, catkd, cat, online-catkd)")
+    # catkd train and sweep take key=value overrides of TrainConfig: their --help lists its
+    # fields (type, default, comment) from the dataclass, like the flags of the others.
+    overrides_help = {}
+    if command in ("train", "sweep"):
+        from pipeline.settings import field_table
+        from pipeline.train.config import TrainConfig
+
+        overrides_help = {
+            "epilog": field_table(TrainConfig, "config fields, each overridable as key=value"),
+            "formatter_class": argparse.RawDescriptionHelpFormatter,
+        }
+    p = sub.add_parser(
+        "train",
+        help="train a teacher or a student on Ray Train (ce, kd, catkd, cat, online-catkd)",
+        **overrides_help,
+    )
     p.add_argument("config", nargs="?", help="YAML config (jobs/configs/...); optional when overrides say everything")
     p.add_argument("overrides", nargs="*", help="key=value overrides of any config field")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sweep", help="a grid of student runs reading one cache concurrently, with a results table")
+    p = sub.add_parser(
+        "sweep", help="a grid of student runs reading one cache concurrently, with a results table", **overrides_help
+    )
     p.add_argument("config", nargs="?", help="base YAML config (the run name becomes the sweep's folder)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     if wanted("sweep"):

@@ -206,6 +206,44 @@ def _shown(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def field_table(cls: type, title: str = "fields (key=value)") -> str:
+    """Every field of ``cls`` in declaration order, with its type, default and comment:
+    the help of commands that take ``key=value`` overrides (``catkd train``, ``catkd
+    sweep``), derived from the dataclass as the flags of the others are."""
+    hints, comments = _field_hints(cls), field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = _default(f)
+        if default is dataclasses.MISSING:
+            shown = "(required)"
+        elif isinstance(default, list):  # as an override writes it
+            shown = "[" + ",".join(map(str, default)) + "]"
+        else:
+            shown = _shown(default)
+        kind = _describe_type(hints[f.name])
+        rows.append((f"{f.name}={shown}", kind, comments.get(f.name, "")))
+    width = max(len(r[0]) for r in rows) + 2
+    kind_width = max(len(r[1]) for r in rows) + 2
+    indent = " " * (2 + width + kind_width)
+    lines = [f"{title}:"]
+    for key, kind, comment in rows:
+        text = textwrap.wrap(comment, width=max(40, 118 - len(indent))) or [""]
+        lines.append(f"  {key:<{width}}{kind:<{kind_width}}{text[0]}".rstrip())
+        lines += [indent + more for more in text[1:]]
+    return "\n".join(lines)
+
+
+def _describe_type(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_describe_type(a) for a in args if a is not type(None)) + " | null"
+    if origin is Literal:
+        return "{" + ",".join(map(str, args)) + "}"
+    if origin is list:
+        return f"list[{_describe_type(args[0]) if args else 'any'}]"
+    return getattr(hint, "__name__", str(hint))
+
+
 def add_flags(parser: Any, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One flag per field of ``cls`` (except ``skip``), into ``parser`` (an argparse
     parser or group); fields without a default are required flags."""

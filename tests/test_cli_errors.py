@@ -189,3 +189,23 @@ def test_sharding_loads_neither_torch_nor_torchvision():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_train_and_sweep_help_list_every_config_field(command, capsys):
+    """--help of the key=value commands is derived from TrainConfig: every field, in order,
+    with its type, default and comment."""
+    import dataclasses
+
+    from pipeline.train.config import TrainConfig
+
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for line in ("epochs=240", "beta=1.0", "num_views=0", "lr_decay_epochs=[150,180,210]"):
+        assert line in text
+    assert "weight of the CAT loss" in text and "{ce,kd,catkd,cat,online-catkd}" in text
+    keys = [line.split("=", 1)[0].strip() for line in text.splitlines() if line.startswith("  ") and "=" in line[:40]]
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [k for k in keys if k in names] == names

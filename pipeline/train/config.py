@@ -21,71 +21,71 @@ CACHED_MODES = ("kd", "catkd", "cat")
 
 @dataclass
 class TrainConfig:
+    # Every field is a key=value override; `catkd train --help` lists them with these
+    # comments (pipeline.settings.field_table), so each field says what it is on its line.
     # what to train
-    mode: Mode = "catkd"
-    student: str = "resnet20"
+    mode: Mode = "catkd"  # ce (alone, also teachers), kd, catkd, cat (CAT only, no labels), online-catkd
+    student: str = "resnet20"  # architecture (`catkd models`, or timm:NAME)
     # data
-    data: str = ""  # shards URL
-    train_split: str = "train"
-    test_split: str = "test"
-    spec: str = "cifar"
-    spec_seed: int = 0
-    # Where views are rendered and who decodes JPEGs. auto: as the cache's views were
-    # made (a student sees what its teacher saw); without a cache, on the GPU with
-    # nvJPEG when use_gpu, else on the host. Set, they must match the cache's.
+    data: str = ""  # shards URL (from catkd shard)
+    train_split: str = "train"  # split trained on
+    test_split: str = "test"  # split evaluated after every epoch
+    spec: str = "cifar"  # augmentation spec: cifar or imagenet
+    spec_seed: int = 0  # seed of the view parameters (a cache's must match)
+    # where views are cropped and resized; auto: as the cache's views were made, without a
+    # cache the GPU when use_gpu, else the host; set, it must match the cache's
     renderer: Literal["auto", "cpu", "device"] = "auto"
+    # who decodes JPEGs: the host or nvJPEG on the GPU; auto and matching as for renderer
     decoder: Literal["auto", "cpu", "nvjpeg"] = "auto"
     # the student's input normalisation per RGB channel (default: a timm student's
     # pretrained_cfg, else the spec's); a cache's teacher keeps its own, on the same pixels
     mean: list[float] | None = None
-    std: list[float] | None = None
-    num_views: int = (
-        0  # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it must equal the cache's
-    )
-    view_offset: int = 0
+    std: list[float] | None = None  # see mean
+    # S; 0 takes the cache's, or without a cache draws a new view every epoch; set, it
+    # must equal the cache's
+    num_views: int = 0
+    view_offset: int = 0  # epoch e uses view (e + view_offset) mod S
     # teacher side
     cache: str | None = None  # cache URL (kd, catkd, cat)
     teacher: str | None = None  # architecture (online-catkd; also checked against the cache)
     teacher_weights: str | None = None  # checkpoint URL (online-catkd)
     # loss
-    beta: float = 1.0
-    ce_weight: float = 1.0
-    resolution: int = 2
-    normalize: bool = False
-    binarize: bool = False
-    select_n: int | None = None
-    select_strategy: Literal["top", "bottom"] = "top"
-    kd_temperature: float = 4.0
-    kd_weight: float = 1.0
+    beta: float = 1.0  # weight of the CAT loss (aim for a CAT loss of 1-50 after epoch 1)
+    ce_weight: float = 1.0  # weight of cross-entropy on the labels (0: no labels)
+    resolution: int = 2  # CAM pooling resolution r (a cache's must match)
+    normalize: bool = False  # L2-normalise each pooled class map before the MSE
+    binarize: bool = False  # binarised teacher CAMs (a cache's target kind must match)
+    select_n: int | None = None  # transfer only n classes' CAMs (a top-k cache: at most its K)
+    select_strategy: Literal["top", "bottom"] = "top"  # the n highest or lowest teacher logits
+    kd_temperature: float = 4.0  # KD temperature T
+    kd_weight: float = 1.0  # weight of the KD loss (mode kd)
     # optimisation (SGD with momentum, multi-step decay as in the paper)
-    epochs: int = 240
+    epochs: int = 240  # epochs to train (a rerun with more extends the run)
     batch_size: int = 64  # per worker
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_decay_epochs: list[int] = field(default_factory=lambda: [150, 180, 210])
-    lr_decay_rate: float = 0.1
-    lr_schedule: Literal["step", "cosine"] = (
-        "step"  # step: x lr_decay_rate at each lr_decay_epochs; cosine: to 0 at the end
-    )
+    lr: float = 0.05  # peak learning rate (SGD)
+    momentum: float = 0.9  # SGD momentum
+    weight_decay: float = 5e-4  # L2 weight decay
+    lr_decay_epochs: list[int] = field(default_factory=lambda: [150, 180, 210])  # step schedule's milestones
+    lr_decay_rate: float = 0.1  # lr factor at each milestone
+    lr_schedule: Literal["step", "cosine"] = "step"  # step: x lr_decay_rate at each milestone; cosine: to 0
     warmup_epochs: int = 0  # linear warm-up to lr over these epochs (large global batches)
     # "linear": lr is for a global batch of lr_base_batch and is scaled by
     # batch_size x num_workers / lr_base_batch (Goyal et al., 2017). Off by default, so
     # that the paper configs keep their meaning.
     lr_scaling: Literal["none", "linear"] = "none"
-    lr_base_batch: int = 256
-    seed: int = 0
+    lr_base_batch: int = 256  # the global batch lr is meant for (lr_scaling=linear)
+    seed: int = 0  # initial weights, data order and shuffling
     # execution
     num_workers: int = 1  # Ray Train workers (ranks)
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     loader_workers: int = 2  # DataLoader processes per rank (they persist across epochs)
     cpus_per_worker: int = 0  # CPUs Ray reserves per rank; 0: loader_workers + 1 (capped at what a local Ray has)
-    bf16: bool = False
-    channels_last: bool = False
-    storage_path: str = "runs"
-    name: str = "run"
-    max_failures: int = 0
-    shuffle_buffer: int = 2048
+    bf16: bool = False  # bf16 autocast for the student's forward
+    channels_last: bool = False  # channels-last memory format
+    storage_path: str = "runs"  # where runs live (checkpoints, metrics, exports): path or URL
+    name: str = "run"  # the run's folder under storage_path; the same name resumes
+    max_failures: int = 0  # worker-group restarts after a lost worker or node (-1: unlimited)
+    shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
     verbose: bool = False  # Ray's own output on the console too (worker logs, Ray Train's INFO lines)
     compile: bool = False  # wrap the student in torch.compile (docs/training.md says when it helps)
 
