@@ -93,10 +93,22 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
 def cmd_cache_verify(args: argparse.Namespace) -> int:
     from pipeline.cache.verify import verify_cache
 
-    problems = verify_cache(args.url, sample_views=args.samples, weights=args.weights, progress=True)
+    damaged: list[int] = []
+    problems = verify_cache(args.url, sample_views=args.samples, weights=args.weights, progress=True, damaged=damaged)
     for problem in problems:
         print(f"FAIL {problem}", file=sys.stderr)
-    print(f"{args.url}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    print(f"{args.url}: {'OK' if not problems else f'{len(problems)} problem(s) in {len(damaged)} data shard(s)'}")
+    if problems and args.repair:
+        from pipeline.cache.verify import repair_cache
+
+        command = repair_cache(args.url, damaged)
+        print(
+            f"[verify] retired data shard(s) {', '.join(map(str, damaged))}: the cache is partial until they are "
+            f"rebuilt (trainings refuse it meanwhile); rebuild exactly them with:\n{command}"
+        )
+        return 1
+    if problems:
+        print(f"[verify] to rebuild only the damaged shards: catkd cache verify {args.url} --repair")
     return 1 if problems else 0
 
 
@@ -205,6 +217,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="random (sample, view) pairs of each data shard to recompute with the teacher",
     )
     v.add_argument("--weights", help="teacher checkpoint URL (default: the one recorded at build time)")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="retire the damaged data shards found, so that the printed `catkd cache build` rebuilds exactly them",
+    )
     v.set_defaults(func=cmd_cache_verify)
 
     # catkd train and sweep take key=value overrides of TrainConfig: their --help lists its

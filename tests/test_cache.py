@@ -403,3 +403,74 @@ def test_actors_holding_every_cpu_still_build(setup, float16_cache):
 
     url = build_cache(_cfg(setup, setup["base"] / "root-busy", actors=SESSION_CPUS))
     _assert_same(_arrays(url), _arrays(float16_cache))
+
+
+def _damage_chunk(cache_dir, j: int, array: str = "cam") -> None:
+    """Cut the stored object of ``array`` of data shard ``j`` to half its bytes (a failed copy)."""
+    record = TargetCache(str(cache_dir)).records[j]
+    path = next(
+        p for p in cache_dir.rglob("*") if p.is_file() and f"/{array}/c/" in str(p) and record["path"] in str(p)
+    )
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_damaged_shard_is_named_where_read_and_repaired_alone(setup, float16_cache, capsys):
+    """A damaged chunk: reading it names the cache, shard, array and repair; verify
+    --repair retires that shard only; the printed build rebuilds it bitwise; a training
+    fails in one line before, and trains to the end after."""
+    import shlex
+
+    from pipeline.cache.reader import CacheDamagedError
+    from pipeline.cli import main
+
+    url = build_cache(_cfg(setup, setup["base"] / "root-repair"))
+    before = _arrays(url)
+    cache_dir = setup["base"] / "root-repair" / os.path.basename(url)
+    _damage_chunk(cache_dir, 1)
+    with pytest.raises(CacheDamagedError) as damaged:
+        TargetCache(url).read(1, 0)
+    message = str(damaged.value)
+    assert "\n" not in message and f"{url}: data shard 1 (samples from 000000025) is damaged: array cam" in message
+    assert f"catkd cache verify {url} --repair" in message
+    untouched = {j: (cache_dir / "done" / f"shard-{j:06d}.json").read_bytes() for j in (0, 2)}
+
+    # a training on it stops in one line naming the shard, exit 2
+    runs = setup["base"] / "runs-repair"
+    train_args = [
+        "train",
+        "mode=catkd",
+        "student=resnet8",
+        f"data={setup['data']}",
+        f"cache={url}",
+        "epochs=1",
+        "batch_size=25",
+        "loader_workers=1",
+        f"storage_path={runs}",
+        "name=after-repair",
+    ]
+    failed = subprocess.run([sys.executable, "-m", "pipeline.cli", *train_args], capture_output=True, text=True)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("catkd train: error:")]
+    assert len(errors) == 1 and "data shard 1 (samples from 000000025) is damaged" in errors[0], failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+
+    capsys.readouterr()
+    assert main(["cache", "verify", url, "--samples", "0", "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert "retired data shard(s) 1:" in out
+    command = out.strip().splitlines()[-1]
+    assert command.startswith("catkd cache build ")
+    with pytest.raises(CacheMismatchError, match="partial cache"):  # never read while it is rebuilt
+        TargetCache(url)
+    assert {j: (cache_dir / "done" / f"shard-{j:06d}.json").read_bytes() for j in (0, 2)} == untouched
+    assert main(shlex.split(command)[1:]) == 0
+    assert "[cache] rebuilt 1 of 3 shards" in capsys.readouterr().out
+    _assert_same(_arrays(url), before)  # bitwise the values of the original build
+    assert verify_cache(url, sample_views=0) == []
+
+    from pipeline.train.config import load_config
+    from pipeline.train.run import train
+
+    history = train(load_config(None, train_args[1:]))["history"]
+    assert [h["epoch"] for h in history] == [1]

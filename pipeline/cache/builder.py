@@ -84,6 +84,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     start_cache(fs, root, identity, head)
     records = done_records(fs, root, len(index.shards))
     todo = [j for j in range(len(index.shards)) if j not in records]
+    resumed = bool(records)  # records fills in as shards commit below
     init_ray(verbose=cfg.verbose)
     total_views = index.num_samples * cfg.num_views
     bar = tqdm(
@@ -100,6 +101,8 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
         finally:
             bar.close()
     remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
+    if resumed and todo:  # a resumed or repaired cache: say how much was redone
+        print(f"[cache] rebuilt {len(todo)} of {len(index.shards)} shards")
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()

@@ -18,6 +18,9 @@ Under a cache root ``<root>/<cache_id>``:
 3. Once every data shard has a record, folders no record points to that nothing has
    written for a lease are removed (leftovers of crashed writers), and the manifest
    is written. A rerun skips data shards with a record.
+
+A repair (``catkd cache verify --repair``) retires damaged shards: manifest, then their
+records, then their data (``retire_shards``); the next build redoes steps 1-3 for them.
 """
 
 from __future__ import annotations
@@ -104,6 +107,25 @@ def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray])
     return read_done(fs, root, j)
 
 
+def retire_shards(fs, root: str, shards: list[int]) -> None:
+    """Take damaged data shards out of a complete cache, so that the next build with the
+    same settings rebuilds exactly them (step 2 and then 3 again, for those shards). The
+    manifest goes first: from then on a reader refuses the cache as partial instead of
+    reading a shard being rebuilt; a reader that opened it before holds records that name
+    the retired folders, never the rebuilt ones (a rebuild writes under a new folder).
+    Then each shard's completion record, then its data."""
+    if fs.exists(join(root, MANIFEST)):
+        fs.rm(join(root, MANIFEST))
+    for j in shards:
+        record = read_done(fs, root, j)
+        if record is None:
+            continue
+        fs.rm(done_path(root, j))
+        folder = join(root, posixpath.dirname(record["path"]))
+        if fs.exists(folder):
+            fs.rm(folder, recursive=True)
+
+
 def remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
     """Remove data folders that no completion record points to and that nothing has
     written for ``lease_s`` seconds. A folder younger than that may belong to a
@@ -177,6 +199,7 @@ def write_manifest(
             "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
             "channels_last": cfg.channels_last,
             "batch_size": cfg.batch_size,
+            "chunk_views": cfg.chunk_views,  # with batch_size, what a bitwise-equal rebuild batches by
         },
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),

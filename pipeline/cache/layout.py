@@ -133,6 +133,16 @@ def write_group(store: Any, arrays: dict[str, np.ndarray]) -> None:
         _array(group, name, data, view_axis=name != "ids")
 
 
+class ArrayReadError(Exception):
+    """An array of a data shard's group that could not be read: its name and why."""
+
+    def __init__(self, name: str, cause: BaseException) -> None:
+        # the first sentence: zarr's checksum error goes on with the raw digests
+        reason = (str(cause).splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        super().__init__(f"array {name}: {type(cause).__name__}: {reason}")
+        self.name, self.cause = name, cause
+
+
 def read_arrays(store: Any, selections: dict[str, Any]) -> dict[str, np.ndarray]:
     """The ``selections`` (array name -> index) of the zarr group in ``store``, read
     together in one call into zarr's event loop: each synchronous zarr call is a hand-off
@@ -140,10 +150,16 @@ def read_arrays(store: Any, selections: dict[str, Any]) -> dict[str, np.ndarray]
     queueing one after another."""
 
     async def gather() -> list[np.ndarray]:
-        group = await zarr.api.asynchronous.open_group(store=store, mode="r", zarr_format=3)
+        try:
+            group = await zarr.api.asynchronous.open_group(store=store, mode="r", zarr_format=3)
+        except Exception as exc:  # the group's own metadata is missing or unreadable
+            raise ArrayReadError("(group metadata)", exc) from exc
 
         async def one(name: str, selection: Any) -> np.ndarray:
-            return await (await group.getitem(name)).getitem(selection)
+            try:
+                return await (await group.getitem(name)).getitem(selection)
+            except Exception as exc:  # zarr's crc32c and shard-index checks, codec errors, missing objects
+                raise ArrayReadError(name, exc) from exc
 
         return await asyncio.gather(*(one(name, sel) for name, sel in selections.items()))
 

@@ -11,8 +11,14 @@ import zarr
 
 from pipeline.cache.commit import DONE_DIR, IDENTITY, MANIFEST, read_head
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, first_difference
-from pipeline.cache.layout import read_view
+from pipeline.cache.layout import ArrayReadError, read_view
+from pipeline.data.shard_format import sample_key
 from pipeline.storage import filesystem, join, zarr_store
+
+
+class CacheDamagedError(CacheMismatchError):
+    """Stored targets that cannot be read back as written (checksum, decompression,
+    shape or a missing object): names the cache, the data shard and the repair."""
 
 
 class TargetCache:
@@ -66,6 +72,22 @@ class TargetCache:
         """One view of data shard ``j``; ``decode=False`` keeps the stored form (see ``read_view``)."""
         if not 0 <= view < self.identity.num_views:
             raise ValueError(f"{self.url}: view {view} outside 0..{self.identity.num_views - 1}")
-        return read_view(
-            self.store(j), self.identity.storage, view, self.head_weight, decode, self.identity.num_classes
+        try:
+            out = read_view(
+                self.store(j), self.identity.storage, view, self.head_weight, decode, self.identity.num_classes
+            )
+        except ArrayReadError as exc:
+            raise self.damaged(j, str(exc)) from None
+        count = self.records[j]["count"]
+        wrong = next((name for name, a in out.items() if len(a) != count), None)
+        if wrong:
+            raise self.damaged(j, f"array {wrong}: {len(out[wrong])} rows where the record says {count}")
+        return out
+
+    def damaged(self, j: int, what: str) -> CacheDamagedError:
+        first = self.records[j]["first_id"]
+        return CacheDamagedError(
+            f"{self.url}: data shard {j} (samples from {sample_key(first)}) is damaged: {what}; repair it with "
+            f"`catkd cache verify {self.url} --repair`, then rerun the `catkd cache build` that made it (verify "
+            "prints it): only the damaged shards are rebuilt"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shlex
 import sys
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from catkd.models import load_checkpoint
-from pipeline.cache.commit import array_checksums
+from pipeline.cache.commit import array_checksums, retire_shards
 from pipeline.cache.identity import file_sha256, parse_storage
 from pipeline.cache.layout import raw_bytes_per_view
 from pipeline.cache.reader import TargetCache
@@ -70,13 +71,20 @@ def _feature_dim(manifest: dict[str, Any]) -> int | None:
 
 
 def verify_cache(
-    url: str, *, sample_views: int = 2, weights: str | None = None, seed: int = 0, progress: bool = False
+    url: str,
+    *,
+    sample_views: int = 2,
+    weights: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+    damaged: list[int] | None = None,
 ) -> list[str]:
     """Problems found (empty when the cache is sound). One Ray task per data shard checks
     that it reads back (every chunk's crc32c), matches its recorded sha256s and holds
     finite values, then recomputes ``sample_views`` random (sample, view) pairs of that
     shard with the teacher; the driver only gathers the problems, so its memory does
-    not grow with the cache."""
+    not grow with the cache. ``damaged``, when given, receives the data shards with a
+    problem (what ``repair_cache`` retires)."""
     from pipeline.ray_setup import init_ray
 
     cache = TargetCache(url)
@@ -91,14 +99,68 @@ def verify_cache(
     init_ray()
     check = ray.remote(num_cpus=1)(_check_shard)
     weights_ref = ray.put(teacher_bytes)  # read once here, not once per data shard
-    pending = [check.remote(url, j, sample_views, weights_ref, seed) for j in sorted(cache.records)]
+    pending = {check.remote(url, j, sample_views, weights_ref, seed): j for j in sorted(cache.records)}
     problems: list[str] = []
     with tqdm(total=len(pending), unit="shards", desc="verify", disable=not progress, file=sys.stderr) as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            problems += ray.get(ready[0])
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            j = pending.pop(ready[0])
+            found = ray.get(ready[0])
+            problems += found
+            if found and damaged is not None:
+                damaged.append(j)
             bar.update(1)
+    if damaged is not None:
+        damaged.sort()
     return sorted(problems)
+
+
+def repair_cache(url: str, damaged: list[int]) -> str:
+    """Retire the ``damaged`` data shards (commit.retire_shards) and return the command
+    that rebuilds exactly them: the build's own settings, read from the manifest."""
+    cache = TargetCache(url)
+    command = rebuild_command(cache)
+    fs, root = filesystem(url)
+    retire_shards(fs, root, damaged)
+    return command
+
+
+def rebuild_command(cache: TargetCache) -> str:
+    """``catkd cache build`` with the settings that made ``cache`` (so its cache_id)."""
+    ident, manifest = cache.identity, cache.manifest
+    spec = ident.spec
+    root = cache.url.rstrip("/").rsplit("/", 1)[0]
+    parts = [
+        "catkd cache build",
+        f"--data {shlex.quote(manifest['data'])}",
+        f"--teacher {shlex.quote(ident.teacher_arch)}",
+        f"--weights {shlex.quote(manifest['teacher_weights'])}",
+        f"--root {shlex.quote(root)}",
+        f"--split {ident.split}",
+        f"--num-views {ident.num_views}",
+        f"--resolution {ident.resolution}",
+        f"--spec {spec['name']}",
+        f"--spec-seed {spec['seed']}",
+        f"--storage {ident.storage}",
+        f"--precision {ident.precision}",
+        f"--renderer {spec.get('renderer', 'cpu')}",
+        f"--decoder {spec.get('decoder', 'cpu')}",
+        f"--mean {' '.join(map(str, spec['mean']))}",
+        f"--std {' '.join(map(str, spec['std']))}",
+    ]
+    build = manifest.get("build", {})
+    # batches as the build made them, so that rebuilt values are bitwise the same
+    if "batch_size" in build:
+        parts.append(f"--batch-size {build['batch_size']}")
+    if "chunk_views" in build:
+        parts.append(f"--chunk-views {build['chunk_views']}")
+    if build.get("channels_last") is False:
+        parts.append("--no-channels-last")
+    if ident.target_kind == "binarized_cam":
+        parts.append("--binarize")
+    if build.get("device") == "cuda":
+        parts.append("--gpus-per-actor 1")
+    return " ".join(parts)
 
 
 def recompute_skipped(cache: TargetCache) -> str | None:

@@ -16,10 +16,10 @@ from typing import Any
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchTrainer
 
-from catkd.errors import CatkdError
+from catkd.errors import CatkdError, user_error
 from catkd.models import build_model
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256, identity_of, parse_storage
 from pipeline.cache.reader import TargetCache
@@ -157,13 +157,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     storage = cfg.storage_path
     resources = {"CPU": _cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
     with Relay(waiting=lambda: _waiting_line(cfg, resources)) as console:
-        result = _fit(cfg, resources, console)
+        try:
+            result = _fit(cfg, resources, console)
+        except TrainingFailedError as exc:  # Ray Train V2's fit raises what its workers failed with
+            raise worker_user_error(exc) from None
     if result.error:
-        raise result.error
+        raise worker_user_error(result.error)
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(folder)
     exported = export_student(cfg, state)
     return {"history": state["history"], "exported": exported, "run": join(storage, cfg.name)}
+
+
+def worker_user_error(error: BaseException) -> BaseException:
+    """The bad-input error (a CatkdError) a training worker failed with, as one line, when
+    there is one (a damaged cache read by a loader, say); else ``error`` as it is. A
+    loader worker's error reaches the rank re-raised by PyTorch with its traceback in the
+    message: the line kept is the original error's own."""
+    failures = getattr(error, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        failure = user_error(failure)
+        if isinstance(failure, CatkdError):
+            message = str(failure)
+            if "Original Traceback" in message:  # from a DataLoader worker process
+                marker = f"{type(failure).__name__}: "
+                message = message.rstrip().splitlines()[-1]
+                message = message[message.find(marker) + len(marker) :] if marker in message else message
+            return type(failure)(message)
+    return error
 
 
 def _waiting_line(cfg: TrainConfig, resources: dict[str, float]) -> str:
