@@ -35,6 +35,8 @@ from typing import Any
 
 import ray
 
+from catkd.errors import CatkdError
+
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0  # then the head's process group is killed
 # Not handed to a shared head's workers: Ray sets them per process, or this module does.
@@ -300,3 +302,39 @@ def _locked(blocking: bool = True) -> Iterator[bool]:
 if __name__ == "__main__":  # python -m pipeline.ray_setup STATE_DIR RAY_START_COMMAND...: the keeper
     os.environ["CATKD_RAY_DIR"] = sys.argv[1]
     sys.exit(keep_head(sys.argv[2:]))
+
+
+class ImpossibleRequestError(CatkdError, RuntimeError):
+    """Resources that no node of the Ray cluster has, where nothing can add nodes."""
+
+
+def can_add_nodes() -> bool:
+    """Whether nodes may join the Ray cluster this process is connected to: never on
+    catkd's own local Ray (this machine is all there is); on a cluster at RAY_ADDRESS an
+    autoscaler (KubeRay's, a cluster launcher's) may add them, so it is assumed it can."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def check_request_fits(per_worker: dict[str, float], count: int, what: str) -> None:
+    """Refuse at once ``count`` workers of ``per_worker`` resources that the cluster can
+    never place, when nothing can add nodes (elsewhere a run waits, saying what it waits for)."""
+    if can_add_nodes():
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    total = {key: sum(node.get(key, 0.0) for node in nodes) for key in per_worker}
+    for key, amount in per_worker.items():
+        if amount <= 0:
+            continue
+        placeable = sum(int(node.get(key, 0.0) // amount) for node in nodes)
+        if placeable < count:
+            most = max((node.get(key, 0.0) for node in nodes), default=0.0)
+            raise ImpossibleRequestError(
+                f"{what} asks for {count} x {_shown(per_worker)}, but this Ray cluster has {total.get(key, 0.0):g} "
+                f"{key} in all ({most:g} on its largest node), and nothing can add nodes to catkd's local Ray: "
+                f"ask for at most what it has{', or set use_gpu=false' if key == 'GPU' else ''}, or run on a "
+                "cluster with RAY_ADDRESS"
+            )
+
+
+def _shown(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{key}: {value:g}" for key, value in resources.items()) + "}"

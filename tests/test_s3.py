@@ -286,3 +286,42 @@ def test_bad_credentials_are_a_clear_error(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
+    """Half of one object of data shard 1 cut off on the object store: reading it names
+    the shard, verify --repair retires it alone, the printed build rebuilds it with the
+    same values (the same sha256 per array). Runs last: it leaves the shared cache as it
+    found it."""
+    import shlex
+
+    env, fs = s3
+    url, _ = s3_cache
+    root = url.removeprefix("s3://")
+    done = {j: json.loads(fs.cat_file(f"{root}/done/shard-{j:06d}.json")) for j in range(4)}
+    cam = next(p for p in fs.find(f"{root}/{done[1]['path']}") if "/cam/c/" in p)
+    data = fs.cat_file(cam)
+    fs.pipe(cam, data[: len(data) // 2])
+
+    read = subprocess.run(
+        [sys.executable, "-c", f"from pipeline.cache import TargetCache; TargetCache({url!r}).read(1, 0)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert "CacheDamagedError" in read.stderr and "data shard 1 (samples from 000000016) is damaged" in read.stderr
+
+    repair = _catkd(env, "cache", "verify", url, "--samples", "0", "--repair")
+    assert repair.returncode == 1 and "retired data shard(s) 1:" in repair.stdout, repair.stderr[-3000:]
+    assert not fs.exists(f"{root}/manifest.json") and not fs.exists(f"{root}/done/shard-000001.json")
+    command = shlex.split(repair.stdout.strip().splitlines()[-1])
+    assert command[:3] == ["catkd", "cache", "build"]
+    rebuild = _catkd(env, *command[1:])
+    assert rebuild.returncode == 0 and "[cache] rebuilt 1 of 4 shards" in rebuild.stdout, rebuild.stderr[-3000:]
+    after = {j: json.loads(fs.cat_file(f"{root}/done/shard-{j:06d}.json")) for j in range(4)}
+    assert after[1]["checksums"] == done[1]["checksums"] and after[1]["path"] != done[1]["path"]
+    assert {j: after[j] for j in (0, 2, 3)} == {j: done[j] for j in (0, 2, 3)}
+    verify = _catkd(env, "cache", "verify", url, "--samples", "2")
+    assert verify.returncode == 0, verify.stderr[-3000:]
+    assert SECRET not in repair.stdout + repair.stderr + rebuild.stdout + rebuild.stderr

@@ -190,6 +190,21 @@ def test_topk_cache_refuses_what_it_does_not_hold(env, override, message):
     resolve(_cfg(env, "accepted", cache=env["topk_cache"], select_n=1))
 
 
+def test_runs_that_can_never_start_are_refused_at_once(env):
+    """On catkd's own local Ray nothing can add nodes: a GPU run on a cluster without GPUs
+    is refused in seconds, naming what was asked and what the cluster has."""
+    import time
+
+    from pipeline.ray_setup import ImpossibleRequestError
+
+    start = time.monotonic()
+    with pytest.raises(ImpossibleRequestError, match=r"asks for 1 x \{CPU: 1, GPU: 1\}.* has 0 GPU in all"):
+        train(_cfg(env, "gpu-nowhere", use_gpu=True, num_workers=1, renderer="cpu", decoder="cpu"))
+    with pytest.raises(ImpossibleRequestError, match="asks for 2 x \\{CPU: 64\\}.* CPU in all"):
+        train(_cfg(env, "cpus-nowhere", cpus_per_worker=64))
+    assert time.monotonic() - start < 30
+
+
 def test_foreign_teacher_weights_are_refused(env):
     other = str(env["base"] / "other.pth")
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), other)

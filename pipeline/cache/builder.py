@@ -54,7 +54,7 @@ from pipeline.cache.teacher import (
 )
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.shard_format import ShardIndex, read_index
-from pipeline.ray_setup import init_ray
+from pipeline.ray_setup import check_request_fits, init_ray
 from pipeline.storage import check_location, filesystem, join
 
 
@@ -181,6 +181,7 @@ def _run_actors(
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
     committed targets (``records`` gets each shard's completion record). Returns the
     timing of each actor that took part."""
+    check_request_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, 1, "catkd cache build's teacher actor")
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
         raise CacheBuildError(

@@ -25,7 +25,7 @@ from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha2
 from pipeline.cache.reader import TargetCache
 from pipeline.console import Console, Relay
 from pipeline.data.shard_format import read_index
-from pipeline.ray_setup import init_ray
+from pipeline.ray_setup import check_request_fits, init_ray
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig, resume_conflicts
@@ -136,8 +136,11 @@ def check_resume(cfg: TrainConfig) -> None:
 
 def _cpus_per_worker(cfg: TrainConfig) -> int:
     """loader_workers + 1 by default (the loader processes and the training loop), capped
-    on a cluster too small for it so that a laptop run still starts."""
-    wanted = cfg.cpus_per_worker or cfg.loader_workers + 1
+    on a cluster too small for it so that a laptop run still starts; a cpus_per_worker
+    that is set is taken as it is (and refused at once where it can never fit)."""
+    if cfg.cpus_per_worker:
+        return cfg.cpus_per_worker
+    wanted = cfg.loader_workers + 1
     available = int(ray.cluster_resources().get("CPU", 1))
     fit = max(1, available // max(1, cfg.num_workers))
     if wanted > fit:
@@ -156,6 +159,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     init_ray(verbose=cfg.verbose)
     storage = cfg.storage_path
     resources = {"CPU": _cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
+    check_request_fits(resources, cfg.num_workers, f"catkd train {cfg.name}")
     with Relay(waiting=lambda: _waiting_line(cfg, resources)) as console:
         try:
             result = _fit(cfg, resources, console)
