@@ -289,6 +289,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # None: catkd --help
     args = build_parser(command).parse_args(argv)
     func: Command = args.func
+    from pipeline import stopping
+
+    kept = STOPPED_KEEPS.get(args.command, "nothing it completed is undone; rerun the same command to go on")
+    stopping.install(f"catkd {args.command}: stopped by {{signal}}; {kept}")
     try:
         return func(args)
     except CatkdError as exc:
@@ -296,6 +300,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Anything else is a bug and keeps its traceback.
         print(f"catkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+# What a stopped command leaves, and how to go on (pipeline.stopping).
+STOPPED_KEEPS = {
+    "train": "the checkpoints of completed epochs are kept under storage_path/name; rerun the same command to resume "
+    "after the last one",
+    "cache": "complete data shards are kept; rerun the same command to build only the others",
+    "shard": "complete shards are kept; rerun the same command to write only the others",
+    "sweep": "finished runs and the checkpoints of unfinished ones are kept; rerun the same command to go on",
+}
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 import ray
 
 from catkd.errors import CatkdError
+from pipeline import stopping
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0  # then the head's process group is killed
@@ -61,12 +62,14 @@ def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **options)
+        stopping.reinstall()  # Ray's core worker took SIGTERM to print its own lines
         return
     address = join_local_ray(num_cpus)
     # The head was started by whichever command came first, with that command's
     # environment: this command's own (credentials, Ray Train settings) goes with its job.
     env = {k: v for k, v in os.environ.items() if k not in _OWN_ENV} | {"RAY_ADDRESS": address}
     ray.init(address=address, runtime_env={"env_vars": env}, **options)
+    stopping.reinstall()
 
 
 def join_local_ray(num_cpus: int | None = None) -> str:

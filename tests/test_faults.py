@@ -1,4 +1,4 @@
-"""Faults on real Ray: a lost worker node, and a driver stopped mid-run then rerun."""
+"""Faults on real Ray: a lost worker node, and a driver stopped by SIGTERM mid-run then rerun."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_lost_worker_node_restarts_from_last_checkpoint(env):
 
 
 @pytest.mark.slow
-def test_driver_stopped_mid_run_resumes_on_rerun(env):
+def test_driver_stopped_by_sigterm_says_so_in_one_line_and_resumes_on_rerun(env):
     storage = str(env["base"] / "runs-driver")
     command = [
         sys.executable,
@@ -97,9 +97,23 @@ def test_driver_stopped_mid_run_resumes_on_rerun(env):
             proc.stdout.read().decode()[-3000:] if proc.poll() is not None else "timeout"
         )
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
-    proc.wait()
+    # SIGTERM to the driver, as `timeout`, a batch scheduler or a pod stop send it
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 143, output[-3000:]
+    stopped = [line for line in output.splitlines() if line.startswith("catkd train: stopped by SIGTERM")]
+    assert len(stopped) == 1 and "rerun the same command to resume" in stopped[0], output[-3000:]
+    for ray_line in ("SIGTERM received", "logging.cc", "PC: @", "Traceback"):
+        assert ray_line not in output, output[-3000:]
     assert open(metrics).read().count("\n") < 3
+    # nothing the stopped run started keeps holding the shared Ray's CPUs
+    import ray
+
+    deadline = time.time() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.time() < deadline, f"CPUs still held: {ray.available_resources()}"
+        time.sleep(0.5)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "stopped: 1 worker(s) resuming after epoch" in rerun.stdout, rerun.stdout[-3000:]
     assert [json.loads(line)["epoch"] for line in open(metrics)] == [1, 2, 3]
