@@ -68,3 +68,19 @@ def test_groups_paired_differences_and_tables():
     )
     sizes = topk_study.sizes_table(summary)
     assert "| 4 | `topk:50` | 1,822 | 18.7 GB |" in sizes and "ImageNet-21k (21,841 classes" in sizes
+
+
+def test_docs_results_topk_tables_are_generated_from_the_committed_json():
+    """docs/RESULTS.md's top-k tables are exactly what docs/results/cifar10_topk.json gives,
+    and its groups and paired differences are those of its own runs."""
+    import json
+
+    from study_report import update_document
+
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10_topk.json").read_text())
+    assert summary["complete"] and len({r["seed"] for r in summary["runs"]}) == 2
+    assert topk_study.groups(summary["runs"]) == summary["groups"]
+    assert topk_study.paired(summary["runs"]) == summary["paired_differences"]
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert "<!-- topk:accuracy -->" in doc and "<!-- topk:sizes -->" in doc
+    assert update_document(doc, summary, topk_study.TABLES, "topk") == doc
