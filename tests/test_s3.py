@@ -298,6 +298,7 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
     env, fs = s3
     url, _ = s3_cache
     root = url.removeprefix("s3://")
+    fs.invalidate_cache()
     done = {j: json.loads(fs.cat_file(f"{root}/done/shard-{j:06d}.json")) for j in range(4)}
     cam = next(p for p in fs.find(f"{root}/{done[1]['path']}") if "/cam/c/" in p)
     data = fs.cat_file(cam)
@@ -314,11 +315,13 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
 
     repair = _catkd(env, "cache", "verify", url, "--samples", "0", "--repair")
     assert repair.returncode == 1 and "retired data shard(s) 1:" in repair.stdout, repair.stderr[-3000:]
+    fs.invalidate_cache()  # this process's listings predate the repair's deletions
     assert not fs.exists(f"{root}/manifest.json") and not fs.exists(f"{root}/done/shard-000001.json")
     command = shlex.split(repair.stdout.strip().splitlines()[-1])
     assert command[:3] == ["catkd", "cache", "build"]
     rebuild = _catkd(env, *command[1:])
     assert rebuild.returncode == 0 and "[cache] rebuilt 1 of 4 shards" in rebuild.stdout, rebuild.stderr[-3000:]
+    fs.invalidate_cache()
     after = {j: json.loads(fs.cat_file(f"{root}/done/shard-{j:06d}.json")) for j in range(4)}
     assert after[1]["checksums"] == done[1]["checksums"] and after[1]["path"] != done[1]["path"]
     assert {j: after[j] for j in (0, 2, 3)} == {j: done[j] for j in (0, 2, 3)}
