@@ -77,7 +77,12 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (["cache", "verify", f"{tmp}"], f"{tmp}: not a catkd cache"),
         (["shard", f"imagefolder:{tmp}/nowhere", f"{tmp}/out"], f"{tmp}/nowhere: source path does not exist"),
         (build + ["--num-views", "abc"], "num_views: expected an integer, got 'abc'"),
-        (build + ["--storage", "bogus"], "storage: expected one of float16, float32, int8, features, got 'bogus'"),
+        (
+            build + ["--storage", "bogus"],
+            "storage: expected one of float16, float32, int8, features or topk:K (K classes per view), got 'bogus'",
+        ),
+        (build + ["--storage", "topk:0"], "storage: topk:K keeps K >= 1 classes per view, got 'topk:0'"),
+        (build + ["--storage", "topk:11"], "storage: topk:11 keeps 11 classes per view, but the data has only 10"),
         (build + ["--gpus-per-actor", "-1"], "gpus_per_actor: must be at least 0, got -1.0"),
         (
             ["shard", "synthetic:shapes", f"{tmp}/s", "--samples-per-shard", "0"],

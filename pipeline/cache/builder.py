@@ -181,13 +181,13 @@ def _run_actors(
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
     committed targets (``records`` gets each shard's completion record). Returns the
     timing of each actor that took part."""
-    check_request_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, 1, "catkd cache build's teacher actor")
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
         raise CacheBuildError(
             f"asked for {cfg.gpus_per_actor} GPU per teacher actor, but the Ray cluster has no GPU "
             f"({resources.get('GPU', 0)} in all)"
         )
+    check_request_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, 1, "catkd cache build's teacher actor")
     cpus = int(resources.get("CPU", 1))
     actor_count = min(cfg.actors, len(todo))
     free = cpus - actor_count * cfg.cpus_per_actor
