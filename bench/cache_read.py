@@ -30,8 +30,8 @@ import torch
 from pipeline.cache.layout import decode_stored, encode_targets, raw_bytes_per_view, read_view, write_group
 from pipeline.storage import zarr_store
 
-IMAGENET_1K_IMAGES = 1_281_167
-IMAGENET_21K_IMAGES = 14_197_122
+# name -> (classes, training images)
+IMAGENET = {"ImageNet-1k": (1000, 1_281_167), "ImageNet-21k": (21841, 14_197_122)}
 
 
 def _teacher_outputs(n: int, views: int, classes: int, r: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,16 +99,37 @@ def read(args: argparse.Namespace) -> None:
                 )
 
 
-def sizes(args: argparse.Namespace) -> None:
-    print(f"S = {args.views} views; ImageNet-1k: {IMAGENET_1K_IMAGES:,} images, ImageNet-21k: {IMAGENET_21K_IMAGES:,}")
-    print("| classes | r | form | bytes per view | whole cache |")
-    print("|---:|---:|---|---:|---:|")
-    for classes, images in ((1000, IMAGENET_1K_IMAGES), (21841, IMAGENET_21K_IMAGES)):
+def imagenet_sizes(views: int) -> list[dict]:
+    """Bytes per view and whole-cache bytes of each form at ImageNet scale, S = ``views``
+    (this command's table and bench/topk_study.py's)."""
+    rows = []
+    for name, (classes, images) in IMAGENET.items():
         for r in (2, 4):
             for form in ("float16", "int8", "topk:10", "topk:50", "topk:100"):
                 per_view = raw_bytes_per_view(form, classes, r)
-                total = per_view * images * args.views
-                print(f"| {classes:,} | {r} | `{form}` | {per_view:,} | {total / 1e9:,.1f} GB |")
+                rows.append(
+                    {
+                        "dataset": name,
+                        "classes": classes,
+                        "images": images,
+                        "r": r,
+                        "storage": form,
+                        "bytes_per_view": per_view,
+                        "cache_bytes": per_view * images * views,
+                    }
+                )
+    return rows
+
+
+def sizes(args: argparse.Namespace) -> None:
+    print(f"S = {args.views} views; " + ", ".join(f"{n}: {images:,} images" for n, (_, images) in IMAGENET.items()))
+    print("| classes | r | form | bytes per view | whole cache |")
+    print("|---:|---:|---|---:|---:|")
+    for row in imagenet_sizes(args.views):
+        print(
+            f"| {row['classes']:,} | {row['r']} | `{row['storage']}` | {row['bytes_per_view']:,} | "
+            f"{row['cache_bytes'] / 1e9:,.1f} GB |"
+        )
 
 
 def main() -> None:

@@ -36,15 +36,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
-from study_report import markdown, regenerate  # noqa: E402
+from cache_read import imagenet_sizes  # noqa: E402
+from study_report import _std, markdown, regenerate  # noqa: E402
 
-from pipeline.cache.layout import raw_bytes_per_view  # noqa: E402
 from pipeline.cache.verify import cache_info  # noqa: E402
 from pipeline.ray_setup import init_ray  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
 
 FULL = "float16"
-IMAGENET = {"ImageNet-1k": (1000, 1_281_167), "ImageNet-21k": (21841, 14_197_122)}
 
 
 @dataclass
@@ -115,26 +114,6 @@ def paired(runs: list[dict]) -> list[dict]:
                 "seeds": len(values),
             }
         )
-    return rows
-
-
-def imagenet_sizes(views: int) -> list[dict]:
-    rows = []
-    for name, (classes, images) in IMAGENET.items():
-        for r in (2, 4):
-            for form in (FULL, "int8", "topk:10", "topk:50", "topk:100"):
-                per_view = raw_bytes_per_view(form, classes, r)
-                rows.append(
-                    {
-                        "dataset": name,
-                        "classes": classes,
-                        "images": images,
-                        "r": r,
-                        "storage": form,
-                        "bytes_per_view": per_view,
-                        "cache_bytes": per_view * images * views,
-                    }
-                )
     return rows
 
 
@@ -295,10 +274,6 @@ def sizes_table(summary: dict) -> str:
             f"`{row['storage']}` | {row['bytes_per_view']:,} | {row['cache_bytes'] / 1e9:,.1f} GB |"
         )
     return "\n".join(lines)
-
-
-def _std(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 TABLES = {"accuracy": accuracy_table, "paired": paired_table, "sizes": sizes_table}
