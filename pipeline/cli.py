@@ -134,12 +134,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline.settings import flag_values
     from pipeline.train.config import load_config
-    from pipeline.train.sweep import SweepGrid, run_sweep
+    from pipeline.train.sweep import SweepConfig, load_sweep_config, run_sweep
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:
         config, overrides = None, [config, *overrides]
-    run_sweep(load_config(config, overrides), SweepGrid(**flag_values(SweepGrid, args)))
+    base = load_config(config, overrides)
+    run_sweep(base, load_sweep_config(config, flag_values(SweepConfig, args)))
     return 0
 
 
@@ -245,14 +246,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
-        "sweep", help="a grid of student runs reading one cache concurrently, with a results table", **overrides_help
+        "sweep",
+        help="student runs over a search space from one cache, on Ray Tune (ASHA early stopping, resume, "
+        "table and picture)",
+        **overrides_help,
     )
-    p.add_argument("config", nargs="?", help="base YAML config (the run name becomes the sweep's folder)")
+    p.add_argument(
+        "config", nargs="?", help="base YAML config, with an optional sweep: section (name= is the sweep's folder)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides of the base config")
     if wanted("sweep"):
-        from pipeline.train.sweep import SweepGrid
+        from pipeline.train.sweep import SweepConfig
 
-        add_flags(p, SweepGrid)
+        add_flags(p, SweepConfig)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a checkpoint on a split")

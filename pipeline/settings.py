@@ -127,22 +127,17 @@ def _takes_text(hint: Any) -> bool:
     return typing.get_origin(hint) is Literal and all(isinstance(a, str) for a in args)
 
 
-def load_settings(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
+def load_settings(
+    cls: type[T], path: str | None = None, overrides: list[str] | None = None, sections: tuple[str, ...] = ()
+) -> T:
     """``cls`` from a YAML file (optional), then ``key=value`` overrides; every value is
-    checked against its field's type, unknown keys and unreadable files are errors."""
+    checked against its field's type, unknown keys and unreadable files are errors.
+    ``sections`` are top-level keys of the file that other settings read (``sweep``)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     hints = {k: v for k, v in _field_hints(cls).items() if k in fields}
     values: dict[str, Any] = {}
     if path:
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        values = {k: v for k, v in read_yaml(path).items() if k not in sections}
         unknown = sorted(set(values) - fields)
         if unknown:
             raise ConfigError(f"{path}: unknown config keys {unknown}; keys: {', '.join(hints)}")
@@ -151,6 +146,20 @@ def load_settings(cls: type[T], path: str | None = None, overrides: list[str] | 
         key, value = parse_override(item, hints)
         values[key] = value
     return cls(**values)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A config file's top-level mapping, or a ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+    return values
 
 
 # ---------------------------------------------------------------- command-line flags

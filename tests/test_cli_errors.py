@@ -35,6 +35,7 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
     with open(not_a_checkpoint, "w") as f:
         f.write("not a checkpoint\n")
     train = ["train", f"data={shards}", "mode=ce", f"storage_path={tmp}/runs"]
+    sweep = ["sweep", f"data={shards}", "mode=ce", f"storage_path={tmp}/runs"]
     build = [
         "cache",
         "build",
@@ -95,8 +96,12 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
             "--train-samples: an option of synthetic",
         ),
         (["shard", "--verify", f"{tmp}/a", f"{tmp}/b"], "--verify takes one argument"),
-        (["sweep", f"data={shards}", "mode=ce", "--betas", "1", "big"], "betas: expected a number, got 'big'"),
-        (["sweep", f"data={shards}", "mode=ce", "--concurrent", "0"], "concurrent: must be at least 1, got 0"),
+        (sweep + ["--space", "beta=grid:1,big"], "beta: expected a number, got 'big'"),
+        (sweep + ["--space", "betaa=grid:1,2"], "space: betaa: unknown field"),
+        (sweep + ["--space", "lr=grid:0.1,-1"], "space: lr: must be positive, got -1.0"),
+        (sweep + ["--space", "student=loguniform:1,2"], "space: student: loguniform draws numbers"),
+        (sweep + ["--reduction-factor", "1"], "reduction_factor: must be at least 2, got 1"),
+        (sweep + ["--metric", "train_kd"], "metric: 'train_kd' is not reported by mode ce"),
     ]
 
 
@@ -133,7 +138,7 @@ def test_flags_come_from_the_dataclass_fields_with_their_defaults():
     from pipeline.cache.config import CacheBuildConfig
     from pipeline.cli import build_parser
     from pipeline.settings import add_flags, flag_values
-    from pipeline.train.sweep import SweepGrid
+    from pipeline.train.sweep import SweepConfig
 
     parser = argparse.ArgumentParser()
     add_flags(parser, CacheBuildConfig)
@@ -146,8 +151,10 @@ def test_flags_come_from_the_dataclass_fields_with_their_defaults():
     assert "augmentation views per sample (S)" in helps["num_views"]
     args = parser.parse_args(["--data", "d", "--teacher", "resnet8", "--weights", "w", "--root", "r"])
     assert flag_values(CacheBuildConfig, args) == {"data": "d", "teacher": "resnet8", "weights": "w", "root": "r"}
-    args = build_parser().parse_args(["sweep", "--betas", "0.5", "2", "--seeds", "1"])
-    assert SweepGrid(**flag_values(SweepGrid, args)) == SweepGrid(betas=[0.5, 2.0], seeds=[1])
+    args = build_parser().parse_args(["sweep", "--space", "beta=grid:0.5,2", "seed=grid:0,1", "--grace-period", "2"])
+    assert SweepConfig(**flag_values(SweepConfig, args)) == SweepConfig(
+        space=["beta=grid:0.5,2", "seed=grid:0,1"], grace_period=2
+    )
     args = build_parser().parse_args(
         ["cache", "build", "--data", "d", "--teacher", "t", "--weights", "w"]
         + ["--root", "r", "--no-channels-last", "--feed-tasks", "3"]
@@ -211,6 +218,7 @@ def test_train_and_sweep_help_list_every_config_field(command, capsys):
     for line in ("epochs=240", "beta=1.0", "num_views=0", "lr_decay_epochs=[150,180,210]"):
         assert line in text
     assert "weight of the CAT loss" in text and "{ce,kd,catkd,cat,online-catkd}" in text
-    keys = [line.split("=", 1)[0].strip() for line in text.splitlines() if line.startswith("  ") and "=" in line[:40]]
+    table = text.split("config fields, each overridable as key=value:", 1)[1]  # the epilog, after the flags
+    keys = [line.split("=", 1)[0].strip() for line in table.splitlines() if line.startswith("  ") and "=" in line[:40]]
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     assert [k for k in keys if k in names] == names

@@ -257,15 +257,13 @@ def test_yaml_config_and_overrides(tmp_path):
         load_config(None, ["data=/d", "mode=catkd"])
 
 
-def test_sweep_reads_one_cache_concurrently(env):
-    from pipeline.train.sweep import SweepGrid, run_sweep
+def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(env):
+    """Every value of the space is checked against the data and the cache at start."""
+    from pipeline.train.sweep import SweepConfig, run_sweep
 
-    results = run_sweep(
-        _cfg(env, "sweep", epochs=1, num_workers=1), SweepGrid(betas=[0.5, 2.0], seeds=[0], concurrent=2)
-    )
-    assert sorted(r["beta"] for r in results) == [0.5, 2.0]
-    table = json.loads((env["base"] / "runs" / "sweep" / "sweep.json").read_text())
-    assert len(table) == 2 and all(0 <= r["test_top1"] <= 100 for r in table)
+    with pytest.raises(CacheMismatchError, match="resolution"):
+        run_sweep(_cfg(env, "sweep-r", num_workers=1), SweepConfig(space=["resolution=grid:2,4"]))
+    assert not (env["base"] / "runs" / "sweep-r").exists()
 
 
 PAPER_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "paper", "*.yaml")))

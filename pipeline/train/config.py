@@ -186,8 +186,9 @@ class TrainConfig:
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
     """YAML file (optional) then ``key=value`` overrides, typed as the fields are;
-    unknown keys, wrong types and values out of range are ConfigErrors."""
-    return load_settings(TrainConfig, path, overrides)
+    unknown keys, wrong types and values out of range are ConfigErrors. A file's
+    ``sweep:`` section is ``catkd sweep``'s (pipeline.train.sweep.load_sweep_config)."""
+    return load_settings(TrainConfig, path, overrides, sections=("sweep",))
 
 
 # Fields a resumed run may change: they do not change what the run computes.

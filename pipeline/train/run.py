@@ -11,12 +11,21 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 import ray
 import torch
-from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train import (
+    CheckpointConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    TrainingFailedError,
+    UserCallback,
+)
 from ray.train.torch import TorchTrainer
 
 from catkd.errors import CatkdError, user_error
@@ -134,7 +143,7 @@ def check_resume(cfg: TrainConfig) -> None:
     write_atomic(fs, path, json.dumps(asdict(cfg), indent=1).encode())
 
 
-def _cpus_per_worker(cfg: TrainConfig) -> int:
+def cpus_per_worker(cfg: TrainConfig) -> int:
     """loader_workers + 1 by default (the loader processes and the training loop), capped
     on a cluster too small for it so that a laptop run still starts; a cpus_per_worker
     that is set is taken as it is (and refused at once where it can never fit)."""
@@ -152,17 +161,19 @@ def _cpus_per_worker(cfg: TrainConfig) -> int:
     return wanted
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, callbacks: Sequence[UserCallback] = ()) -> dict[str, Any]:
+    """Run (or resume) ``cfg`` on Ray Train; ``callbacks`` are Ray Train's (a sweep's
+    trial passes the one that reports each epoch to Tune)."""
     check_location(cfg.storage_path)
     cfg = resolve(cfg)
     check_resume(cfg)
     init_ray(verbose=cfg.verbose)
     storage = cfg.storage_path
-    resources = {"CPU": _cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
+    resources = {"CPU": cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
     check_request_fits(resources, cfg.num_workers, f"catkd train {cfg.name}")
     with Relay(waiting=lambda: _waiting_line(cfg, resources)) as console:
         try:
-            result = _fit(cfg, resources, console)
+            result = _fit(cfg, resources, console, callbacks)
         except TrainingFailedError as exc:  # Ray Train V2's fit raises what its workers failed with
             raise worker_user_error(exc) from None
     if result.error:
@@ -199,7 +210,9 @@ def _waiting_line(cfg: TrainConfig, resources: dict[str, float]) -> str:
     )
 
 
-def _fit(cfg: TrainConfig, resources: dict[str, float], console: Console) -> Result:
+def _fit(
+    cfg: TrainConfig, resources: dict[str, float], console: Console, callbacks: Sequence[UserCallback] = ()
+) -> Result:
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": asdict(cfg), "console": console},
@@ -209,6 +222,7 @@ def _fit(cfg: TrainConfig, resources: dict[str, float], console: Console) -> Res
             storage_path=cfg.storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
         ),
     )
     return trainer.fit()
