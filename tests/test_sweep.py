@@ -132,3 +132,22 @@ def test_the_table_ranks_by_the_metric_and_marks_stopped_and_failed_trials():
     assert text[-1] == "beta=64_00003 failed: ConfigError: lr: bad"
     png = plot(ranked, parse_space(["beta=grid:0.5,1,8,64"], TrainConfig), "test_top1")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_rerun_with_another_space_or_base_is_refused_not_mixed(tmp_path):
+    import dataclasses
+
+    from pipeline.train.run import ResumeError
+    from pipeline.train.sweep import check_sweep_resume
+
+    folder = str(tmp_path / "sweep")
+    base, sweep = TrainConfig(data="/d", mode="ce"), SweepConfig(space=["beta=grid:1,2"])
+    check_sweep_resume(folder, base, sweep)  # the first start records both
+    check_sweep_resume(folder, base, sweep)  # the same command continues
+    check_sweep_resume(
+        folder, dataclasses.replace(base, loader_workers=0), dataclasses.replace(sweep, max_concurrent=1)
+    )
+    with pytest.raises(ResumeError, match=r"sweep.space=\['beta=grid:1,2'\], now sweep.space=\['beta=grid:1,4'\]"):
+        check_sweep_resume(folder, base, SweepConfig(space=["beta=grid:1,4"]))
+    with pytest.raises(ResumeError, match="started with epochs=240, now epochs=3; continuing would mix two sweeps"):
+        check_sweep_resume(folder, dataclasses.replace(base, epochs=3), sweep)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import os
 import posixpath
@@ -31,9 +32,9 @@ from ray.tune.schedulers import ASHAScheduler
 from catkd.errors import ConfigError
 from pipeline.ray_setup import init_ray
 from pipeline.settings import check_fields, check_value, read_yaml
-from pipeline.storage import check_location, join
+from pipeline.storage import check_location, filesystem, join, write_atomic
 from pipeline.train.config import TrainConfig
-from pipeline.train.run import cpus_per_worker, resolve, train
+from pipeline.train.run import ResumeError, cpus_per_worker, resolve, train
 from pipeline.train.search_space import Dimension, check_against, grid_size, parse_space, space_items
 from pipeline.train.sweep_report import report, run_history, trial_rows
 
@@ -94,6 +95,7 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig) -> list[dict[str, Any]]:
         logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
 
     folder = join(base.storage_path, base.name)
+    check_sweep_resume(folder, base, sweep)
     concurrent = sweep.max_concurrent or _trials_that_fit(base)
     trials = grid_size(dims) * sweep.num_samples
     trainable = tune.with_resources(
@@ -134,6 +136,38 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig) -> list[dict[str, Any]]:
     rows = trial_rows(grid, base, dims, sweep)
     report(rows, base, dims, sweep, folder)
     return rows
+
+
+SWEEP_CONFIG = "sweep_config.json"
+# What a rerun may change without mixing two sweeps: how many trials run at once, and how
+# each trial's run executes (not what it computes).
+SWEEP_RESUMABLE = ("max_concurrent",)
+BASE_RESUMABLE = ("loader_workers", "cpus_per_worker", "max_failures", "verbose", "compile")
+
+
+def check_sweep_resume(folder: str, base: TrainConfig, sweep: SweepConfig) -> None:
+    """Refuse to continue the sweep in ``folder`` under another base config or sweep
+    setting (the restored experiment would keep its old space and scheduler while its
+    restarted trials took the new base); the first start records both."""
+    fs, root = filesystem(folder)
+    path = join(root, SWEEP_CONFIG)
+    now = {"base": dataclasses.asdict(base), "sweep": dataclasses.asdict(sweep)}
+    if fs.exists(path):
+        saved = json.loads(fs.cat_file(path))
+        changed = [
+            (f"{part}.{key}" if part == "sweep" else key, saved[part].get(key), now[part].get(key))
+            for part, allowed in (("sweep", SWEEP_RESUMABLE), ("base", BASE_RESUMABLE))
+            for key in sorted(set(saved[part]) | set(now[part]))
+            if key not in allowed and saved[part].get(key) != now[part].get(key)
+        ]
+        if changed:
+            key, before, after = changed[0]
+            raise ResumeError(
+                f"{folder}: this sweep was started with {key}={before!r}, now {key}={after!r}"
+                f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; "
+                "continuing would mix two sweeps: choose another name= for a new sweep"
+            )
+    write_atomic(fs, path, json.dumps(now, indent=1).encode())
 
 
 def _check_inputs(base: TrainConfig, dims: list[Dimension]) -> TrainConfig:
