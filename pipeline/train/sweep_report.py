@@ -182,6 +182,7 @@ def plot(rows: list[dict[str, Any]], dims: list[Dimension], metric: str) -> byte
 
 
 def _against_field(ax: Any, rows: list[dict[str, Any]], dim: Dimension, metric: str) -> None:
+    import matplotlib.ticker
     shown = [row for row in rows if row["metric_last"] is not None]
     values = [row["params"][dim.field] for row in shown]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
@@ -190,6 +191,9 @@ def _against_field(ax: Any, rows: list[dict[str, Any]], dim: Dimension, metric: 
         positive = [v for v in values if v > 0]
         if dim.kind == "loguniform" or (len(positive) == len(values) and positive and max(x) / min(x) >= 10):
             ax.set_xscale("log")
+            if dim.kind != "loguniform":  # a grid: its own values as the ticks, no log-scale minor labels
+                ax.set_xticks(sorted(set(x)), [f"{v:g}" for v in sorted(set(x))])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     else:  # categories (students, lists): in the order first seen
         order = list(dict.fromkeys(map(str, values)))
         x = [order.index(str(v)) for v in values]
