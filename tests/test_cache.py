@@ -170,6 +170,33 @@ def test_topk_cache_keeps_the_full_caches_top_classes_and_verifies(setup, float1
     assert verify_cache(url, sample_views=4) == []
 
 
+def test_a_cache_with_augmentation_stages_replays_them_and_verifies(setup):
+    """TrivialAugment and random erasing drawn into the views: the stored parameters
+    (5 + 3 + 5 per view) replay to the pixels the teacher saw (its targets equal a
+    direct computation on the replayed views), verify recomputes them clean, and the
+    repair's build command carries the stages."""
+    from pipeline.cache.verify import rebuild_command
+
+    cfg = _cfg(setup, setup["base"] / "root-stages", ops="trivialaugment", erase=0.5)
+    cache = TargetCache(build_cache(cfg))
+    spec = cfg.augment_spec()
+    assert cache.identity.spec["ops"] == "trivialaugment" and cache.identity.spec["erase"] == 0.5
+    assert cache.manifest["arrays"]["params"] == {"shape": [25, 3, 13], "dtype": "int32"}
+    index = read_index(setup["data"], "train")
+    for j, view in [(0, 1), (2, 2)]:
+        got = cache.read(j, view)
+        samples = load_shard(setup["data"], index, index.shards[j])
+        images = [decode_image(s, index.image_shape, "t") for s in samples]
+        _, views = render_views(spec, images, got["ids"], view, stored_params=got["params"])
+        with torch.no_grad():
+            logits, cam = setup["teacher"](normalize_batch(spec, views))
+        np.testing.assert_allclose(got["logits"], logits.numpy(), rtol=2e-3, atol=2e-3 * np.abs(logits.numpy()).max())
+        plain = render_views(AugmentSpec.preset("cifar"), images, got["ids"], view)[1]
+        assert (views != plain).any(dim=(1, 2, 3)).float().mean() > 0.3  # the stages changed the views
+    assert verify_cache(cache.url, sample_views=4) == []
+    assert "--ops trivialaugment --erase 0.5" in rebuild_command(cache)
+
+
 def test_topk_above_the_class_count_is_refused_at_start(setup, tmp_path):
     from catkd.errors import ConfigError
 
@@ -364,7 +391,7 @@ def test_old_cache_format_is_refused_with_a_clear_message(setup, float16_cache, 
     manifest = json.loads((old / "manifest.json").read_text())
     manifest["identity"]["format_version"] = 1
     (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CacheMismatchError, match="cache format version 1, this catkd reads version 3.*rebuild it"):
+    with pytest.raises(CacheMismatchError, match="cache format version 1, this catkd reads version 4.*rebuild it"):
         TargetCache(str(old))
 
 

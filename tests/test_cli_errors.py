@@ -83,6 +83,9 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
             "storage: expected one of float16, float32, int8, features or topk:K (K classes per view), got 'bogus'",
         ),
         (build + ["--storage", "topk:0"], "storage: topk:K keeps K >= 1 classes per view, got 'topk:0'"),
+        (build + ["--ops", "autoaugment"], "ops: expected none, trivialaugment or randaugment:N:M"),
+        (build + ["--erase", "2"], "erase: the erasing probability must be in [0, 1], got 2.0"),
+        (train + ["ops=randaugment:2:31"], "ops: randaugment:N:M takes a magnitude bin M in 0..30, got M=31"),
         (build + ["--storage", "topk:11"], "storage: topk:11 keeps 11 classes per view, but the data has only 10"),
         (build + ["--gpus-per-actor", "-1"], "gpus_per_actor: must be at least 0, got -1.0"),
         (

@@ -51,7 +51,26 @@ def env(ray_local, tmp_path_factory):
             progress=False,
         )
     )
-    return {"base": base, "data": data, "weights": weights, "cache": cache, "topk_cache": topk_cache}
+    stage_cache = build_cache(
+        CacheBuildConfig(
+            data=data,
+            teacher="resnet8",
+            weights=weights,
+            root=str(base / "caches"),
+            num_views=2,
+            ops="trivialaugment",
+            erase=0.25,
+            progress=False,
+        )
+    )
+    return {
+        "base": base,
+        "data": data,
+        "weights": weights,
+        "cache": cache,
+        "topk_cache": topk_cache,
+        "stage_cache": stage_cache,
+    }
 
 
 def _cfg(env, name, **kw):
@@ -93,6 +112,9 @@ def runs(env):
         "catkd": _cfg(env, "catkd"),
         **{f"mode-{mode}": _mode_cfg(env, mode) for mode in MODES},
         "catkd-topk": _cfg(env, "catkd-topk", epochs=1, num_workers=1, cache=env["topk_cache"]),
+        "catkd-stages": _cfg(
+            env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], ops="trivialaugment", erase=0.25
+        ),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
         "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
     }
@@ -255,6 +277,17 @@ def test_yaml_config_and_overrides(tmp_path):
         load_config(None, ["data=/d", "nonsense=1"])
     with pytest.raises(ValueError, match="needs|cache"):
         load_config(None, ["data=/d", "mode=catkd"])
+
+
+def test_a_cache_with_augmentation_stages_trains_and_must_match_the_runs_stages(env, runs):
+    """The loader replays each view's stored stages (checking them against the spec's
+    draws); a run whose stages differ from the cache's is refused naming the field."""
+    history = _result(runs, "catkd-stages")["history"]
+    assert len(history) == 1 and history[0]["train_cat"] > 0 and 0 <= history[0]["test_top1"] <= 100
+    with pytest.raises(CacheMismatchError, match="spec.ops: the run needs 'none', the cache holds 'trivialaugment'"):
+        resolve(_cfg(env, "stages-missing", cache=env["stage_cache"], erase=0.25))
+    with pytest.raises(CacheMismatchError, match="spec.erase: the run needs 0.5, the cache holds 0.25"):
+        resolve(_cfg(env, "stages-other", cache=env["stage_cache"], ops="trivialaugment", erase=0.5))
 
 
 def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(env):

@@ -10,6 +10,7 @@ from catkd.models import model_normalization, model_problem
 from pipeline.cache.identity import CacheIdentity, StorageForm, identity_of, parse_storage
 from pipeline.cache.teacher import CacheBuildError, Precision
 from pipeline.data.shard_format import ShardIndex
+from pipeline.data.stages import parse_stages
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
 from pipeline.settings import check_fields, check_normalization
 
@@ -27,6 +28,10 @@ class CacheBuildConfig:
     resolution: int = 2  # CAM pooling resolution r
     spec: str = "cifar"  # augmentation spec: cifar or imagenet
     spec_seed: int = 0  # seed of the view parameters
+    # stronger augmentation after the crop, recorded in each view's parameters: none,
+    # trivialaugment or randaugment:N:M (N ops at magnitude bin M of 31); part of the spec
+    ops: str = "none"
+    erase: float = 0.0  # then random erasing with this probability; part of the spec
     # how targets are stored: float16, float32, int8, features, or topk:K (the K classes
     # with the highest teacher logits per view; docs/cache.md compares the forms and sizes)
     storage: StorageForm = "float16"
@@ -80,6 +85,7 @@ class CacheBuildConfig:
         if problem := model_problem(self.teacher):
             raise ConfigError(f"teacher: {problem}")
         check_normalization(self)
+        parse_stages(self.ops, self.erase)
 
     def augment_spec(self) -> AugmentSpec:
         """The spec every part of the build renders with: made here, nowhere else."""
@@ -96,7 +102,9 @@ class CacheBuildConfig:
                 f"renderer {renderer} with decoder {decoder} runs on the teacher's GPU, but the actors have none "
                 "(--gpus-per-actor 0): use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
-        spec = AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        spec = AugmentSpec.preset(
+            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase
+        )
         own = model_normalization(self.teacher) or (None, None)
         return spec.normalized_by(
             self.mean if self.mean is not None else own[0], self.std if self.std is not None else own[1]

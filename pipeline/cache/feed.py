@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.data import host_images
 from pipeline.data.shard_format import ShardIndex, decode_image, load_shard
-from pipeline.data.views import NUM_PARAMS, AugmentSpec, render_views, view_params
+from pipeline.data.views import AugmentSpec, render_views, view_params
 from pipeline.storage import join
 
 
@@ -29,7 +29,7 @@ from pipeline.storage import join
 class FeedChunk:
     j: int  # data shard
     ids: np.ndarray  # (m,) consecutive sample ids
-    params: np.ndarray  # (m, S, 5) int32 view parameters
+    params: np.ndarray  # (m, S, P) int32 view parameters (P: the spec's num_params)
     views: np.ndarray | None = None  # (m, S, 3, H, W) uint8: the cpu renderer's views
     images: dict[str, np.ndarray] | None = None  # host_images.pack: for the device renderer
 
@@ -57,8 +57,8 @@ def render_chunks(
 def _render_all(
     spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(params (m, S, 5) int32, views (m, S, 3, H, W) uint8) of images decoded once for all S views."""
-    params = np.empty((len(images), num_views, NUM_PARAMS), np.int32)
+    """(params (m, S, P) int32, views (m, S, 3, H, W) uint8) of images decoded once for all S views."""
+    params = np.empty((len(images), num_views, spec.num_params), np.int32)
     views = None
     for view in range(num_views):
         p, batch = render_views(spec, images, ids, view)

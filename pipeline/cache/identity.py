@@ -16,9 +16,10 @@ from catkd.errors import CatkdError, ConfigError
 
 # 2: precision in the identity, the view renderer's version and normalisation in the
 # spec, class-mixed data (index version 2). 3: the spec names the renderer (cpu or
-# device) and the JPEG decoder (cpu or nvjpeg) that made the views. Older caches are
-# refused: rebuild them.
-FORMAT_VERSION = 3
+# device) and the JPEG decoder (cpu or nvjpeg) that made the views. 4: the spec's
+# augmentation stages (ops, erase), whose draws widen the view parameters past five.
+# Older caches are refused: rebuild them.
+FORMAT_VERSION = 4
 TargetKind = Literal["cam", "binarized_cam"]
 # How targets are stored (docs/cache.md compares them): one of DENSE_FORMS, every
 # class's pooled CAM, or "topk:K", the K classes with the highest teacher logits.
@@ -58,7 +59,8 @@ class CacheIdentity:
         if version != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"cache format version {version}, this catkd reads version {FORMAT_VERSION} (older caches lack the "
-                "compute precision, the view renderer and decoder, or class-mixed data in their identity); "
+                "augmentation stages, compute precision, view renderer and decoder, or class-mixed data in their "
+                "identity); "
                 "rebuild it with `catkd cache build`"
             )
         return cls(**data)

@@ -4,7 +4,7 @@ Per data shard ``j`` one zarr v3 group holds, for its ``n`` samples and ``S`` vi
 
     cam     (n, S, C, r, r)   pooled teacher CAMs (form-dependent encoding, below)
     logits  (n, S, C)         the teacher's real logits, bias included
-    params  (n, S, 5) int32   view parameters (x0, y0, w, h, flip)
+    params  (n, S, P) int32   view parameters (x0, y0, w, h, flip, then the spec's stages)
     ids     (n,)      int64   sample ids
 
 Each array is one zarr shard (one object on storage) whose inner chunks hold one view
@@ -108,13 +108,15 @@ def _encode_topk(k: int, cam: np.ndarray, logits: np.ndarray) -> dict[str, np.nd
     }
 
 
-def raw_bytes_per_view(form: StorageForm, num_classes: int, resolution: int, feature_dim: int | None = None) -> int:
-    """Uncompressed bytes one view takes in ``form`` (targets, logits and the five int32
-    view parameters): the arithmetic behind docs/cache.md's size tables and
-    ``catkd cache info``."""
+def raw_bytes_per_view(
+    form: StorageForm, num_classes: int, resolution: int, feature_dim: int | None = None, num_params: int = 5
+) -> int:
+    """Uncompressed bytes one view takes in ``form`` (targets, logits and the int32 view
+    parameters: five, more with augmentation stages): the arithmetic behind
+    docs/cache.md's size tables and ``catkd cache info``."""
     kind, k = parse_storage(form)
     maps = resolution * resolution
-    params = 5 * 4
+    params = num_params * 4
     if kind == "topk":
         index = class_index_dtype(num_classes).itemsize
         return k * (index + 2 * maps + 2) + 2 + params

@@ -23,7 +23,7 @@ class CacheDamagedError(CacheMismatchError):
 
 class TargetCache:
     """An opened, complete cache. ``read(j, view)`` returns that data shard's targets:
-    ``ids`` (n,), ``params`` (n, 5), ``cam`` (n, C, r, r) float32, ``logits`` (n, C)
+    ``ids`` (n,), ``params`` (n, P), ``cam`` (n, C, r, r) float32, ``logits`` (n, C)
     (a top-k cache: ``cam`` (n, K, r, r) and ``classes`` (n, K), see ``read_view``)."""
 
     def __init__(self, url: str) -> None:

@@ -50,7 +50,11 @@ def cache_info(url: str) -> dict[str, Any]:
         "bytes_per_view": stored / views,
         # uncompressed, from the layout: what the size tables of docs/cache.md count
         "raw_bytes_per_view": raw_bytes_per_view(
-            ident.storage, ident.num_classes, ident.resolution, _feature_dim(cache.manifest)
+            ident.storage,
+            ident.num_classes,
+            ident.resolution,
+            _feature_dim(cache.manifest),
+            AugmentSpec.from_dict(ident.spec).num_params,
         ),
         "created": cache.manifest["created"],
         "versions": cache.manifest["versions"],
@@ -148,6 +152,10 @@ def rebuild_command(cache: TargetCache) -> str:
         f"--mean {' '.join(map(str, spec['mean']))}",
         f"--std {' '.join(map(str, spec['std']))}",
     ]
+    if spec.get("ops", "none") != "none":
+        parts.append(f"--ops {spec['ops']}")
+    if spec.get("erase", 0.0) > 0:
+        parts.append(f"--erase {spec['erase']}")
     build = manifest.get("build", {})
     # batches as the build made them, so that rebuilt values are bitwise the same
     if "batch_size" in build:

@@ -31,7 +31,7 @@ import torch
 
 from catkd.errors import CatkdError
 from pipeline.data import host_images
-from pipeline.data.views import AugmentSpec
+from pipeline.data.views import NUM_PARAMS, AugmentSpec, apply_stages
 
 # Views per pair of matmuls: bounds the float32 intermediate (views x 3 x H x size).
 VIEWS_PER_CALL = 256
@@ -116,8 +116,9 @@ def pad_images(images: list[torch.Tensor]) -> torch.Tensor:
 
 def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torch.Tensor) -> torch.Tensor:
     """Decoded images (3, H_k, W_k) uint8, all on one device, and their view parameters
-    (m, S, 5) -> (m, S, 3, size, size) uint8 views on that device: every image reaches
-    the device once and all its S views are rendered there."""
+    (m, S, P) -> (m, S, 3, size, size) uint8 views on that device: every image reaches
+    the device once and all its S views are rendered there, then the spec's stages
+    (``views.apply_stages``, the CPU renderer's own) are applied there."""
     device = images[0].device
     m, views = params.shape[:2]
     params = params.to(device=device, dtype=torch.int64)
@@ -129,7 +130,7 @@ def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torc
         step = max(1, VIEWS_PER_CALL // views)
         with _exact_float32(device):
             for first in range(0, m, step):
-                p = params[first : first + step].reshape(-1, 5)  # (c * S, 5), sample-major
+                p = params[first : first + step, :, :NUM_PARAMS].reshape(-1, NUM_PARAMS)  # (c * S, 5), sample-major
                 c = len(p) // views
                 wx = axis_weights(p[:, 0], p[:, 2], out_w, width, p[:, 4])  # (c * S, size, W)
                 wy = axis_weights(p[:, 1], p[:, 3], out_h, height)  # (c * S, size, H)
@@ -146,6 +147,9 @@ def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torc
             f"{tuple(padded.shape[-2:]) if 'padded' in locals() else '?'}): "
             f"lower chunk_views (cache build) or batch_size (training), or shard with a smaller max_short_side"
         ) from exc
+    if spec.num_params > NUM_PARAMS:
+        flat = apply_stages(spec, out.view(m * views, 3, out_h, out_w), params.reshape(m * views, -1))
+        out = flat.view(m, views, 3, out_h, out_w)
     return out
 
 

@@ -31,7 +31,7 @@ from pipeline.storage import join
 
 class TargetReader(Protocol):
     """Per-shard teacher targets: ``read(j, view, decode=False)`` gives data shard j's
-    ``ids`` (n,), ``params`` (n, 5) and target arrays of that view, in their stored form.
+    ``ids`` (n,), ``params`` (n, P) and target arrays of that view, in their stored form.
     Picklable: it travels to the DataLoader's worker processes."""
 
     url: str

@@ -7,8 +7,10 @@ in source pixels (x0/y0 may be negative: CIFAR padding) and the flip bit. Applyi
 parameters is deterministic, so a student replaying the parameters stored in the cache
 sees exactly the image the teacher saw.
 
-Nothing random happens outside the parameters: colour jitter or mixing would make the
-cached teacher targets wrong for what the student sees, so specs offer none.
+Nothing random happens outside the parameters: stronger augmentation (TrivialAugment,
+RandAugment, random erasing) is offered only as recorded stages
+(``pipeline.data.stages``), whose draws are stored after the crop box and flip, so a
+view's parameters are ``5 + stages.width`` integers (``AugmentSpec.num_params``).
 
 Where the views are rendered is part of the spec: ``renderer`` is ``cpu`` (this
 module, on the host, per image) or ``device`` (``pipeline.data.device_render``: the
@@ -33,8 +35,9 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from catkd.errors import CatkdError
+from pipeline.data import stages as view_stages
 
-NUM_PARAMS = 5  # x0, y0, w, h, flip
+NUM_PARAMS = 5  # x0, y0, w, h, flip: every spec's first parameters (stages add theirs after)
 SpecName = Literal["cifar", "imagenet"]
 MEAN_STD = {
     "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -65,8 +68,11 @@ class AugmentSpec:
     renderer_version: int = RENDERER_VERSION
     renderer: Renderer = "cpu"  # where views are cropped and resized: the host, or the training/teacher device
     decoder: Decoder = "cpu"  # who decodes JPEGs: the host's libjpeg-turbo, or nvJPEG on the GPU
+    ops: str = "none"  # after the crop: none, trivialaugment or randaugment:N:M (pipeline.data.stages)
+    erase: float = 0.0  # then random erasing with this probability
 
     def __post_init__(self) -> None:
+        view_stages.parse_stages(self.ops, self.erase)  # a ConfigError naming ops or erase
         if self.renderer not in RENDERERS:
             raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got {self.renderer!r}")
         if self.decoder not in DECODERS:
@@ -76,14 +82,30 @@ class AugmentSpec:
                 "decoder nvjpeg decodes on the GPU, so the views must be rendered there too: set renderer=device"
             )
 
+    @property
+    def stages(self) -> view_stages.Stages:
+        return view_stages.parse_stages(self.ops, self.erase)
+
+    @property
+    def num_params(self) -> int:
+        """Integers per view: the crop box and flip, then the stages' draws."""
+        return NUM_PARAMS + self.stages.width
+
     @classmethod
-    def preset(cls, name: SpecName, seed: int = 0, renderer: Renderer = "cpu", decoder: Decoder = "cpu") -> AugmentSpec:
+    def preset(
+        cls,
+        name: SpecName,
+        seed: int = 0,
+        renderer: Renderer = "cpu",
+        decoder: Decoder = "cpu",
+        ops: str = "none",
+        erase: float = 0.0,
+    ) -> AugmentSpec:
         if name not in MEAN_STD:
             raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
         mean, std = MEAN_STD[name]
-        return cls(
-            name, seed, size=32 if name == "cifar" else 224, mean=mean, std=std, renderer=renderer, decoder=decoder
-        )
+        size = 32 if name == "cifar" else 224
+        return cls(name, seed, size=size, mean=mean, std=std, renderer=renderer, decoder=decoder, ops=ops, erase=erase)
 
     def normalized_by(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> AugmentSpec:
         """This spec with another input normalisation (a model's own; None keeps this one's)."""
@@ -132,7 +154,17 @@ def uniforms(seed: int, ids: np.ndarray, view: int, count: int) -> np.ndarray:
 
 
 def view_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray) -> np.ndarray:
-    """(n, 5) int64 parameters of view ``view`` of samples ``ids``; ``image_hw`` (n, 2)."""
+    """(n, spec.num_params) int64 parameters of view ``view`` of samples ``ids``
+    (``image_hw`` (n, 2)): the crop box and flip, then the stages' draws."""
+    box = _box_params(spec, ids, view, image_hw)
+    if spec.num_params == NUM_PARAMS:
+        return box
+    drawn = view_stages.draw(spec.stages, spec.seed, np.asarray(ids, np.int64), view, spec.size, uniforms)
+    return np.concatenate([box, drawn], axis=1)
+
+
+def _box_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray) -> np.ndarray:
+    """(n, 5) int64 crop box and flip."""
     ids = np.asarray(ids, np.int64)
     image_hw = np.broadcast_to(np.asarray(image_hw, np.int64), (len(ids), 2))
     if spec.name == "cifar":
@@ -212,7 +244,7 @@ def crop_flip_batch(images: np.ndarray, params: np.ndarray) -> np.ndarray:
     )
     padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0))) if pad else images
     out = np.empty((n, out_h, out_w, 3), np.uint8)
-    for k, (x0, y0, _, _, flip) in enumerate(params.tolist()):
+    for k, (x0, y0, _, _, flip) in enumerate(params[:, :NUM_PARAMS].tolist()):
         patch = padded[k, y0 + pad : y0 + pad + out_h, x0 + pad : x0 + pad + out_w]
         out[k] = patch[:, ::-1] if flip else patch
     return out
@@ -222,7 +254,7 @@ def _resized_crop_into(out: torch.Tensor, image: np.ndarray, param: np.ndarray) 
     """One image (H, W, 3) uint8 -> ``out`` (3, size, size): crop box, antialiased
     bilinear resize, flip. The crop is a view of the image in channels-last memory,
     which is what torch's vectorised uint8 resize kernel reads fastest: no copies."""
-    x0, y0, w, h, flip = (int(v) for v in param)
+    x0, y0, w, h, flip = (int(v) for v in param[:NUM_PARAMS])
     if not image.flags.writeable:  # raw shards are read-only buffers; torch wants writable memory
         image = image.copy()
     crop = torch.from_numpy(image).permute(2, 0, 1)[:, y0 : y0 + h, x0 : x0 + w]
@@ -230,8 +262,20 @@ def _resized_crop_into(out: torch.Tensor, image: np.ndarray, param: np.ndarray) 
     out.copy_(resized.flip(-1) if flip else resized)
 
 
+def apply_stages(spec: AugmentSpec, views: torch.Tensor, params: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """The spec's stages on rendered views (n, 3, size, size) uint8, any device: what both
+    renderers do after their crop. Erased boxes take the spec's mean colour."""
+    fill = tuple(int(round(255 * m)) for m in spec.mean)
+    return view_stages.apply_stages(spec.stages, views, params[:, NUM_PARAMS:], fill)
+
+
 def _apply(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
     """Decoded images + their parameters -> (n, 3, size, size) uint8 batch."""
+    return apply_stages(spec, _crop(spec, images, params), params)
+
+
+def _crop(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> torch.Tensor:
+    """The crop, resize and flip of every view (n, 3, size, size) uint8."""
     if spec.name == "cifar" and len({im.shape for im in images}) == 1:
         return torch.from_numpy(crop_flip_batch(np.stack(images), params)).permute(0, 3, 1, 2)
     if spec.name == "cifar":

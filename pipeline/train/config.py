@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from catkd.errors import ConfigError
 from catkd.models import model_normalization, model_problem
+from pipeline.data.stages import parse_stages
 from pipeline.data.views import MEAN_STD, AugmentSpec
 from pipeline.settings import check_fields, check_normalization, load_settings
 
@@ -32,6 +33,10 @@ class TrainConfig:
     test_split: str = "test"  # split evaluated after every epoch
     spec: str = "cifar"  # augmentation spec: cifar or imagenet
     spec_seed: int = 0  # seed of the view parameters (a cache's must match)
+    # stronger augmentation after the crop, replayed from each view's parameters: none,
+    # trivialaugment or randaugment:N:M (N ops at magnitude bin M of 31); a cache's must match
+    ops: str = "none"
+    erase: float = 0.0  # then random erasing with this probability (a cache's must match)
     # where views are cropped and resized; auto: as the cache's views were made, without a
     # cache the GPU when use_gpu, else the host; set, it must match the cache's
     renderer: Literal["auto", "cpu", "device"] = "auto"
@@ -122,6 +127,7 @@ class TrainConfig:
             if getattr(self, name) is not None and (problem := model_problem(getattr(self, name))):
                 raise ConfigError(f"{name}: {problem}")
         check_normalization(self)
+        parse_stages(self.ops, self.erase)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
         if self.mode == "online-catkd" and not (self.teacher and self.teacher_weights):
@@ -150,7 +156,9 @@ class TrainConfig:
                 f"renderer={renderer} decoder={decoder} render on the training GPU, but use_gpu=false: set "
                 "renderer=cpu decoder=cpu, or use_gpu=true"
             )
-        spec = AugmentSpec.preset(self.spec, self.spec_seed, renderer=renderer, decoder=decoder)
+        spec = AugmentSpec.preset(
+            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase
+        )
         own = model_normalization(self.student) or (None, None)
         return spec.normalized_by(
             self.mean if self.mean is not None else own[0], self.std if self.std is not None else own[1]

@@ -183,6 +183,7 @@ def plot(rows: list[dict[str, Any]], dims: list[Dimension], metric: str) -> byte
 
 def _against_field(ax: Any, rows: list[dict[str, Any]], dim: Dimension, metric: str) -> None:
     import matplotlib.ticker
+
     shown = [row for row in rows if row["metric_last"] is not None]
     values = [row["params"][dim.field] for row in shown]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)

@@ -1,0 +1,141 @@
+"""Augmentation stages as recorded view parameters: torchvision's op tables and ops, the
+draws, exact replay on both renderers, the identity, and refusals of bad settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import RandAugment, TrivialAugmentWide
+
+from catkd.errors import ConfigError
+from pipeline.cache.identity import CacheIdentity, first_difference
+from pipeline.data.device_render import render_on_device
+from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, magnitude_of, parse_stages
+from pipeline.data.views import AugmentSpec, render_views, view_params
+
+STAGED = [
+    ("trivialaugment", 0.0),
+    ("randaugment:2:9", 0.0),
+    ("none", 1.0),
+    ("trivialaugment", 0.5),
+    ("randaugment:3:30", 0.25),
+]
+
+
+@pytest.mark.parametrize("policy, reference", [("trivialaugment", TrivialAugmentWide), ("randaugment", RandAugment)])
+def test_magnitude_tables_are_torchvisions(policy, reference):
+    stages = parse_stages(policy if policy == "trivialaugment" else "randaugment:1:0", 0.0)
+    space = reference._AUGMENTATION_SPACE
+    assert set(space) == set(OPS) and {op for op, (_, signed) in space.items() if signed} == SIGNED
+    for op, (table, _) in space.items():
+        values = table(BINS, 32, 40)  # height 32, width 40: the translations differ per axis
+        for magnitude_bin in range(BINS):
+            expected = 0.0 if values is None or values.ndim == 0 else float(values[magnitude_bin])
+            assert magnitude_of(stages, op, magnitude_bin, 32, 40) == expected, (op, magnitude_bin)
+
+
+def test_each_op_is_applied_as_torchvision_applies_it():
+    policy = TrivialAugmentWide(interpolation=InterpolationMode.NEAREST)
+    image = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 24, 32), dtype=np.uint8))
+    stages = parse_stages("trivialaugment", 0.0)
+    for op in OPS:
+        for magnitude_bin in (0, 7, 30):
+            for sign in (1, -1) if op in SIGNED else (1,):
+                magnitude = sign * magnitude_of(stages, op, magnitude_bin, 24, 32)
+                expected = policy._apply_image_or_video_transform(
+                    image, op, magnitude, interpolation=policy.interpolation, fill=policy._fill
+                )
+                assert torch.equal(apply_op(image, op, magnitude), expected), (op, magnitude)
+
+
+def test_draws_cover_the_policies_and_erasing_boxes_fit():
+    ids, hw = np.arange(4000), np.array([[32, 32]])
+    wide = view_params(AugmentSpec.preset("cifar", 3, ops="trivialaugment"), ids, 1, hw)
+    assert wide.shape == (4000, 8)
+    assert set(wide[:, 5]) == set(range(len(OPS))) and set(wide[:, 6]) == set(range(BINS))
+    assert set(wide[:, 7]) == {0, 1}
+    rand = view_params(AugmentSpec.preset("cifar", 3, ops="randaugment:2:9"), ids, 1, hw)
+    assert rand.shape == (4000, 11) and set(rand[:, 6]) == set(rand[:, 9]) == {9}
+    assert set(rand[:, 5]) == set(rand[:, 8]) == set(range(len(OPS)))
+    erase = view_params(AugmentSpec.preset("imagenet", 3, erase=0.25), ids, 1, np.array([[300, 400]]))[:, 5:]
+    applied = erase[erase[:, 0] == 1]
+    assert abs(len(applied) / len(ids) - 0.25) < 0.03 and not erase[erase[:, 0] == 0].any()
+    x0, y0, w, h = applied[:, 1:].T
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= 224).all() and (y0 + h <= 224).all()
+    assert (w * h >= 0.015 * 224 * 224).all() and (w * h <= 0.34 * 224 * 224).all()
+    # the crop box and flip are the stage-less spec's: stages draw from a stream of their own
+    assert np.array_equal(wide[:, :5], view_params(AugmentSpec.preset("cifar", 3), ids, 1, hw))
+    # a run without a cache draws new stages every epoch (view = epoch)
+    assert not np.array_equal(wide, view_params(AugmentSpec.preset("cifar", 3, ops="trivialaugment"), ids, 2, hw))
+
+
+@pytest.mark.parametrize("ops, erase", STAGED)
+def test_stored_parameters_replay_the_same_pixels_on_both_renderers(ops, erase):
+    """What the cache builder renders (fresh parameters) equals what a student renders
+    from the stored ones, on the CPU renderer and on the device renderer (on CPU here),
+    and the stages really change the views."""
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(64)]
+    ids = np.arange(100, 164)
+    spec = AugmentSpec.preset("cifar", 1, ops=ops, erase=erase)
+    params, views = render_views(spec, images, ids, 3)
+    stored = params.astype(np.int32)  # as the cache holds them
+    assert torch.equal(render_views(spec, images, ids, 3, stored_params=stored)[1], views)
+    device = dataclasses.replace(spec, renderer="device")
+    tensors = [torch.from_numpy(im).permute(2, 0, 1) for im in images]
+    on_device = render_on_device(device, tensors, torch.from_numpy(stored)[:, None])
+    assert torch.equal(on_device[:, 0], views)  # the cifar crop has no resize: both renderers agree exactly
+    plain = render_views(AugmentSpec.preset("cifar", 1), images, ids, 3)[1]
+    assert (views != plain).any(dim=(1, 2, 3)).float().mean() > 0.3
+
+
+def test_erased_boxes_take_the_spec_mean_colour():
+    spec = AugmentSpec.preset("cifar", 0, erase=1.0)
+    images = [np.full((32, 32, 3), 255, np.uint8) for _ in range(8)]
+    params, views = render_views(spec, images, np.arange(8), 0)
+    fill = torch.tensor([round(255 * m) for m in spec.mean], dtype=torch.uint8)
+    for k, (applied, x0, y0, w, h) in enumerate(params[:, 5:].tolist()):
+        if applied:
+            assert (views[k, :, y0 : y0 + h, x0 : x0 + w] == fill[:, None, None]).all()
+
+
+def test_every_stage_field_is_in_the_identity():
+    base = AugmentSpec.preset("cifar", 0)
+    variants = [base] + [
+        dataclasses.replace(base, ops=ops, erase=erase) for ops, erase in STAGED + [("randaugment:2:10", 0.0)]
+    ]
+    identities = [
+        CacheIdentity("resnet8", "w", "d", "train", spec.to_dict(), num_views=2, resolution=2, num_classes=10)
+        for spec in variants
+    ]
+    assert len({ident.cache_id for ident in identities}) == len(variants)
+    message = first_difference(identities[0], identities[1])
+    assert message == "spec.ops: the run needs 'none', the cache holds 'trivialaugment'"
+
+
+@pytest.mark.parametrize(
+    "ops, erase, message",
+    [
+        ("autoaugment", 0.0, "ops: expected none, trivialaugment or randaugment:N:M"),
+        ("randaugment:2", 0.0, "ops: expected none, trivialaugment or randaugment:N:M"),
+        ("randaugment:0:9", 0.0, "ops: randaugment:N:M takes N in 1..4 ops per view, got N=0"),
+        ("randaugment:2:31", 0.0, "ops: randaugment:N:M takes a magnitude bin M in 0..30, got M=31"),
+        ("none", 1.5, "erase: the erasing probability must be in [0, 1], got 1.5"),
+    ],
+)
+def test_bad_stages_are_refused_naming_the_field(ops, erase, message):
+    from pipeline.train.config import TrainConfig
+
+    with pytest.raises(ConfigError) as raised:
+        TrainConfig(data="/d", mode="ce", ops=ops, erase=erase)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_stage_widths():
+    assert parse_stages("none", 0.0) == Stages() and Stages().width == 0
+    assert parse_stages("randaugment:2:9", 0.1).width == 3 * 2 + 5
+    assert AugmentSpec.preset("imagenet", ops="trivialaugment", erase=0.5).num_params == 5 + 3 + 5
