@@ -344,9 +344,16 @@ def base_config(cfg: StudyConfig, data: str, runs_root: str) -> TrainConfig:
 
 
 def study_cache(
-    cfg: StudyConfig, data: str, teacher_weights: str, cache_root: str, views: int, storage: str = "float16"
+    cfg: StudyConfig,
+    data: str,
+    teacher_weights: str,
+    cache_root: str,
+    views: int,
+    storage: str = "float16",
+    stages: dict | None = None,
 ) -> str:
-    """Build (or find) the teacher's cache of ``views`` views in ``storage`` form."""
+    """Build (or find) the teacher's cache of ``views`` views in ``storage`` form, with
+    the augmentation ``stages`` (CacheBuildConfig fields: ops, erase) when given."""
     return build_cache(
         CacheBuildConfig(
             data=data,
@@ -358,6 +365,7 @@ def study_cache(
             storage=storage,
             actors=cfg.cache_actors,
             gpus_per_actor=1.0 if cfg.use_gpu else 0.0,
+            **(stages or {}),
         )
     )
 

@@ -1,0 +1,277 @@
+"""The recipe study (docs/RESULTS.md, "Strong augmentation from the cache"): what
+recorded augmentation stages do for ce, kd and catkd students on the real-data study's
+setting, paired by seed against the plain crop-and-flip spec.
+
+    shard -> the teacher -> one cache per recipe (S = epochs views, the recipe's stages
+    recorded in each view) -> students: every mode of every recipe, every seed ->
+    results.json (rewritten as each run ends), recipes.png, results.md
+
+    .venv/bin/python bench/recipe_study.py ../shared/data/cifar10-jpeg.tar.gz --out outputs/recipes \\
+        --teacher-weights ../shared/data/teachers/cifar10_resnet20.pt
+    .venv/bin/python bench/recipe_study.py --report outputs/recipes/results.json --doc docs/RESULTS.md
+
+A recipe is ``plain`` (the spec's crop and flip), ``trivialaugment``,
+``randaugment:N:M``, optionally with ``+erase:P`` (``trivialaugment+erase:0.25``). The
+ce runs use no cache and draw the recipe's stages anew every epoch; kd and catkd read
+the recipe's cache, whose S = epochs views also give a new view every epoch. Every
+other setting is bench/study.py's. Rerunning with the same --out resumes: finished
+shards, caches and runs are reused, and recipes or seeds added to the command run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
+import study  # noqa: E402
+from study_report import _std, markdown, regenerate  # noqa: E402
+
+from pipeline.data.stages import parse_stages  # noqa: E402
+from pipeline.ray_setup import init_ray  # noqa: E402
+from pipeline.train.run import train  # noqa: E402
+
+PLAIN = "plain"
+MODES = ("ce", "kd", "catkd")
+
+
+@dataclass
+class RecipeStudyConfig(study.StudyConfig):
+    seeds: list[int] = field(default_factory=lambda: [0, 1])  # every run of every recipe
+    recipes: list[str] = field(default_factory=lambda: [PLAIN, "trivialaugment"])  # plain is the base
+    modes: list[str] = field(default_factory=lambda: list(MODES))  # the students of every recipe
+
+
+def recipe_stages(recipe: str) -> dict:
+    """``trivialaugment+erase:0.25`` -> {"ops": "trivialaugment", "erase": 0.25}; checked."""
+    stages = {"ops": "none", "erase": 0.0}
+    for part in recipe.split("+"):
+        if part == PLAIN:
+            continue
+        if part.startswith("erase:"):
+            stages["erase"] = float(part.split(":", 1)[1])
+        else:
+            stages["ops"] = part
+    parse_stages(stages["ops"], stages["erase"])
+    return stages
+
+
+def planned(cfg: RecipeStudyConfig) -> list[tuple[str, str, int]]:
+    """(mode, recipe, seed), seed-major so that the first seed's comparison is complete first."""
+    return [(mode, recipe, seed) for seed in cfg.seeds for recipe in cfg.recipes for mode in cfg.modes]
+
+
+def run_name(mode: str, recipe: str, seed: int) -> str:
+    return f"{mode}-{recipe.replace(':', '').replace('+', '-')}-seed{seed}"
+
+
+def _order(mode: str, recipe: str) -> tuple:
+    return (MODES.index(mode) if mode in MODES else len(MODES), recipe != PLAIN, recipe)
+
+
+def groups(runs: list[dict]) -> list[dict]:
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run["mode"], run["recipe"]), []).append(run)
+    return [
+        {
+            "mode": mode,
+            "recipe": recipe,
+            "seeds": [r["seed"] for r in members],
+            "top1": [r["test_top1"] for r in members],
+            "top1_mean": statistics.mean(r["test_top1"] for r in members),
+            "top1_std": study.spread([r["test_top1"] for r in members]),
+        }
+        for (mode, recipe), members in sorted(grouped.items(), key=lambda item: _order(*item[0]))
+    ]
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Per seed, each recipe's run minus the same mode's plain run (same initial weights
+    and data order: only the views' stages differ)."""
+    final = {(r["mode"], r["recipe"], r["seed"]): r["test_top1"] for r in runs}
+    rows = []
+    for mode, recipe in sorted({(m, r) for m, r, _ in final if r != PLAIN}, key=lambda mr: _order(*mr)):
+        seeds = sorted(seed for m, r, seed in final if (m, r) == (mode, recipe) and (mode, PLAIN, seed) in final)
+        if not seeds:
+            continue
+        diffs = {str(seed): final[(mode, recipe, seed)] - final[(mode, PLAIN, seed)] for seed in seeds}
+        values = list(diffs.values())
+        rows.append(
+            {
+                "mode": mode,
+                "recipe": recipe,
+                "per_seed": diffs,
+                "mean": statistics.mean(values),
+                "std": study.spread(values),
+                "positive": sum(v > 0 for v in values),
+                "seeds": len(values),
+            }
+        )
+    return rows
+
+
+def plot(summary: dict, path: Path) -> None:
+    """Test top-1 per epoch of every run: a panel per mode, a colour per recipe."""
+    modes = [m for m in MODES if any(r["mode"] == m for r in summary["runs"])]
+    fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4.2), squeeze=False, sharey=True)
+    recipes = summary["settings"]["recipes"]
+    colours = {recipe: f"C{k}" for k, recipe in enumerate(recipes)}
+    for ax, mode in zip(axes[0], modes, strict=True):
+        for run in (r for r in summary["runs"] if r["mode"] == mode):
+            ax.plot(
+                [m["epoch"] for m in run["history"]],
+                [m["test_top1"] for m in run["history"]],
+                color=colours.get(run["recipe"], "k"),
+                lw=1,
+                alpha=0.85,
+                label=run["recipe"] if run["seed"] == summary["settings"]["seeds"][0] else None,
+            )
+        ax.set_title(f"{mode}: test top-1 (%) per epoch")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
+    stages = {recipe: recipe_stages(recipe) for recipe in cfg.recipes}  # a bad recipe stops here
+    if PLAIN not in cfg.recipes:
+        raise SystemExit("--recipes: include plain, the base every recipe is compared with")
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
+    started = time.perf_counter()
+    init_ray()
+    study._say(f"1/4 shard {cfg.archive} (subset {cfg.subset or 'all'})")
+    data_info = study.shard(cfg, data)
+    data_info.pop("seconds")
+    base = study.base_config(cfg, data, runs_root)
+    study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
+    cfg, teacher = study.prepare_teacher(cfg, base, data)
+    caches = {}
+    if set(cfg.modes) - {"ce"}:
+        study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(cfg.recipes)}")
+        for recipe in cfg.recipes:
+            caches[recipe] = study.study_cache(
+                cfg, data, teacher["weights"], cache_root, cfg.epochs, stages=stages[recipe]
+            )
+    plan = planned(cfg)
+    study._say(f"4/4 {len(plan)} student runs, {cfg.concurrent} at a time")
+    summary = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": {**asdict(cfg), "student_lr_decay_epochs": study.milestones(cfg.epochs), "spec": base.spec},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+        "data": data_info,
+        "teacher": teacher,
+        "stages": stages,
+        "runs": [],
+        "complete": False,
+    }
+
+    def student(mode: str, recipe: str, seed: int) -> dict:
+        config = replace(
+            base,
+            mode=mode,
+            cache=caches.get(recipe) if mode != "ce" else None,
+            seed=seed,
+            name=run_name(mode, recipe, seed),
+            **stages[recipe],
+        )
+        history = train(config)["history"]
+        last = history[-1]
+        return {
+            "name": config.name,
+            "mode": mode,
+            "recipe": recipe,
+            "seed": seed,
+            "test_top1": last["test_top1"],
+            "test_top5": last["test_top5"],
+            "train_top1": last["train_top1"],
+            "history": history,
+        }
+
+    with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
+        futures = [pool.submit(student, *run) for run in plan]
+        for future in as_completed(futures):
+            summary["runs"].append(future.result())
+            summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["recipe"])))
+            summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
+            summary["seconds"] = time.perf_counter() - started
+            (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")  # as each run ends
+            print(f"[recipes] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
+    summary["complete"] = True
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, out / "recipes.png")
+    table = markdown(summary, TABLES)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    study._say(f"finished in {summary['seconds']:.0f} s; results.json, results.md, recipes.png in {out}")
+    return summary
+
+
+# --- tables for docs/RESULTS.md (<!-- recipe:NAME --> blocks) -----------------------------
+
+
+def accuracy_table(summary: dict) -> str:
+    lines = [
+        "| student | recipe | seeds | top-1 mean (%) | std | per seed | train top-1, last epoch (%) |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
+    train_top1 = {}
+    for run in summary["runs"]:
+        train_top1.setdefault((run["mode"], run["recipe"]), []).append(run["train_top1"])
+    for g in summary["groups"]:
+        per_seed = ", ".join(f"{v:.2f}" for v in g["top1"])
+        fit = statistics.mean(train_top1[(g["mode"], g["recipe"])])
+        lines.append(
+            f"| `{g['mode']}` | {g['recipe']} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | "
+            f"{_std(g['top1_std'])} | {per_seed} | {fit:.2f} |"
+        )
+    t = summary["teacher"]
+    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."]
+    return "\n".join(lines)
+
+
+def paired_table(summary: dict) -> str:
+    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
+    for row in summary["paired_differences"]:
+        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
+        lines.append(
+            f"| `{row['mode']}` {row['recipe']} - `{row['mode']}` plain | {per_seed} | **{row['mean']:+.2f}** | "
+            f"{_std(row['std'])} | {row['positive']} of {row['seeds']} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"accuracy": accuracy_table, "paired": paired_table}
+
+
+def main(argv: list[str]) -> int:
+    if "--report" in argv:  # tables only, from a finished run's JSON
+        i = argv.index("--report")
+        return regenerate(argv[:i] + argv[i + 1 :], TABLES, "recipe", __doc__.splitlines()[0])
+    cfg = study.parse_args(argv, RecipeStudyConfig, __doc__)
+    run_recipe_study(cfg, command=shlex.join(["python", "bench/recipe_study.py", *argv]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
