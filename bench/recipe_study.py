@@ -11,11 +11,13 @@ setting, paired by seed against the plain crop-and-flip spec.
     .venv/bin/python bench/recipe_study.py --report outputs/recipes/results.json --doc docs/RESULTS.md
 
 A recipe is ``plain`` (the spec's crop and flip), ``trivialaugment``,
-``randaugment:N:M``, optionally with ``+erase:P`` (``trivialaugment+erase:0.25``). The
-ce runs use no cache and draw the recipe's stages anew every epoch; kd and catkd read
-the recipe's cache, whose S = epochs views also give a new view every epoch. Every
-other setting is bench/study.py's. Rerunning with the same --out resumes: finished
-shards, caches and runs are reused, and recipes or seeds added to the command run.
+``randaugment:N:M``, ``cutmix:ALPHA`` or ``mixup:ALPHA``, joined with ``+`` and
+optionally ``erase:P`` (``trivialaugment+erase:0.25``). The ce runs use no cache and
+draw the recipe's stages anew every epoch; kd and catkd read the recipe's cache, whose
+S = epochs views also give a new view every epoch. A recipe that mixes runs the
+--mix-modes students only (catkd by default). Every other setting is bench/study.py's.
+Rerunning with the same --out resumes: finished shards, caches and runs are reused (a
+finished run is read back, not started), and recipes or seeds added to the command run.
 """
 
 from __future__ import annotations
@@ -41,9 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run 
 import study  # noqa: E402
 from study_report import _std, markdown, regenerate  # noqa: E402
 
-from pipeline.data.stages import parse_stages  # noqa: E402
+from pipeline.data.stages import MIX_KINDS, parse_stages  # noqa: E402
 from pipeline.ray_setup import init_ray  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
+from pipeline.train.sweep import finished_history  # noqa: E402
 
 PLAIN = "plain"
 MODES = ("ce", "kd", "catkd")
@@ -54,25 +57,33 @@ class RecipeStudyConfig(study.StudyConfig):
     seeds: list[int] = field(default_factory=lambda: [0, 1])  # every run of every recipe
     recipes: list[str] = field(default_factory=lambda: [PLAIN, "trivialaugment"])  # plain is the base
     modes: list[str] = field(default_factory=lambda: list(MODES))  # the students of every recipe
+    mix_modes: list[str] = field(default_factory=lambda: ["catkd"])  # the students of a recipe that mixes
 
 
 def recipe_stages(recipe: str) -> dict:
     """``trivialaugment+erase:0.25`` -> {"ops": "trivialaugment", "erase": 0.25}; checked."""
-    stages = {"ops": "none", "erase": 0.0}
+    stages = {"ops": "none", "erase": 0.0, "mix": "none"}
     for part in recipe.split("+"):
         if part == PLAIN:
             continue
         if part.startswith("erase:"):
             stages["erase"] = float(part.split(":", 1)[1])
+        elif part.startswith(MIX_KINDS):
+            stages["mix"] = part
         else:
             stages["ops"] = part
-    parse_stages(stages["ops"], stages["erase"])
+    parse_stages(stages["ops"], stages["erase"], stages["mix"])
     return stages
 
 
 def planned(cfg: RecipeStudyConfig) -> list[tuple[str, str, int]]:
     """(mode, recipe, seed), seed-major so that the first seed's comparison is complete first."""
-    return [(mode, recipe, seed) for seed in cfg.seeds for recipe in cfg.recipes for mode in cfg.modes]
+    return [
+        (mode, recipe, seed)
+        for seed in cfg.seeds
+        for recipe in cfg.recipes
+        for mode in (cfg.mix_modes if recipe_stages(recipe)["mix"] != "none" else cfg.modes)
+    ]
 
 
 def run_name(mode: str, recipe: str, seed: int) -> str:
@@ -166,7 +177,7 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
     study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
     cfg, teacher = study.prepare_teacher(cfg, base, data)
     caches = {}
-    if set(cfg.modes) - {"ce"}:
+    if set(cfg.modes + cfg.mix_modes) - {"ce"}:
         study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(cfg.recipes)}")
         for recipe in cfg.recipes:
             caches[recipe] = study.study_cache(
@@ -195,7 +206,7 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
             name=run_name(mode, recipe, seed),
             **stages[recipe],
         )
-        history = train(config)["history"]
+        history = finished_history(config) or train(config)["history"]  # a finished run is read back
         last = history[-1]
         return {
             "name": config.name,

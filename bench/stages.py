@@ -21,15 +21,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.data.views import AugmentSpec, render_views  # noqa: E402
+from pipeline.data.views import AugmentSpec, MixSource, render_views  # noqa: E402
 
-SETTINGS = [("none", 0.0), ("trivialaugment", 0.0), ("randaugment:2:9", 0.0), ("none", 0.25), ("trivialaugment", 0.25)]
+SETTINGS = [
+    ("none", 0.0, "none"),
+    ("trivialaugment", 0.0, "none"),
+    ("randaugment:2:9", 0.0, "none"),
+    ("none", 0.25, "none"),
+    ("trivialaugment", 0.25, "none"),
+    ("none", 0.0, "mixup:0.2"),
+    ("none", 0.0, "cutmix:1.0"),
+]
 SHAPES = {"cifar": (32, 32), "imagenet": (256, 341)}
 
 
 def seconds_per_view(spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, view: int) -> float:
+    """The images are one data shard: a mixing spec draws its partners among them (and
+    renders each partner's own view, as the loader and the cache build do)."""
+    mixing = MixSource(np.tile([0, len(ids)], (len(ids), 1)), lambda pids: ([images[int(p)] for p in pids], None))
     start = time.perf_counter()
-    render_views(spec, images, ids, view)
+    render_views(spec, images, ids, view, mixing=mixing if spec.mixes else None)
     return (time.perf_counter() - start) / len(images)
 
 
@@ -48,14 +59,19 @@ def main(argv: list[str] | None = None) -> int:
         ids = np.arange(count)
         best = {setting: float("inf") for setting in SETTINGS}
         for round_ in range(args.rounds):
-            for ops, erase in SETTINGS:  # alternating: every setting once per round
-                spec = AugmentSpec.preset(name, ops=ops, erase=erase)
-                best[(ops, erase)] = min(best[(ops, erase)], seconds_per_view(spec, images, ids, round_))
-        base = best[("none", 0.0)]
+            for ops, erase, mix in SETTINGS:  # alternating: every setting once per round
+                spec = AugmentSpec.preset(name, ops=ops, erase=erase, mix=mix)
+                best[(ops, erase, mix)] = min(best[(ops, erase, mix)], seconds_per_view(spec, images, ids, round_))
+        base = best[("none", 0.0, "none")]
         print(f"{name}: {count} images of {height} x {width}, one thread, best of {args.rounds} rounds")
         figures[name] = {}
-        for (ops, erase), seconds in best.items():
-            label = ops + (f" + erase {erase:g}" if erase else "")
+        for (ops, erase, mix), seconds in best.items():
+            label = (
+                " + ".join(
+                    [part for part in (ops, f"erase {erase:g}" if erase else "", mix) if part and part != "none"]
+                )
+                or "crop alone"
+            )
             figures[name][label] = {"us_per_view": 1e6 * seconds, "vs_crop_alone": seconds / base}
             print(f"  {label:<30} {1e6 * seconds:8.1f} us/view  {seconds / base:5.2f}x the crop alone")
     if args.out:

@@ -170,31 +170,42 @@ def test_topk_cache_keeps_the_full_caches_top_classes_and_verifies(setup, float1
     assert verify_cache(url, sample_views=4) == []
 
 
-def test_a_cache_with_augmentation_stages_replays_them_and_verifies(setup):
-    """TrivialAugment and random erasing drawn into the views: the stored parameters
-    (5 + 3 + 5 per view) replay to the pixels the teacher saw (its targets equal a
-    direct computation on the replayed views), verify recomputes them clean, and the
-    repair's build command carries the stages."""
+@pytest.mark.parametrize(
+    "stages, width",
+    [
+        ({"ops": "trivialaugment", "erase": 0.5}, 5 + 3 + 5),
+        ({"ops": "randaugment:1:9", "mix": "cutmix:1.0"}, 5 + 3 + 6),
+    ],
+)
+def test_a_cache_with_augmentation_stages_replays_them_and_verifies(setup, stages, width):
+    """Stages drawn into the views (TrivialAugment and erasing; RandAugment and CutMix
+    with a partner from the same data shard): the stored parameters replay to the pixels
+    the teacher saw (its targets equal a direct computation on the replayed views),
+    verify recomputes them clean, and the repair's build command carries the stages."""
     from pipeline.cache.verify import rebuild_command
+    from pipeline.data.partners import shard_mix_source
 
-    cfg = _cfg(setup, setup["base"] / "root-stages", ops="trivialaugment", erase=0.5)
+    cfg = _cfg(setup, setup["base"] / f"root-{'-'.join(map(str, stages.values()))}", **stages)
     cache = TargetCache(build_cache(cfg))
     spec = cfg.augment_spec()
-    assert cache.identity.spec["ops"] == "trivialaugment" and cache.identity.spec["erase"] == 0.5
-    assert cache.manifest["arrays"]["params"] == {"shape": [25, 3, 13], "dtype": "int32"}
+    assert all(cache.identity.spec[key] == value for key, value in stages.items())
+    assert cache.manifest["arrays"]["params"] == {"shape": [25, 3, width], "dtype": "int32"}
     index = read_index(setup["data"], "train")
     for j, view in [(0, 1), (2, 2)]:
         got = cache.read(j, view)
         samples = load_shard(setup["data"], index, index.shards[j])
         images = [decode_image(s, index.image_shape, "t") for s in samples]
-        _, views = render_views(spec, images, got["ids"], view, stored_params=got["params"])
+        stored = {s.id: row for s, row in zip(samples, got["params"], strict=True)}
+        mixing = shard_mix_source([samples] * len(samples), index.image_shape, "t", lambda p, rows=stored: rows[p.id])
+        _, views = render_views(spec, images, got["ids"], view, stored_params=got["params"], mixing=mixing)
         with torch.no_grad():
             logits, cam = setup["teacher"](normalize_batch(spec, views))
         np.testing.assert_allclose(got["logits"], logits.numpy(), rtol=2e-3, atol=2e-3 * np.abs(logits.numpy()).max())
         plain = render_views(AugmentSpec.preset("cifar"), images, got["ids"], view)[1]
         assert (views != plain).any(dim=(1, 2, 3)).float().mean() > 0.3  # the stages changed the views
     assert verify_cache(cache.url, sample_views=4) == []
-    assert "--ops trivialaugment --erase 0.5" in rebuild_command(cache)
+    command = rebuild_command(cache)
+    assert all(f"--{key} {value}" in command for key, value in stages.items())
 
 
 def test_topk_above_the_class_count_is_refused_at_start(setup, tmp_path):

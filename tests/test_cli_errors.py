@@ -85,6 +85,8 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (build + ["--storage", "topk:0"], "storage: topk:K keeps K >= 1 classes per view, got 'topk:0'"),
         (build + ["--ops", "autoaugment"], "ops: expected none, trivialaugment or randaugment:N:M"),
         (build + ["--erase", "2"], "erase: the erasing probability must be in [0, 1], got 2.0"),
+        (build + ["--mix", "cutmix:0"], "mix: ALPHA of Beta(ALPHA, ALPHA) must be in (0, 10], got 0"),
+        (train + ["mix=mixup"], "mix: expected none, mixup:ALPHA or cutmix:ALPHA"),
         (train + ["ops=randaugment:2:31"], "ops: randaugment:N:M takes a magnitude bin M in 0..30, got M=31"),
         (build + ["--storage", "topk:11"], "storage: topk:11 keeps 11 classes per view, but the data has only 10"),
         (build + ["--gpus-per-actor", "-1"], "gpus_per_actor: must be at least 0, got -1.0"),

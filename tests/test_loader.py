@@ -127,3 +127,31 @@ def test_persistent_workers_read_each_epochs_view(shards):
         seen[epoch] = [int(i) for b in batches for i in b["ids"]]
     assert seen[0] != seen[1]  # another shard order and shuffle
     assert len(iterators) == 1  # the same worker processes served all three epochs
+
+
+@pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1.0"])
+def test_mixed_views_take_their_partner_from_the_same_shard_and_mix_the_labels(shards, mix):
+    """Every view is mixed with another sample of its own data shard (10 samples each
+    here); ``label_b`` is that partner's label and ``lam`` the view's own share, as
+    stored in its parameters; cross-entropy against the soft targets the training loop
+    builds is lambda CE(y) + (1 - lambda) CE(y_b)."""
+    from pipeline.data.shard_format import load_shard
+    from pipeline.data.views import mix_of
+    from pipeline.train.loop import _mixed_labels
+
+    spec = AugmentSpec.preset("cifar", seed=11, mix=mix)
+    stream = ShardStream(ReaderConfig(data=shards, batch_size=8, spec=spec, normalize=False), 0, 1)
+    labels = {s.id: s.label for info in stream.index.shards for s in load_shard(shards, stream.index, info)}
+    batches = list(make_loader(stream, 0))
+    assert sum(len(b["ids"]) for b in batches) >= 96
+    for batch in batches:
+        ids, params = batch["ids"].numpy(), batch["params"].numpy()
+        partners, lam = mix_of(spec, params)
+        assert np.array_equal(partners // 10, ids // 10) and (partners != ids).all()  # the same shard, not itself
+        assert batch["label_b"].tolist() == [labels[int(p)] for p in partners]
+        assert np.allclose(batch["lam"].numpy(), lam) and ((lam >= 0) & (lam <= 1)).all()
+        logits = torch.randn(len(ids), 10)
+        soft = _mixed_labels(batch, batch["label"], 10, torch.device("cpu"))
+        expected = torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none") * batch["lam"]
+        expected += torch.nn.functional.cross_entropy(logits, batch["label_b"], reduction="none") * (1 - batch["lam"])
+        torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, soft), expected.mean())

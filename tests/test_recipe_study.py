@@ -21,17 +21,22 @@ def _run(mode, recipe, seed, top1):
 
 
 def test_recipes_parse_into_checked_stages():
-    assert recipe_study.recipe_stages("plain") == {"ops": "none", "erase": 0.0}
-    assert recipe_study.recipe_stages("randaugment:2:9+erase:0.25") == {"ops": "randaugment:2:9", "erase": 0.25}
+    assert recipe_study.recipe_stages("plain") == {"ops": "none", "erase": 0.0, "mix": "none"}
+    assert recipe_study.recipe_stages("randaugment:2:9+erase:0.25+cutmix:1.0") == {
+        "ops": "randaugment:2:9",
+        "erase": 0.25,
+        "mix": "cutmix:1.0",
+    }
     with pytest.raises(ConfigError, match="ops: expected none, trivialaugment"):
         recipe_study.recipe_stages("autoaugment")
 
 
 def test_plan_pairs_every_recipe_run_with_a_plain_one_of_its_seed():
-    argv = ["a.tar.gz", "--seeds", "0", "1", "--recipes", "plain", "trivialaugment"]
+    argv = ["a.tar.gz", "--seeds", "0", "1", "--recipes", "plain", "trivialaugment", "cutmix:1.0"]
     plan = recipe_study.planned(recipe_study.study.parse_args(argv, recipe_study.RecipeStudyConfig))
     assert plan[:4] == [("ce", "plain", 0), ("kd", "plain", 0), ("catkd", "plain", 0), ("ce", "trivialaugment", 0)]
-    assert len(plan) == 12 and len({recipe_study.run_name(*run) for run in plan}) == 12
+    assert plan[6] == ("catkd", "cutmix:1.0", 0)  # a mixing recipe: catkd only (--mix-modes)
+    assert len(plan) == 14 and len({recipe_study.run_name(*run) for run in plan}) == 14
 
 
 def test_groups_paired_differences_and_tables():

@@ -15,7 +15,7 @@ from catkd.errors import ConfigError
 from pipeline.cache.identity import CacheIdentity, first_difference
 from pipeline.data.device_render import render_on_device
 from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, magnitude_of, parse_stages
-from pipeline.data.views import AugmentSpec, render_views, view_params
+from pipeline.data.views import AugmentSpec, MixSource, mix_of, render_views, view_params
 
 STAGED = [
     ("trivialaugment", 0.0),
@@ -24,6 +24,9 @@ STAGED = [
     ("trivialaugment", 0.5),
     ("randaugment:3:30", 0.25),
 ]
+MIXES = ["mixup:0.2", "mixup:1.0", "cutmix:1.0"]
+# every stage at once: ops, erasing and mixing, whose parameters follow each other
+ALL_STAGES = {"ops": "randaugment:2:9", "erase": 0.5, "mix": "cutmix:1.0"}
 
 
 @pytest.mark.parametrize("policy, reference", [("trivialaugment", TrivialAugmentWide), ("randaugment", RandAugment)])
@@ -105,9 +108,11 @@ def test_erased_boxes_take_the_spec_mean_colour():
 
 def test_every_stage_field_is_in_the_identity():
     base = AugmentSpec.preset("cifar", 0)
-    variants = [base] + [
-        dataclasses.replace(base, ops=ops, erase=erase) for ops, erase in STAGED + [("randaugment:2:10", 0.0)]
-    ]
+    variants = (
+        [base]
+        + [dataclasses.replace(base, ops=ops, erase=erase) for ops, erase in STAGED + [("randaugment:2:10", 0.0)]]
+        + [dataclasses.replace(base, mix=mix) for mix in MIXES]
+    )
     identities = [
         CacheIdentity("resnet8", "w", "d", "train", spec.to_dict(), num_views=2, resolution=2, num_classes=10)
         for spec in variants
@@ -125,13 +130,18 @@ def test_every_stage_field_is_in_the_identity():
         ("randaugment:0:9", 0.0, "ops: randaugment:N:M takes N in 1..4 ops per view, got N=0"),
         ("randaugment:2:31", 0.0, "ops: randaugment:N:M takes a magnitude bin M in 0..30, got M=31"),
         ("none", 1.5, "erase: the erasing probability must be in [0, 1], got 1.5"),
+        ("mix=mixup", 0.0, "mix: expected none, mixup:ALPHA or cutmix:ALPHA"),
+        ("mix=blend:1", 0.0, "mix: expected none, mixup:ALPHA or cutmix:ALPHA"),
+        ("mix=cutmix:0", 0.0, "mix: ALPHA of Beta(ALPHA, ALPHA) must be in (0, 10], got 0"),
+        ("mix=mixup:11", 0.0, "mix: ALPHA of Beta(ALPHA, ALPHA) must be in (0, 10], got 11"),
     ],
 )
 def test_bad_stages_are_refused_naming_the_field(ops, erase, message):
     from pipeline.train.config import TrainConfig
 
+    stages = {"mix": ops[4:]} if ops.startswith("mix=") else {"ops": ops, "erase": erase}
     with pytest.raises(ConfigError) as raised:
-        TrainConfig(data="/d", mode="ce", ops=ops, erase=erase)
+        TrainConfig(data="/d", mode="ce", **stages)
     assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
 
 
@@ -139,3 +149,70 @@ def test_stage_widths():
     assert parse_stages("none", 0.0) == Stages() and Stages().width == 0
     assert parse_stages("randaugment:2:9", 0.1).width == 3 * 2 + 5
     assert AugmentSpec.preset("imagenet", ops="trivialaugment", erase=0.5).num_params == 5 + 3 + 5
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0, 2.0])
+def test_mixing_lambda_follows_beta_alpha_alpha(alpha):
+    """The counter-based Beta(alpha, alpha) draws against numpy's own sampler: the same
+    quantiles within sampling error."""
+    ids = np.arange(20000)
+    spec = AugmentSpec.preset("cifar", 5, mix=f"mixup:{alpha}")
+    lam = mix_of(spec, view_params(spec, ids, 0, np.array([[32, 32]]), np.tile([0, 20000], (20000, 1))))[1]
+    reference = np.random.default_rng(0).beta(alpha, alpha, 200000)
+    quantiles = np.linspace(0.05, 0.95, 19)
+    assert np.abs(np.quantile(lam, quantiles) - np.quantile(reference, quantiles)).max() < 0.02
+
+
+def test_partners_stay_in_their_shard():
+    spec = AugmentSpec.preset("cifar", 2, mix="cutmix:1.0")
+    shards = np.array([(0, 7), (7, 1), (8, 1000)] * 400)  # rows: each sample's shard
+    ids = shards[:, 0] + np.arange(len(shards)) % shards[:, 1]
+    partners = mix_of(spec, view_params(spec, ids, 3, np.array([[32, 32]]), shards))[0]
+    inside = (partners >= shards[:, 0]) & (partners < shards[:, 0] + shards[:, 1])
+    assert inside.all()
+    alone = shards[:, 1] == 1
+    assert (partners[alone] == ids[alone]).all() and (partners[~alone] != ids[~alone]).all()
+    big = shards[:, 0] == 8
+    assert len(set(partners[big].tolist())) > 250  # spread over the shard, not a few favourites
+
+
+@pytest.mark.parametrize("mix", MIXES + ["all"])
+def test_mixed_views_replay_exactly_and_hold_their_partners_pixels(mix):
+    rng = np.random.default_rng(9)
+    shard = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(20)]  # ids 40..59
+    stages = ALL_STAGES if mix == "all" else {"ops": "trivialaugment", "mix": mix}
+    spec = AugmentSpec.preset("cifar", 4, **stages)
+    ids = np.arange(40, 60)
+    ranges = np.tile([40, 20], (20, 1))
+    drawn = {}
+
+    def partners(stored):
+        def give(pids):
+            images = [shard[int(p) - 40] for p in pids]
+            return images, (np.stack([drawn[int(p)] for p in pids]) if stored else None)
+
+        return MixSource(ranges, give)
+
+    params, views = render_views(spec, shard, ids, 2, mixing=partners(False))
+    drawn.update({int(i): p for i, p in zip(ids, params, strict=True)})
+    assert torch.equal(render_views(spec, shard, ids, 2, params.astype(np.int32), mixing=partners(True))[1], views)
+    own = render_views(dataclasses.replace(spec, mix="none"), shard, ids, 2)[1]  # each sample's own view, unmixed
+    assert spec.mix != "none"
+    partner_ids, lam = mix_of(spec, params)
+    other = own[torch.as_tensor(partner_ids - 40)]
+    lam_q = torch.as_tensor(np.round(lam * 65536).astype(np.int64)).view(-1, 1, 1, 1)
+    if spec.mix.startswith("mixup"):
+        expected = (lam_q * own.long() + (65536 - lam_q) * other.long() + 32768) >> 16
+        assert torch.equal(views, expected.to(torch.uint8))
+    else:
+        for k, (x0, y0, w, h) in enumerate(params[:, -4:].tolist()):
+            inside = torch.zeros(32, 32, dtype=torch.bool)
+            inside[y0 : y0 + h, x0 : x0 + w] = True
+            assert torch.equal(views[k][:, inside], other[k][:, inside])
+            assert torch.equal(views[k][:, ~inside], own[k][:, ~inside])
+            assert lam[k] == pytest.approx(1 - w * h / 1024, abs=2**-16)
+
+
+def test_the_device_renderer_refuses_to_mix_for_now():
+    with pytest.raises(ConfigError, match="mix: cutmix:1.0 is rendered by the cpu renderer only so far"):
+        AugmentSpec.preset("cifar", renderer="device", mix="cutmix:1.0")

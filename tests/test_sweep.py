@@ -151,3 +151,14 @@ def test_a_rerun_with_another_space_or_base_is_refused_not_mixed(tmp_path):
         check_sweep_resume(folder, base, SweepConfig(space=["beta=grid:1,4"]))
     with pytest.raises(ResumeError, match="started with epochs=240, now epochs=3; continuing would mix two sweeps"):
         check_sweep_resume(folder, dataclasses.replace(base, epochs=3), sweep)
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_that_fields_default():
+    import dataclasses
+
+    from pipeline.train.config import resume_conflicts
+
+    now = TrainConfig(data="/d", mode="ce")
+    saved = {k: v for k, v in dataclasses.asdict(now).items() if k != "mix"}  # written by an older catkd
+    assert resume_conflicts(saved, now) == ([], [])
+    assert resume_conflicts(saved, dataclasses.replace(now, mix="cutmix:1.0")) == (["mix"], [])

@@ -60,6 +60,7 @@ def env(ray_local, tmp_path_factory):
             num_views=2,
             ops="trivialaugment",
             erase=0.25,
+            mix="cutmix:1.0",
             progress=False,
         )
     )
@@ -92,6 +93,7 @@ def _cfg(env, name, **kw):
 
 
 MODES = ["ce", "kd", "cat", "online-catkd"]
+STAGES = {"ops": "trivialaugment", "erase": 0.25, "mix": "cutmix:1.0"}  # the stage cache's
 
 
 def _mode_cfg(env, mode):
@@ -112,9 +114,7 @@ def runs(env):
         "catkd": _cfg(env, "catkd"),
         **{f"mode-{mode}": _mode_cfg(env, mode) for mode in MODES},
         "catkd-topk": _cfg(env, "catkd-topk", epochs=1, num_workers=1, cache=env["topk_cache"]),
-        "catkd-stages": _cfg(
-            env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], ops="trivialaugment", erase=0.25
-        ),
+        "catkd-stages": _cfg(env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], **STAGES),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
         "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
     }
@@ -281,13 +281,14 @@ def test_yaml_config_and_overrides(tmp_path):
 
 def test_a_cache_with_augmentation_stages_trains_and_must_match_the_runs_stages(env, runs):
     """The loader replays each view's stored stages (checking them against the spec's
-    draws); a run whose stages differ from the cache's is refused naming the field."""
+    draws), CutMix partners and mixed labels included; a run whose stages differ from the
+    cache's is refused naming the field."""
     history = _result(runs, "catkd-stages")["history"]
     assert len(history) == 1 and history[0]["train_cat"] > 0 and 0 <= history[0]["test_top1"] <= 100
     with pytest.raises(CacheMismatchError, match="spec.ops: the run needs 'none', the cache holds 'trivialaugment'"):
-        resolve(_cfg(env, "stages-missing", cache=env["stage_cache"], erase=0.25))
+        resolve(_cfg(env, "stages-missing", cache=env["stage_cache"], **(STAGES | {"ops": "none"})))
     with pytest.raises(CacheMismatchError, match="spec.erase: the run needs 0.5, the cache holds 0.25"):
-        resolve(_cfg(env, "stages-other", cache=env["stage_cache"], ops="trivialaugment", erase=0.5))
+        resolve(_cfg(env, "stages-other", cache=env["stage_cache"], **(STAGES | {"erase": 0.5})))
 
 
 def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(env):

@@ -32,6 +32,9 @@ class CacheBuildConfig:
     # trivialaugment or randaugment:N:M (N ops at magnitude bin M of 31); part of the spec
     ops: str = "none"
     erase: float = 0.0  # then random erasing with this probability; part of the spec
+    # then none, mixup:ALPHA or cutmix:ALPHA, with a partner from the same data shard; the
+    # teacher's targets are for the mixed view; part of the spec (cpu renderer only)
+    mix: str = "none"
     # how targets are stored: float16, float32, int8, features, or topk:K (the K classes
     # with the highest teacher logits per view; docs/cache.md compares the forms and sizes)
     storage: StorageForm = "float16"
@@ -85,7 +88,7 @@ class CacheBuildConfig:
         if problem := model_problem(self.teacher):
             raise ConfigError(f"teacher: {problem}")
         check_normalization(self)
-        parse_stages(self.ops, self.erase)
+        parse_stages(self.ops, self.erase, self.mix)
 
     def augment_spec(self) -> AugmentSpec:
         """The spec every part of the build renders with: made here, nowhere else."""
@@ -103,7 +106,7 @@ class CacheBuildConfig:
                 "(--gpus-per-actor 0): use --renderer cpu --decoder cpu, or give the actors a GPU"
             )
         spec = AugmentSpec.preset(
-            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase
+            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase, mix=self.mix
         )
         own = model_normalization(self.teacher) or (None, None)
         return spec.normalized_by(

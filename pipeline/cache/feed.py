@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data import host_images
+from pipeline.data.partners import shard_mix_source
 from pipeline.data.shard_format import ShardIndex, decode_image, load_shard
-from pipeline.data.views import AugmentSpec, render_views, view_params
+from pipeline.data.views import AugmentSpec, MixSource, render_views, view_params
 from pipeline.storage import join
 
 
@@ -49,19 +50,20 @@ def render_chunks(
             params = np.stack([view_params(spec, ids, view, hw) for view in range(num_views)], axis=1).astype(np.int32)
             yield FeedChunk(j, ids, params, images=images)
         else:
-            yield FeedChunk(
-                j, ids, *_render_all(spec, [decode_image(s, index.image_shape, source) for s in part], ids, num_views)
-            )
+            images = [decode_image(s, index.image_shape, source) for s in part]
+            # a mixing spec's partners come from this same shard, which is in hand
+            mixing = shard_mix_source([samples] * len(part), index.image_shape, source) if spec.mixes else None
+            yield FeedChunk(j, ids, *_render_all(spec, images, ids, num_views, mixing))
 
 
 def _render_all(
-    spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int
+    spec: AugmentSpec, images: list[np.ndarray], ids: np.ndarray, num_views: int, mixing: MixSource | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """(params (m, S, P) int32, views (m, S, 3, H, W) uint8) of images decoded once for all S views."""
     params = np.empty((len(images), num_views, spec.num_params), np.int32)
     views = None
     for view in range(num_views):
-        p, batch = render_views(spec, images, ids, view)
+        p, batch = render_views(spec, images, ids, view, mixing=mixing)
         if views is None:
             views = np.empty((len(images), num_views, *batch.shape[1:]), np.uint8)
         params[:, view], views[:, view] = p, batch.numpy()

@@ -20,8 +20,9 @@ from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data import host_images
 from pipeline.data.device_render import render_packed
+from pipeline.data.partners import shard_mix_source
 from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
-from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views, replay_params
+from pipeline.data.views import AugmentSpec, MixSource, ViewMismatchError, render_views, replay_params
 from pipeline.storage import filesystem, join
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's
@@ -156,6 +157,8 @@ def rebuild_command(cache: TargetCache) -> str:
         parts.append(f"--ops {spec['ops']}")
     if spec.get("erase", 0.0) > 0:
         parts.append(f"--erase {spec['erase']}")
+    if spec.get("mix", "none") != "none":
+        parts.append(f"--mix {spec['mix']}")
     build = manifest.get("build", {})
     # batches as the build made them, so that rebuilt values are bitwise the same
     if "batch_size" in build:
@@ -191,9 +194,17 @@ def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
 
 
 def _render_as_built(
-    runner: TeacherRunner, sample, index, j: int, view: int, stored_params: np.ndarray, source: str
+    runner: TeacherRunner,
+    sample,
+    index,
+    j: int,
+    view: int,
+    stored_params: np.ndarray,
+    source: str,
+    mixing: MixSource | None = None,
 ) -> torch.Tensor:
-    """One sample's view (1, 3, H, W) uint8, made by the renderer the cache was built with."""
+    """One sample's view (1, 3, H, W) uint8, made by the renderer the cache was built with
+    (mixed with its partner's, from ``mixing``, for a mixing spec)."""
     ids = np.array([sample.id])
     if runner.spec.renderer == "device":
         packed = host_images.pack([sample], index.image_shape, index.shards[j].name, runner.spec.decoder)
@@ -201,7 +212,7 @@ def _render_as_built(
         views, _ = render_packed(runner.spec, packed, params[:, None], ids, runner.device, source)
         return views[:, 0]
     image = decode_image(sample, index.image_shape, index.shards[j].name)
-    return render_views(runner.spec, [image], ids, view, stored_params, source)[1]
+    return render_views(runner.spec, [image], ids, view, stored_params, source, mixing=mixing)[1]
 
 
 def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int) -> list[str]:
@@ -245,9 +256,17 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
         stored = cache.read(j, view)
         sample = samples[k]
+        mixing = None
+        if runner.spec.mixes:  # the partner's stored parameters replay its view too
+            mixing = shard_mix_source(
+                [samples],
+                index.image_shape,
+                index.shards[j].name,
+                lambda p, params=stored["params"], first=samples[0].id: params[p.id - first],
+            )
         try:
             views = _render_as_built(
-                runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}"
+                runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}", mixing
             )
         except ViewMismatchError as exc:
             problems.append(str(exc))

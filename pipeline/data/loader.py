@@ -3,7 +3,8 @@
 Each DataLoader worker builds whole batches (decode, view, collate) so per-sample
 Python work stays small; the DataLoader runs with ``batch_size=None``. A training
 batch is a dict: ``ids`` (B,), ``image`` (B, 3, H, W), ``label`` (B,), ``params``
-(B, 5) the view parameters, ``view`` the view index of this epoch; targets cached for
+(B, P) the view parameters, ``view`` the view index of this epoch, and for a mixing
+spec ``label_b`` (B,) the partners' labels and ``lam`` (B,) each view's own share; targets cached for
 the teacher are joined to these ids, one read per shard and view, and travel in their
 stored form (``t_logits``, ``t_cam`` [+ ``t_cam_scale``] or ``t_features``) to be
 decoded on the training device.
@@ -24,8 +25,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import host_images
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
+from pipeline.data.partners import shard_mix_source
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
-from pipeline.data.views import AugmentSpec, eval_transform, normalize_batch, render_views, replay_params
+from pipeline.data.views import AugmentSpec, eval_transform, mix_of, normalize_batch, render_views, replay_params
 from pipeline.storage import join
 
 
@@ -113,6 +115,9 @@ class ShardStream(IterableDataset):
             samples = load_shard(self.cfg.data, self.index, self.index.shards[j])
             if self.cfg.targets is not None and self.cfg.train:
                 self._join_targets(j, samples)
+            if self.cfg.train and self.cfg.spec.mixes:  # each sample keeps its shard: its partner is there
+                for sample in samples:
+                    sample.shard = samples
             yield from samples
 
     def _join_targets(self, j: int, samples: list[Sample]) -> None:
@@ -167,8 +172,24 @@ class ShardStream(IterableDataset):
             params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self._targets_url)
             batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
         else:
-            params, views = render_views(spec, self._decode(samples), ids, self.view, stored, self._targets_url)
+            mixing = None
+            if spec.mixes:
+                mixing = shard_mix_source(
+                    [s.shard for s in samples],
+                    self.index.image_shape,
+                    self._source,
+                    (lambda partner: partner.target["params"]) if cached else None,
+                )
+            params, views = render_views(
+                spec, self._decode(samples), ids, self.view, stored, self._targets_url, mixing=mixing
+            )
             batch = self._collate(samples, views, params)
+            if spec.mixes:  # the labels mix as the pixels do: lambda of the sample's own, the rest its partner's
+                partner_ids, lam = mix_of(spec, params)
+                batch["label_b"] = torch.tensor(
+                    [s.shard[int(p) - s.shard[0].id].label for s, p in zip(samples, partner_ids, strict=True)]
+                )
+                batch["lam"] = torch.from_numpy(lam.astype(np.float32))
         if cached:  # t_logits, t_cam (and t_cam_scale for int8), or t_features: as stored
             for name in samples[0].target:
                 if name != "params":

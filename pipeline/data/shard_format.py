@@ -66,6 +66,8 @@ class Sample:
     box: tuple[int, int, int, int] | None = None
     # Cached teacher targets joined by the reader: {"params", "cam", "logits"} rows.
     target: dict[str, np.ndarray] | None = None
+    # Its data shard's samples in id order, kept by a reader whose views mix (partners).
+    shard: list[Sample] | None = field(default=None, repr=False)
 
 
 def encode_shard(samples: list[Sample]) -> bytes:

@@ -12,6 +12,13 @@ student replaying a cached view sees exactly the image the teacher saw.
   sampling (area 2-33% of the view, aspect 0.3-3.3, ten tries), filled with the spec's
   mean colour, which normalises to zero as torchvision's ``value=0`` after ``Normalize``
   does. Stored: (applied, x0, y0, w, h).
+- ``mix``: ``mixup:ALPHA`` (Zhang et al. 2018) or ``cutmix:ALPHA`` (Yun et al. 2019) with a
+  partner drawn from the same data shard (which the cache build and the training loader
+  already hold), lambda ~ Beta(ALPHA, ALPHA) drawn from the same generator, and for
+  CutMix timm's box (side sqrt(1 - lambda), centre uniform, clipped; lambda corrected to
+  the box's area). Stored: (partner id, lambda x 2^16) and for CutMix (x0, y0, w, h). The
+  partner's view is its own view of the same index (its crop, ops and erasing); mixing
+  uses integer arithmetic, so every device gives the same pixels.
 
 Stages act on the rendered uint8 view, on whatever device it is on: the CPU renderer
 and the device renderer apply the same function after their crop.
@@ -19,6 +26,7 @@ and the device renderer apply the same function after their crop.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -48,6 +56,9 @@ OPS = (
 SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
 BINS = 31  # magnitude bins, torchvision's default for both policies
 MAX_RANDAUGMENT_OPS = 4
+MIX_KINDS = ("mixup", "cutmix")
+MAX_MIX_ALPHA = 10.0
+LAMBDA_ONE = 1 << 16  # lambda is stored in units of 2^-16
 ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing's defaults
 ERASE_RATIO = (0.3, 3.3)
 _STAGE_STREAM = 0x5EED_57A6  # the stages' draws: a stream of their own beside the crop's
@@ -62,18 +73,46 @@ class Stages:
     num_ops: int = 0
     magnitude: int = 0  # randaugment's bin
     erase: float = 0.0
+    mix: str = "none"  # none, mixup, cutmix
+    mix_alpha: float = 0.0
+
+    @property
+    def mix_offset(self) -> int:
+        """Where the mixing parameters start among the stages' own."""
+        return 3 * self.num_ops + (5 if self.erase > 0 else 0)
 
     @property
     def width(self) -> int:
         """Integer parameters these stages add to a view's crop box and flip."""
-        return 3 * self.num_ops + (5 if self.erase > 0 else 0)
+        return self.mix_offset + {"none": 0, "mixup": 2, "cutmix": 6}[self.mix]
 
 
-def parse_stages(ops: str, erase: float) -> Stages:
-    """``ops`` none, trivialaugment or randaugment:N:M; ``erase`` P in [0, 1]; anything
-    else is a ConfigError naming the field."""
+def parse_mix(mix: str) -> tuple[str, float]:
+    """``none``, ``mixup:ALPHA`` or ``cutmix:ALPHA`` (0 < ALPHA <= 10) -> (kind, alpha)."""
+    if mix == "none":
+        return "none", 0.0
+    kind, sep, alpha = mix.partition(":")
+    try:
+        value = float(alpha) if sep else None
+    except ValueError:
+        value = None
+    if kind not in MIX_KINDS or value is None:
+        raise ConfigError(f"mix: expected none, mixup:ALPHA or cutmix:ALPHA (e.g. cutmix:1.0), got {mix!r}")
+    if not 0 < value <= MAX_MIX_ALPHA:
+        raise ConfigError(f"mix: ALPHA of Beta(ALPHA, ALPHA) must be in (0, {MAX_MIX_ALPHA:g}], got {alpha}")
+    return kind, value
+
+
+def parse_stages(ops: str, erase: float, mix: str = "none") -> Stages:
+    """``ops`` none, trivialaugment or randaugment:N:M; ``erase`` P in [0, 1]; ``mix``
+    none, mixup:ALPHA or cutmix:ALPHA; anything else is a ConfigError naming the field."""
     if not 0.0 <= erase <= 1.0:
         raise ConfigError(f"erase: the erasing probability must be in [0, 1], got {erase}")
+    kind, alpha = parse_mix(mix)
+    return dataclasses.replace(_parse_ops(ops, erase), mix=kind, mix_alpha=alpha)
+
+
+def _parse_ops(ops: str, erase: float) -> Stages:
     if ops == "none":
         return Stages(erase=erase)
     if ops == "trivialaugment":
@@ -92,9 +131,13 @@ def parse_stages(ops: str, erase: float) -> Stages:
 # ---------------------------------------------------------------- drawing
 
 
-def draw(stages: Stages, seed: int, ids: np.ndarray, view: int, size: int, uniforms) -> np.ndarray:
+def draw(
+    stages: Stages, seed: int, ids: np.ndarray, view: int, size: int, uniforms, shards: np.ndarray | None = None
+) -> np.ndarray:
     """(n, stages.width) int64 stage parameters of view ``view`` of samples ``ids``, for
-    views of ``size`` x ``size``; ``uniforms`` is the views' generator."""
+    views of ``size`` x ``size``; ``uniforms`` is the views' generator; ``shards`` (n, 2)
+    the first id and sample count of each sample's data shard (mixing draws its partner
+    there)."""
     n = len(ids)
     columns = []
     if stages.num_ops:
@@ -109,7 +152,57 @@ def draw(stages: Stages, seed: int, ids: np.ndarray, view: int, size: int, unifo
             columns += [op, magnitude_bin, negative]
     if stages.erase > 0:
         columns += list(_erase_boxes(stages.erase, uniforms(seed ^ (_STAGE_STREAM + 1), ids, view, 41), size).T)
+    if stages.mix != "none":
+        if shards is None:
+            raise ValueError("mixing draws a partner from each sample's data shard: pass shards")
+        u = uniforms(seed ^ (_STAGE_STREAM + 2), ids, view, 1 + 2 * _GAMMA_COLUMNS + 2)
+        columns += list(_mix_params(stages, np.asarray(ids, np.int64), np.asarray(shards, np.int64), u, size).T)
     return np.stack(columns, axis=1) if columns else np.zeros((n, 0), np.int64)
+
+
+_GAMMA_TRIES = 8  # Marsaglia-Tsang accepts over 95% of tries: eight leave ~1e-11 to the fallback
+_GAMMA_COLUMNS = 3 * _GAMMA_TRIES + 1
+
+
+def _gamma(shape: float, u: np.ndarray) -> np.ndarray:
+    """(n,) Gamma(shape) draws from uniforms (n, _GAMMA_COLUMNS): Marsaglia and Tsang's
+    method on shape + 1 (normals by Box-Muller), times U^(1/shape). Pure float64 numpy
+    arithmetic on the counter-based uniforms: the same on every machine."""
+    d = shape + 1.0 - 1.0 / 3.0
+    c = 1.0 / math.sqrt(9.0 * d)
+    out = np.full(len(u), d)
+    pending = np.ones(len(u), bool)
+    for k in range(_GAMMA_TRIES):
+        u1, u2, u3 = u[:, 3 * k], u[:, 3 * k + 1], u[:, 3 * k + 2]
+        x = np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * math.pi * u2)
+        v = (1.0 + c * x) ** 3
+        safe = np.where(v > 0, v, 1.0)
+        ok = pending & (v > 0) & (np.log1p(-u3) < 0.5 * x * x + d - d * safe + d * np.log(safe))
+        out = np.where(ok, d * safe, out)
+        pending &= ~ok
+    return out * (1.0 - u[:, 3 * _GAMMA_TRIES]) ** (1.0 / shape)
+
+
+def _mix_params(stages: Stages, ids: np.ndarray, shards: np.ndarray, u: np.ndarray, size: int) -> np.ndarray:
+    """(n, 2 or 6): the partner (another sample of the same data shard), lambda in units
+    of 2^-16, and for CutMix the pasted box (x0, y0, w, h) with lambda corrected to it."""
+    first, count = shards[:, 0], shards[:, 1]
+    step = np.floor(u[:, 0] * np.maximum(count - 1, 1)).astype(np.int64)
+    partner = np.where(count > 1, first + (ids - first + 1 + step) % np.maximum(count, 1), ids)
+    g = _GAMMA_COLUMNS
+    x, y = _gamma(stages.mix_alpha, u[:, 1 : 1 + g]), _gamma(stages.mix_alpha, u[:, 1 + g : 1 + 2 * g])
+    lam = x / np.maximum(x + y, 1e-300)
+    if stages.mix == "mixup":
+        return np.stack([partner, np.round(lam * LAMBDA_ONE).astype(np.int64)], axis=1)
+    cut = np.sqrt(1.0 - lam)
+    cut_w = (size * cut).astype(np.int64)
+    centre_x = np.floor(u[:, 1 + 2 * g] * size).astype(np.int64)
+    centre_y = np.floor(u[:, 2 + 2 * g] * size).astype(np.int64)
+    x0, x1 = np.clip(centre_x - cut_w // 2, 0, size), np.clip(centre_x + cut_w // 2, 0, size)
+    y0, y1 = np.clip(centre_y - cut_w // 2, 0, size), np.clip(centre_y + cut_w // 2, 0, size)
+    lam = 1.0 - (x1 - x0) * (y1 - y0) / (size * size)  # the share of the sample's own pixels
+    lam_q = np.round(lam * LAMBDA_ONE).astype(np.int64)
+    return np.stack([partner, lam_q, x0, y0, x1 - x0, y1 - y0], axis=1)
 
 
 def _erase_boxes(probability: float, u: np.ndarray, size: int) -> np.ndarray:
@@ -198,8 +291,9 @@ def apply_stages(
     stages: Stages, views: torch.Tensor, params: np.ndarray | torch.Tensor, fill: tuple[int, int, int]
 ) -> torch.Tensor:
     """(n, 3, H, W) uint8 views (any device) and their stage parameters (n, width) ->
-    the views with every stage applied, in order: ops, then erasing (``fill`` colour)."""
-    if stages.width == 0:
+    the views with the per-sample stages applied, in order: ops, then erasing (``fill``
+    colour). Mixing needs the partners' views: ``mix_views``."""
+    if stages.mix_offset == 0:
         return views
     params = np.asarray(torch.as_tensor(params).cpu(), np.int64)
     height, width = views.shape[-2:]
@@ -215,6 +309,29 @@ def apply_stages(
     if stages.erase > 0:
         colour = torch.tensor(fill, dtype=torch.uint8, device=views.device)[:, None, None]
         for k in np.nonzero(params[:, 3 * stages.num_ops])[0].tolist():
-            _, x0, y0, w, h = (int(v) for v in params[k, 3 * stages.num_ops :])
+            _, x0, y0, w, h = (int(v) for v in params[k, 3 * stages.num_ops : 3 * stages.num_ops + 5])
             out[k, :, y0 : y0 + h, x0 : x0 + w] = colour
     return out
+
+
+def mix_views(stages: Stages, views: torch.Tensor, partner_views: torch.Tensor, params) -> torch.Tensor:
+    """(n, 3, H, W) uint8 views, their partners' views and the stage parameters (n, width)
+    -> the mixed views: MixUp as (lambda a + (1 - lambda) b) in integer arithmetic,
+    rounded half up; CutMix as the partner's box pasted into the view."""
+    mix = torch.as_tensor(np.asarray(torch.as_tensor(params).cpu(), np.int64)[:, stages.mix_offset :])
+    if stages.mix == "mixup":
+        # Integer arithmetic carried in float32, which holds it exactly (every product and
+        # sum is an integer below 2^24: 2^16 x 255 + 2^15), and is fast on every device.
+        lam = mix[:, 1].to(device=views.device, dtype=torch.float32).view(-1, 1, 1, 1)
+        mixed = views.float().mul_(lam).add_(partner_views.float().mul_(LAMBDA_ONE - lam)).add_(LAMBDA_ONE // 2)
+        return mixed.div_(LAMBDA_ONE).floor_().to(torch.uint8)
+    out = views.clone()
+    for k, (x0, y0, w, h) in enumerate(mix[:, 2:6].tolist()):
+        out[k, :, y0 : y0 + h, x0 : x0 + w] = partner_views[k, :, y0 : y0 + h, x0 : x0 + w]
+    return out
+
+
+def mix_partners(stages: Stages, params) -> tuple[np.ndarray, np.ndarray]:
+    """(partner ids (n,), lambda (n,) float: the share of the sample's own label)."""
+    mix = np.asarray(torch.as_tensor(params).cpu(), np.int64)[:, stages.mix_offset :]
+    return mix[:, 0], mix[:, 1] / LAMBDA_ONE

@@ -8,9 +8,10 @@ parameters is deterministic, so a student replaying the parameters stored in the
 sees exactly the image the teacher saw.
 
 Nothing random happens outside the parameters: stronger augmentation (TrivialAugment,
-RandAugment, random erasing) is offered only as recorded stages
-(``pipeline.data.stages``), whose draws are stored after the crop box and flip, so a
-view's parameters are ``5 + stages.width`` integers (``AugmentSpec.num_params``).
+RandAugment, random erasing, MixUp and CutMix with a partner from the same data shard)
+is offered only as recorded stages (``pipeline.data.stages``), whose draws are stored
+after the crop box and flip, so a view's parameters are ``5 + stages.width`` integers
+(``AugmentSpec.num_params``).
 
 Where the views are rendered is part of the spec: ``renderer`` is ``cpu`` (this
 module, on the host, per image) or ``device`` (``pipeline.data.device_render``: the
@@ -26,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from catkd.errors import CatkdError
+from catkd.errors import CatkdError, ConfigError
 from pipeline.data import stages as view_stages
 
 NUM_PARAMS = 5  # x0, y0, w, h, flip: every spec's first parameters (stages add theirs after)
@@ -70,9 +71,15 @@ class AugmentSpec:
     decoder: Decoder = "cpu"  # who decodes JPEGs: the host's libjpeg-turbo, or nvJPEG on the GPU
     ops: str = "none"  # after the crop: none, trivialaugment or randaugment:N:M (pipeline.data.stages)
     erase: float = 0.0  # then random erasing with this probability
+    mix: str = "none"  # then none, mixup:ALPHA or cutmix:ALPHA with a partner from the same data shard
 
     def __post_init__(self) -> None:
-        view_stages.parse_stages(self.ops, self.erase)  # a ConfigError naming ops or erase
+        stages = view_stages.parse_stages(self.ops, self.erase, self.mix)  # a ConfigError naming the field
+        if stages.mix != "none" and self.renderer == "device":
+            raise ConfigError(
+                f"mix: {self.mix} is rendered by the cpu renderer only so far (the device renderer does not mix "
+                "yet): use renderer=cpu decoder=cpu"
+            )
         if self.renderer not in RENDERERS:
             raise ValueError(f"renderer must be one of {', '.join(RENDERERS)}, got {self.renderer!r}")
         if self.decoder not in DECODERS:
@@ -84,7 +91,11 @@ class AugmentSpec:
 
     @property
     def stages(self) -> view_stages.Stages:
-        return view_stages.parse_stages(self.ops, self.erase)
+        return view_stages.parse_stages(self.ops, self.erase, self.mix)
+
+    @property
+    def mixes(self) -> bool:
+        return self.mix != "none"
 
     @property
     def num_params(self) -> int:
@@ -100,12 +111,14 @@ class AugmentSpec:
         decoder: Decoder = "cpu",
         ops: str = "none",
         erase: float = 0.0,
+        mix: str = "none",
     ) -> AugmentSpec:
         if name not in MEAN_STD:
             raise ValueError(f"unknown augmentation spec {name!r} (cifar, imagenet)")
         mean, std = MEAN_STD[name]
         size = 32 if name == "cifar" else 224
-        return cls(name, seed, size=size, mean=mean, std=std, renderer=renderer, decoder=decoder, ops=ops, erase=erase)
+        stages = {"ops": ops, "erase": erase, "mix": mix}
+        return cls(name, seed, size=size, mean=mean, std=std, renderer=renderer, decoder=decoder, **stages)
 
     def normalized_by(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> AugmentSpec:
         """This spec with another input normalisation (a model's own; None keeps this one's)."""
@@ -153,13 +166,16 @@ def uniforms(seed: int, ids: np.ndarray, view: int, count: int) -> np.ndarray:
 # ---------------------------------------------------------------- parameters
 
 
-def view_params(spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray) -> np.ndarray:
+def view_params(
+    spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, shards: np.ndarray | None = None
+) -> np.ndarray:
     """(n, spec.num_params) int64 parameters of view ``view`` of samples ``ids``
-    (``image_hw`` (n, 2)): the crop box and flip, then the stages' draws."""
+    (``image_hw`` (n, 2)): the crop box and flip, then the stages' draws; a mixing spec
+    needs ``shards`` (n, 2), each sample's data shard (first id, count)."""
     box = _box_params(spec, ids, view, image_hw)
     if spec.num_params == NUM_PARAMS:
         return box
-    drawn = view_stages.draw(spec.stages, spec.seed, np.asarray(ids, np.int64), view, spec.size, uniforms)
+    drawn = view_stages.draw(spec.stages, spec.seed, np.asarray(ids, np.int64), view, spec.size, uniforms, shards)
     return np.concatenate([box, drawn], axis=1)
 
 
@@ -208,9 +224,15 @@ class ViewMismatchError(CatkdError, ValueError):
 
 
 def check_params(
-    spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray, source: str
+    spec: AugmentSpec,
+    ids: np.ndarray,
+    view: int,
+    image_hw: np.ndarray,
+    stored: np.ndarray,
+    source: str,
+    shards: np.ndarray | None = None,
 ) -> None:
-    expected = view_params(spec, ids, view, image_hw)
+    expected = view_params(spec, ids, view, image_hw, shards)
     bad = np.nonzero((expected != np.asarray(stored)).any(axis=1))[0]
     if len(bad):
         k = int(bad[0])
@@ -291,6 +313,16 @@ def _crop(spec: AugmentSpec, images: list[np.ndarray], params: np.ndarray) -> to
     return out
 
 
+@dataclass
+class MixSource:
+    """Where a batch's mixing partners come from: each sample's data shard (first id and
+    count, (n, 2)), and ``partners(ids)``, the partners' decoded images and, from a
+    cache, their stored parameters (else None)."""
+
+    shards: np.ndarray
+    partners: Callable[[np.ndarray], tuple[list[np.ndarray], np.ndarray | None]]
+
+
 def render_views(
     spec: AugmentSpec,
     images: list[np.ndarray],
@@ -298,27 +330,53 @@ def render_views(
     view: int,
     stored_params: np.ndarray | None = None,
     source: str = "",
+    mixing: MixSource | None = None,
 ) -> tuple[np.ndarray, torch.Tensor]:
     """The one view renderer: decoded images (H, W, 3) uint8 of samples ``ids`` ->
-    (params (n, 5), views (n, 3, size, size) uint8) of view ``view``.
+    (params (n, P), views (n, 3, size, size) uint8) of view ``view``.
 
     The cache builder, the training loader, ``cache verify`` and the benchmarks all
     render through here, so teacher and student see the same pixels. With
     ``stored_params`` (from a cache) those are applied: they are authoritative, and
-    recomputing them only detects a spec that changed (``ViewMismatchError``)."""
-    params = replay_params(spec, ids, view, np.array([im.shape[:2] for im in images], np.int64), stored_params, source)
-    return params, _apply(spec, images, params)
+    recomputing them only detects a spec that changed (``ViewMismatchError``). A mixing
+    spec needs ``mixing``: each view is mixed with its partner's own view of the same
+    index."""
+    if spec.mixes and mixing is None:
+        raise ValueError(f"spec mix={spec.mix} needs the samples' data shards and partners (MixSource)")
+    shards = mixing.shards if mixing is not None else None
+    hw = np.array([im.shape[:2] for im in images], np.int64)
+    params = replay_params(spec, ids, view, hw, stored_params, source, shards)
+    views = _apply(spec, images, params)
+    if spec.mixes:
+        partner_ids, _ = mix_of(spec, params)
+        partner_images, partner_stored = mixing.partners(partner_ids)
+        partner_hw = np.array([im.shape[:2] for im in partner_images], np.int64)
+        partner_params = replay_params(spec, partner_ids, view, partner_hw, partner_stored, source, shards)
+        partner_views = _apply(spec, partner_images, partner_params)
+        views = view_stages.mix_views(spec.stages, views, partner_views, params[:, NUM_PARAMS:])
+    return params, views
+
+
+def mix_of(spec: AugmentSpec, params: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A mixing spec's views (n, P) -> (partner ids (n,), lambda (n,): each view's own share)."""
+    return view_stages.mix_partners(spec.stages, np.asarray(params)[:, NUM_PARAMS:])
 
 
 def replay_params(
-    spec: AugmentSpec, ids: np.ndarray, view: int, image_hw: np.ndarray, stored: np.ndarray | None, source: str = ""
+    spec: AugmentSpec,
+    ids: np.ndarray,
+    view: int,
+    image_hw: np.ndarray,
+    stored: np.ndarray | None,
+    source: str = "",
+    shards: np.ndarray | None = None,
 ) -> np.ndarray:
     """The parameters to render: the stored ones (authoritative; recomputing them only
     detects a changed spec) or, without a cache, the spec's."""
     if stored is None:
-        return view_params(spec, ids, view, image_hw)
+        return view_params(spec, ids, view, image_hw, shards)
     params = np.asarray(stored, np.int64)
-    check_params(spec, ids, view, image_hw, params, source)
+    check_params(spec, ids, view, image_hw, params, source, shards)
     return params
 
 

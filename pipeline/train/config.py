@@ -37,6 +37,9 @@ class TrainConfig:
     # trivialaugment or randaugment:N:M (N ops at magnitude bin M of 31); a cache's must match
     ops: str = "none"
     erase: float = 0.0  # then random erasing with this probability (a cache's must match)
+    # then none, mixup:ALPHA or cutmix:ALPHA with a partner from the same data shard, labels
+    # mixed with the same lambda (a cache's must match; cpu renderer only)
+    mix: str = "none"
     # where views are cropped and resized; auto: as the cache's views were made, without a
     # cache the GPU when use_gpu, else the host; set, it must match the cache's
     renderer: Literal["auto", "cpu", "device"] = "auto"
@@ -127,7 +130,7 @@ class TrainConfig:
             if getattr(self, name) is not None and (problem := model_problem(getattr(self, name))):
                 raise ConfigError(f"{name}: {problem}")
         check_normalization(self)
-        parse_stages(self.ops, self.erase)
+        parse_stages(self.ops, self.erase, self.mix)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
         if self.mode == "online-catkd" and not (self.teacher and self.teacher_weights):
@@ -157,7 +160,7 @@ class TrainConfig:
                 "renderer=cpu decoder=cpu, or use_gpu=true"
             )
         spec = AugmentSpec.preset(
-            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase
+            self.spec, self.spec_seed, renderer=renderer, decoder=decoder, ops=self.ops, erase=self.erase, mix=self.mix
         )
         own = model_normalization(self.student) or (None, None)
         return spec.normalized_by(
@@ -213,7 +216,14 @@ RESUMABLE = (
 
 
 def resume_conflicts(saved: dict[str, Any], now: TrainConfig) -> tuple[list[str], list[str]]:
-    """(fields that differ and change results, fields that differ harmlessly)."""
+    """(fields that differ and change results, fields that differ harmlessly). A field the
+    saved config lacks (added to catkd since the run started) counts as its default,
+    which is what that run used."""
     current = dataclasses.asdict(now)
+    defaults = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(TrainConfig)
+    }
+    saved = {k: defaults[k] for k in current if k not in saved} | saved
     changed = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     return [k for k in changed if k not in RESUMABLE], [k for k in changed if k in RESUMABLE]

@@ -205,12 +205,13 @@ def _train_epoch(
         wait += time.perf_counter() - last
         x = _inputs(cfg, batch, spec, device, fallbacks)
         labels = batch["label"].to(device, non_blocking=True)
+        ce_labels = _mixed_labels(batch, labels, num_classes, device) if "lam" in batch else labels
         t_cam, t_logits, t_classes = cached_targets(batch, device, head_weight, num_classes)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if teacher is not None:
                 t_cam, t_logits = live_targets(cfg, teacher, renormalize(x, spec, teacher_spec))
             logits, cam = model(x)
-        terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits, t_classes)
+        terms = loss_terms(cfg, logits, cam, ce_labels, t_cam, t_logits, t_classes)
         nonfinite = ~torch.isfinite(terms["loss"].detach())
         ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(
             device, non_blocking=True
@@ -249,6 +250,15 @@ def _train_epoch(
         if note and rank == 0:
             progress.console.say(f"[train] epoch {progress.epoch + 1}: {note}")
     return metrics
+
+
+def _mixed_labels(batch: dict, labels: torch.Tensor, num_classes: int, device: torch.device) -> torch.Tensor:
+    """(B, C) soft targets of mixed views: lambda on the sample's label, 1 - lambda on its
+    partner's; cross-entropy against them is lambda CE(y) + (1 - lambda) CE(y_b)."""
+    lam = batch["lam"].to(device, non_blocking=True)[:, None]
+    partner = batch["label_b"].to(device, non_blocking=True)
+    one_hot = torch.nn.functional.one_hot
+    return lam * one_hot(labels, num_classes).float() + (1 - lam) * one_hot(partner, num_classes).float()
 
 
 def _raise_if_nonfinite(bad: torch.Tensor, bad_ids: torch.Tensor, rank: int) -> None:
