@@ -176,14 +176,20 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
     base = study.base_config(cfg, data, runs_root)
     study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
     cfg, teacher = study.prepare_teacher(cfg, base, data)
-    caches = {}
-    if set(cfg.modes + cfg.mix_modes) - {"ce"}:
-        study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(cfg.recipes)}")
-        for recipe in cfg.recipes:
-            caches[recipe] = study.study_cache(
-                cfg, data, teacher["weights"], cache_root, cfg.epochs, stages=stages[recipe]
-            )
     plan = planned(cfg)
+    # a cache only for recipes with a kd or catkd run still to do: finished runs are read back
+    needed = [
+        recipe
+        for recipe in cfg.recipes
+        if any(
+            r == recipe and m != "ce" and not finished_history(replace(base, name=run_name(m, r, seed)))
+            for m, r, seed in plan
+        )
+    ]
+    caches = {}
+    study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(needed) or 'none needed'}")
+    for recipe in needed:
+        caches[recipe] = study.study_cache(cfg, data, teacher["weights"], cache_root, cfg.epochs, stages=stages[recipe])
     study._say(f"4/4 {len(plan)} student runs, {cfg.concurrent} at a time")
     summary = {
         "command": command,
