@@ -22,14 +22,12 @@ finished run is read back, not started), and recipes or seeds added to the comma
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -95,45 +93,13 @@ def _order(mode: str, recipe: str) -> tuple:
 
 
 def groups(runs: list[dict]) -> list[dict]:
-    grouped: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        grouped.setdefault((run["mode"], run["recipe"]), []).append(run)
-    return [
-        {
-            "mode": mode,
-            "recipe": recipe,
-            "seeds": [r["seed"] for r in members],
-            "top1": [r["test_top1"] for r in members],
-            "top1_mean": statistics.mean(r["test_top1"] for r in members),
-            "top1_std": study.spread([r["test_top1"] for r in members]),
-        }
-        for (mode, recipe), members in sorted(grouped.items(), key=lambda item: _order(*item[0]))
-    ]
+    return study.seed_groups(runs, "recipe", _order)
 
 
 def paired(runs: list[dict]) -> list[dict]:
     """Per seed, each recipe's run minus the same mode's plain run (same initial weights
     and data order: only the views' stages differ)."""
-    final = {(r["mode"], r["recipe"], r["seed"]): r["test_top1"] for r in runs}
-    rows = []
-    for mode, recipe in sorted({(m, r) for m, r, _ in final if r != PLAIN}, key=lambda mr: _order(*mr)):
-        seeds = sorted(seed for m, r, seed in final if (m, r) == (mode, recipe) and (mode, PLAIN, seed) in final)
-        if not seeds:
-            continue
-        diffs = {str(seed): final[(mode, recipe, seed)] - final[(mode, PLAIN, seed)] for seed in seeds}
-        values = list(diffs.values())
-        rows.append(
-            {
-                "mode": mode,
-                "recipe": recipe,
-                "per_seed": diffs,
-                "mean": statistics.mean(values),
-                "std": study.spread(values),
-                "positive": sum(v > 0 for v in values),
-                "seeds": len(values),
-            }
-        )
-    return rows
+    return study.paired_against(runs, "recipe", PLAIN, _order)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -225,17 +191,11 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
             "history": history,
         }
 
-    with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
-        futures = [pool.submit(student, *run) for run in plan]
-        for future in as_completed(futures):
-            summary["runs"].append(future.result())
-            summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["recipe"])))
-            summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
-            summary["seconds"] = time.perf_counter() - started
-            (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")  # as each run ends
-            print(f"[recipes] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
-    summary["complete"] = True
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    def summarise(summary: dict) -> None:
+        summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["recipe"])))
+        summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
+
+    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "recipes", started)
     plot(summary, out / "recipes.png")
     table = markdown(summary, TABLES)
     (out / "results.md").write_text(table)

@@ -30,7 +30,8 @@ import shlex
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -219,6 +220,77 @@ def paired(runs: list[dict], mode: str, other: str, views: int) -> dict:
         "positive": sum(v > 0 for v in values),
         "seeds": len(values),
     }
+
+
+def seed_groups(runs: list[dict], variant: str, order: Callable[[str, str], tuple]) -> list[dict]:
+    """One row per (mode, ``variant``) (a cache's storage form, a recipe): final test top-1
+    over seeds, in ``order(mode, value)``. The top-k and recipe studies' groups."""
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        grouped.setdefault((run["mode"], run[variant]), []).append(run)
+    return [
+        {
+            "mode": mode,
+            variant: value,
+            "seeds": [r["seed"] for r in members],
+            "top1": [r["test_top1"] for r in members],
+            "top1_mean": statistics.mean(r["test_top1"] for r in members),
+            "top1_std": spread([r["test_top1"] for r in members]),
+        }
+        for (mode, value), members in sorted(grouped.items(), key=lambda item: order(*item[0]))
+    ]
+
+
+def paired_against(runs: list[dict], variant: str, base: str, order: Callable[[str, str], tuple]) -> list[dict]:
+    """Per (mode, ``variant`` value other than ``base``) and seed: its final top-1 minus
+    the same mode's ``base`` run of that seed (same initial weights and data order: only
+    the variant differs)."""
+    final = {(r["mode"], r[variant], r["seed"]): r["test_top1"] for r in runs}
+    rows = []
+    for mode, value in sorted({(m, v) for m, v, _ in final if v != base}, key=lambda mv: order(*mv)):
+        seeds = sorted(seed for m, v, seed in final if (m, v) == (mode, value) and (mode, base, seed) in final)
+        if not seeds:
+            continue
+        diffs = {str(seed): final[(mode, value, seed)] - final[(mode, base, seed)] for seed in seeds}
+        values = list(diffs.values())
+        rows.append(
+            {
+                "mode": mode,
+                variant: value,
+                "per_seed": diffs,
+                "mean": statistics.mean(values),
+                "std": spread(values),
+                "positive": sum(v > 0 for v in values),
+                "seeds": len(values),
+            }
+        )
+    return rows
+
+
+def run_plan(
+    plan: list[tuple],
+    student: Callable[..., dict],
+    summary: dict,
+    out: Path,
+    concurrent: int,
+    summarise: Callable[[dict], None],
+    tag: str,
+    started: float,
+) -> None:
+    """Every run of ``plan`` (``student(*run)`` gives its row), ``concurrent`` at a time;
+    ``summary`` gets each row as it ends, ``summarise`` refreshes its derived fields, and
+    results.json is rewritten then (with the seconds since ``started``, a perf_counter
+    reading), so a killed study keeps what finished."""
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+        futures = [pool.submit(student, *run) for run in plan]
+        for future in as_completed(futures):
+            summary["runs"].append(future.result())
+            summarise(summary)
+            summary["seconds"] = time.perf_counter() - started
+            (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+            print(f"[{tag}] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
+    summary["complete"] = True
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
 def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict]) -> dict:

@@ -17,14 +17,11 @@ Rerunning with the same --out resumes: finished shards, caches and runs are reus
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -72,20 +69,7 @@ def run_name(mode: str, storage: str, seed: int) -> str:
 
 
 def groups(runs: list[dict]) -> list[dict]:
-    grouped: dict[tuple[str, str], list[dict]] = {}
-    for run in runs:
-        grouped.setdefault((run["mode"], run["storage"]), []).append(run)
-    return [
-        {
-            "mode": mode,
-            "storage": storage,
-            "seeds": [r["seed"] for r in members],
-            "top1": [r["test_top1"] for r in members],
-            "top1_mean": statistics.mean(r["test_top1"] for r in members),
-            "top1_std": study.spread([r["test_top1"] for r in members]),
-        }
-        for (mode, storage), members in sorted(grouped.items(), key=lambda item: _order(*item[0]))
-    ]
+    return study.seed_groups(runs, "storage", _order)
 
 
 def _order(mode: str, storage: str) -> tuple:
@@ -95,26 +79,7 @@ def _order(mode: str, storage: str) -> tuple:
 def paired(runs: list[dict]) -> list[dict]:
     """Per seed, each top-k run minus the same mode's full-cache run (same initial
     weights, data order and views: only the stored targets differ)."""
-    final = {(r["mode"], r["storage"], r["seed"]): r["test_top1"] for r in runs}
-    rows = []
-    for mode, storage in sorted({(m, s) for m, s, _ in final if s != FULL}, key=lambda ms: _order(*ms)):
-        seeds = sorted(seed for m, s, seed in final if (m, s) == (mode, storage) and (mode, FULL, seed) in final)
-        if not seeds:
-            continue
-        diffs = {str(seed): final[(mode, storage, seed)] - final[(mode, FULL, seed)] for seed in seeds}
-        values = list(diffs.values())
-        rows.append(
-            {
-                "mode": mode,
-                "storage": storage,
-                "per_seed": diffs,
-                "mean": statistics.mean(values),
-                "std": study.spread(values),
-                "positive": sum(v > 0 for v in values),
-                "seeds": len(values),
-            }
-        )
-    return rows
+    return study.paired_against(runs, "storage", FULL, _order)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -212,17 +177,11 @@ def run_topk_study(cfg: TopkStudyConfig, command: str = "") -> dict:
             "history": history,
         }
 
-    with ThreadPoolExecutor(max_workers=cfg.concurrent) as pool:
-        futures = [pool.submit(student, *run) for run in plan]
-        for future in as_completed(futures):
-            summary["runs"].append(future.result())
-            summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["storage"])))
-            summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
-            summary["seconds"] = time.perf_counter() - started
-            (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")  # as each run ends
-            print(f"[topk] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
-    summary["complete"] = True
-    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    def summarise(summary: dict) -> None:
+        summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["storage"])))
+        summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
+
+    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "topk", started)
     plot(summary, out / "topk.png")
     table = markdown(summary, TABLES)
     (out / "results.md").write_text(table)
