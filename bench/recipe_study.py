@@ -170,18 +170,14 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
     }
 
     def student(mode: str, recipe: str, seed: int) -> dict:
-        config = replace(
-            base,
-            mode=mode,
-            cache=caches.get(recipe) if mode != "ce" else None,
-            seed=seed,
-            name=run_name(mode, recipe, seed),
-            **stages[recipe],
-        )
-        history = finished_history(config) or train(config)["history"]  # a finished run is read back
+        name = run_name(mode, recipe, seed)
+        history = finished_history(replace(base, name=name))  # a finished run is read back, not started
+        if not history:
+            cache = caches.get(recipe) if mode != "ce" else None
+            history = train(replace(base, mode=mode, cache=cache, seed=seed, name=name, **stages[recipe]))["history"]
         last = history[-1]
         return {
-            "name": config.name,
+            "name": name,
             "mode": mode,
             "recipe": recipe,
             "seed": seed,

@@ -62,3 +62,20 @@ def test_groups_paired_differences_and_tables():
     assert "| `catkd` trivialaugment - `catkd` plain | +1.50 (seed 0), -0.50 (seed 1) | **+0.50** |" in (
         recipe_study.paired_table(summary)
     )
+
+
+def test_docs_results_recipe_tables_are_generated_from_the_committed_json():
+    """docs/RESULTS.md's recipe tables are exactly what docs/results/cifar10_recipes.json
+    gives, and its groups and paired differences are those of its own runs."""
+    import json
+
+    from study_report import update_document
+
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10_recipes.json").read_text())
+    assert summary["complete"] and len({r["seed"] for r in summary["runs"]}) == 2
+    assert {r["recipe"] for r in summary["runs"]} == {"plain", "trivialaugment", "cutmix:1.0"}
+    assert recipe_study.groups(summary["runs"]) == summary["groups"]
+    assert recipe_study.paired(summary["runs"]) == summary["paired_differences"]
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert "<!-- recipe:accuracy -->" in doc and "<!-- recipe:paired -->" in doc
+    assert update_document(doc, summary, recipe_study.TABLES, "recipe") == doc
