@@ -22,27 +22,22 @@ finished run is read back, not started), and recipes or seeds added to the comma
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
-from study_report import _std, markdown, regenerate  # noqa: E402
+from study_report import _std, regenerate  # noqa: E402
 
 from pipeline.data.stages import MIX_KINDS, parse_stages  # noqa: E402
-from pipeline.ray_setup import init_ray  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
 from pipeline.train.sweep import finished_history  # noqa: E402
 
@@ -131,17 +126,8 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
     stages = {recipe: recipe_stages(recipe) for recipe in cfg.recipes}  # a bad recipe stops here
     if PLAIN not in cfg.recipes:
         raise SystemExit("--recipes: include plain, the base every recipe is compared with")
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
-    started = time.perf_counter()
-    init_ray()
-    study._say(f"1/4 shard {cfg.archive} (subset {cfg.subset or 'all'})")
-    data_info = study.shard(cfg, data)
-    data_info.pop("seconds")
-    base = study.base_config(cfg, data, runs_root)
-    study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
-    cfg, teacher = study.prepare_teacher(cfg, base, data)
+    setup = study.set_up(cfg)
+    cfg, out, base = setup.cfg, setup.out, setup.base
     plan = planned(cfg)
     # a cache only for recipes with a kd or catkd run still to do: finished runs are read back
     needed = [
@@ -155,19 +141,11 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
     caches = {}
     study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(needed) or 'none needed'}")
     for recipe in needed:
-        caches[recipe] = study.study_cache(cfg, data, teacher["weights"], cache_root, cfg.epochs, stages=stages[recipe])
+        caches[recipe] = study.study_cache(
+            cfg, setup.data, setup.teacher["weights"], setup.cache_root, cfg.epochs, stages=stages[recipe]
+        )
     study._say(f"4/4 {len(plan)} student runs, {cfg.concurrent} at a time")
-    summary = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {**asdict(cfg), "student_lr_decay_epochs": study.milestones(cfg.epochs), "spec": base.spec},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "data": data_info,
-        "teacher": teacher,
-        "stages": stages,
-        "runs": [],
-        "complete": False,
-    }
+    summary = setup.summary(command, stages=stages)
 
     def student(mode: str, recipe: str, seed: int) -> dict:
         name = run_name(mode, recipe, seed)
@@ -191,12 +169,8 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
         summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["recipe"])))
         summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
 
-    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "recipes", started)
-    plot(summary, out / "recipes.png")
-    table = markdown(summary, TABLES)
-    (out / "results.md").write_text(table)
-    print("\n" + table)
-    study._say(f"finished in {summary['seconds']:.0f} s; results.json, results.md, recipes.png in {out}")
+    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "recipes", setup.started)
+    study.finish(summary, out, TABLES, "recipes.png", plot)
     return summary
 
 

@@ -293,6 +293,64 @@ def run_plan(
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
+@dataclass
+class Setup:
+    """What the top-k and recipe studies share before their caches: the folders, the
+    sharded data, the students' base config and the teacher."""
+
+    cfg: StudyConfig
+    out: Path
+    data: str
+    runs_root: str
+    cache_root: str
+    started: float  # perf_counter at the start
+    data_info: dict
+    base: TrainConfig
+    teacher: dict
+
+    def summary(self, command: str, **figures) -> dict:
+        """results.json's head: the command, date, settings, machine, data, teacher, then
+        the study's own ``figures``; its runs come in as they end."""
+        cfg = self.cfg
+        return {
+            "command": command,
+            "date": time.strftime("%Y-%m-%d"),
+            "settings": {**asdict(cfg), "student_lr_decay_epochs": milestones(cfg.epochs), "spec": self.base.spec},
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
+            "data": self.data_info,
+            "teacher": self.teacher,
+            **figures,
+            "runs": [],
+            "complete": False,
+        }
+
+
+def set_up(cfg: StudyConfig) -> Setup:
+    """Steps 1 and 2 of 4: shard the archive into --out, make the base config, and train
+    or load the teacher."""
+    out = Path(cfg.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
+    started = time.perf_counter()
+    init_ray()
+    _say(f"1/4 shard {cfg.archive} (subset {cfg.subset or 'all'})")
+    data_info = shard(cfg, data)
+    data_info.pop("seconds")
+    base = base_config(cfg, data, runs_root)
+    _say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
+    cfg, teacher = prepare_teacher(cfg, base, data)
+    return Setup(cfg, out, data, runs_root, cache_root, started, data_info, base, teacher)
+
+
+def finish(summary: dict, out: Path, tables: dict, picture: str, plot: Callable[[dict, Path], None]) -> None:
+    """The study's picture, results.md with its tables, and the closing lines."""
+    plot(summary, out / picture)
+    table = markdown(summary, tables)
+    (out / "results.md").write_text(table)
+    print("\n" + table)
+    _say(f"finished in {summary['seconds']:.0f} s; results.json, results.md, {picture} in {out}")
+
+
 def agreement(cfg: StudyConfig, data: str, teacher_weights: str, runs: list[dict]) -> dict:
     """Every student's CAM agreement with the teacher on the whole test split, per run and
     averaged per (mode, S)."""

@@ -17,27 +17,22 @@ Rerunning with the same --out resumes: finished shards, caches and runs are reus
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import sys
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless
 import matplotlib.pyplot as plt
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
 from cache_read import imagenet_sizes  # noqa: E402
-from study_report import _std, markdown, regenerate  # noqa: E402
+from study_report import _std, regenerate  # noqa: E402
 
 from pipeline.cache.verify import cache_info  # noqa: E402
-from pipeline.ray_setup import init_ray  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
 
 FULL = "float16"
@@ -128,42 +123,22 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def run_topk_study(cfg: TopkStudyConfig, command: str = "") -> dict:
-    out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    data, runs_root, cache_root = str(out / "data"), str(out / "runs"), str(out / "caches")
-    started = time.perf_counter()
-    init_ray()
-    study._say(f"1/4 shard {cfg.archive} (subset {cfg.subset or 'all'})")
-    data_info = study.shard(cfg, data)
-    data_info.pop("seconds")
-    base = study.base_config(cfg, data, runs_root)
-    study._say("2/4 the teacher: " + (cfg.teacher_weights or f"train {cfg.teacher}"))
-    cfg, teacher = study.prepare_teacher(cfg, base, data)
+    setup = study.set_up(cfg)
+    cfg, out, data, teacher = setup.cfg, setup.out, setup.data, setup.teacher
     storages = [FULL] + [f"topk:{k}" for k in sorted(set(cfg.ks) | set(cfg.kd_ks))]
     study._say(f"3/4 caches with S = {cfg.epochs} views: {', '.join(storages)}")
     caches, cache_figures = {}, {}
     for storage in storages:
-        caches[storage] = study.study_cache(cfg, data, teacher["weights"], cache_root, cfg.epochs, storage)
+        caches[storage] = study.study_cache(cfg, data, teacher["weights"], setup.cache_root, cfg.epochs, storage)
         info = cache_info(caches[storage])
         cache_figures[storage] = {k: info[k] for k in ("bytes_on_storage", "bytes_per_view", "raw_bytes_per_view")}
 
     plan = planned(cfg)
     study._say(f"4/4 {len(plan)} student runs, {cfg.concurrent} at a time")
-    summary = {
-        "command": command,
-        "date": time.strftime("%Y-%m-%d"),
-        "settings": {**asdict(cfg), "student_lr_decay_epochs": study.milestones(cfg.epochs), "spec": base.spec},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
-        "data": data_info,
-        "teacher": teacher,
-        "caches": cache_figures,
-        "imagenet_sizes": imagenet_sizes(cfg.imagenet_views),
-        "runs": [],
-        "complete": False,
-    }
+    summary = setup.summary(command, caches=cache_figures, imagenet_sizes=imagenet_sizes(cfg.imagenet_views))
 
     def student(mode: str, storage: str, seed: int) -> dict:
-        config = replace(base, mode=mode, cache=caches[storage], seed=seed, name=run_name(mode, storage, seed))
+        config = replace(setup.base, mode=mode, cache=caches[storage], seed=seed, name=run_name(mode, storage, seed))
         history = train(config)["history"]
         last = history[-1]
         return {
@@ -181,12 +156,8 @@ def run_topk_study(cfg: TopkStudyConfig, command: str = "") -> dict:
         summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["storage"])))
         summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
 
-    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "topk", started)
-    plot(summary, out / "topk.png")
-    table = markdown(summary, TABLES)
-    (out / "results.md").write_text(table)
-    print("\n" + table)
-    study._say(f"finished in {summary['seconds']:.0f} s; results.json, results.md, topk.png in {out}")
+    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "topk", setup.started)
+    study.finish(summary, out, TABLES, "topk.png", plot)
     return summary
 
 

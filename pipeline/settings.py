@@ -133,19 +133,30 @@ def load_settings(
     """``cls`` from a YAML file (optional), then ``key=value`` overrides; every value is
     checked against its field's type, unknown keys and unreadable files are errors.
     ``sections`` are top-level keys of the file that other settings read (``sweep``)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    hints = {k: v for k, v in _field_hints(cls).items() if k in fields}
+    hints = _own_hints(cls)
     values: dict[str, Any] = {}
     if path:
-        values = {k: v for k, v in read_yaml(path).items() if k not in sections}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"{path}: unknown config keys {unknown}; keys: {', '.join(hints)}")
-        values = {k: check_value(f"{path}: {k}", v, hints[k]) for k, v in values.items()}
+        values = checked_values(cls, {k: v for k, v in read_yaml(path).items() if k not in sections}, path)
     for item in overrides or []:
         key, value = parse_override(item, hints)
         values[key] = value
     return cls(**values)
+
+
+def checked_values(cls: type, values: dict[str, Any], where: str, noun: str = "config keys") -> dict[str, Any]:
+    """``values`` (from a file) as the fields of ``cls`` take them: unknown keys and wrong
+    values are a ConfigError that starts with ``where`` (the file, and its section)."""
+    hints = _own_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"{where}: unknown {noun} {unknown}; keys: {', '.join(hints)}")
+    return {k: check_value(f"{where}: {k}", v, hints[k]) for k, v in values.items()}
+
+
+def _own_hints(cls: type) -> dict[str, Any]:
+    """The type hints of the dataclass fields of ``cls``, in declaration order."""
+    hints = _field_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def read_yaml(path: str) -> dict[str, Any]:

@@ -35,35 +35,12 @@ def env(ray_local, tmp_path_factory):
     torch.manual_seed(2)
     weights = str(base / "teacher.pth")
     torch.save(checkpoint_payload(build_model("resnet8", 10, bias=True), "resnet8"), weights)
-    cache = build_cache(
-        CacheBuildConfig(
-            data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2, progress=False
-        )
-    )
-    topk_cache = build_cache(
-        CacheBuildConfig(
-            data=data,
-            teacher="resnet8",
-            weights=weights,
-            root=str(base / "caches"),
-            num_views=2,
-            storage="topk:2",
-            progress=False,
-        )
-    )
-    stage_cache = build_cache(
-        CacheBuildConfig(
-            data=data,
-            teacher="resnet8",
-            weights=weights,
-            root=str(base / "caches"),
-            num_views=2,
-            ops="trivialaugment",
-            erase=0.25,
-            mix="cutmix:1.0",
-            progress=False,
-        )
-    )
+
+    def cache_of(**form):  # the module's caches: one teacher and views, each a storage form or recipe
+        settings = dict(data=data, teacher="resnet8", weights=weights, root=str(base / "caches"), num_views=2)
+        return build_cache(CacheBuildConfig(**settings, progress=False, **form))
+
+    cache, topk_cache, stage_cache = cache_of(), cache_of(storage="topk:2"), cache_of(**STAGES)
     return {
         "base": base,
         "data": data,

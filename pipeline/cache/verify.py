@@ -153,12 +153,9 @@ def rebuild_command(cache: TargetCache) -> str:
         f"--mean {' '.join(map(str, spec['mean']))}",
         f"--std {' '.join(map(str, spec['std']))}",
     ]
-    if spec.get("ops", "none") != "none":
-        parts.append(f"--ops {spec['ops']}")
-    if spec.get("erase", 0.0) > 0:
-        parts.append(f"--erase {spec['erase']}")
-    if spec.get("mix", "none") != "none":
-        parts.append(f"--mix {spec['mix']}")
+    for stage, off in (("ops", "none"), ("erase", 0.0), ("mix", "none")):  # the augmentation stages in use
+        if spec.get(stage, off) != off:
+            parts.append(f"--{stage} {spec[stage]}")
     build = manifest.get("build", {})
     # batches as the build made them, so that rebuilt values are bitwise the same
     if "batch_size" in build:

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import posixpath
-import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -31,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from catkd.errors import ConfigError
 from pipeline.ray_setup import init_ray
-from pipeline.settings import check_fields, check_value, read_yaml
+from pipeline.settings import check_fields, checked_values, read_yaml
 from pipeline.storage import check_location, filesystem, join, write_atomic
 from pipeline.train.config import TrainConfig
 from pipeline.train.run import ResumeError, cpus_per_worker, resolve, train
@@ -68,13 +67,7 @@ def load_sweep_config(path: str | None, flags: dict[str, Any]) -> SweepConfig:
         raise ConfigError(f"{path}: sweep: expected a mapping of sweep settings, got {type(section).__name__}")
     if isinstance(section.get("space"), dict):
         section = section | {"space": space_items(section["space"])}
-    names = {f.name for f in dataclasses.fields(SweepConfig)}
-    unknown = sorted(set(section) - names)
-    if unknown:
-        raise ConfigError(f"{path}: sweep: unknown keys {unknown}; keys: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(SweepConfig)
-    values = {k: check_value(f"{path}: sweep: {k}", v, hints[k]) for k, v in section.items()}
-    return SweepConfig(**(values | flags))
+    return SweepConfig(**(checked_values(SweepConfig, section, f"{path}: sweep", noun="keys") | flags))
 
 
 # Tune saves its experiment state at most this often (s): a driver killed right after a
