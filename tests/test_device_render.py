@@ -19,7 +19,7 @@ from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings
 from pipeline.data import host_images
 from pipeline.data.device_render import DeviceRenderError, batch_views, render_on_device
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
-from pipeline.data.shard_format import Sample, ShardError, read_index
+from pipeline.data.shard_format import Sample, ShardError, load_shard, read_index
 from pipeline.data.shard_writer import ShardConfig, shard_dataset
 from pipeline.data.views import AugmentSpec, render_views, view_params
 from pipeline.train.config import TrainConfig
@@ -184,9 +184,9 @@ def setup(ray_local, tmp_path_factory):
     return {"data": data, "weights": weights, "base": base}
 
 
-def _small_spec(renderer="cpu", decoder="cpu") -> AugmentSpec:
+def _small_spec(renderer="cpu", decoder="cpu", mix="none") -> AugmentSpec:
     """The imagenet spec at 32 px, so that a cifar-zoo teacher runs it quickly."""
-    spec = AugmentSpec.preset("imagenet", seed=1, renderer=renderer, decoder=decoder)
+    spec = AugmentSpec.preset("imagenet", seed=1, renderer=renderer, decoder=decoder, mix=mix)
     return AugmentSpec(**(spec.__dict__ | {"size": 32}))
 
 
@@ -239,20 +239,29 @@ def test_training_inputs_from_packed_batches_equal_the_cpu_path(setup):
             assert host_images.fallback_counts(fallbacks) == {"progressive": 1, "grayscale": 1}
 
 
-def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup):
+@pytest.mark.parametrize("mix", ["none", "cutmix:1.0"])
+def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup, mix):
+    """The cache build's feed and teacher side on both renderers give the same targets.
+    A mixing spec on the device renderer feeds whole shards, so every partner's image is
+    on the device with the view it mixes into; ``cache verify`` replays such a view
+    (partner included) as the build rendered it."""
     from catkd.models import load_checkpoint
+    from pipeline.cache.verify import _render_as_built
 
     index = read_index(setup["data"], "train")
     model = load_checkpoint(setup["weights"], "resnet8", 3)
     targets, fallbacks = {}, np.zeros(len(host_images.FALLBACK_REASONS), np.int64)
+    runners = {}
     for renderer, decoder in (("cpu", "cpu"), ("device", "nvjpeg")):
-        spec = _small_spec(renderer, decoder)
-        runner = TeacherRunner(model, spec, TeacherSettings(batch_size=16), torch.device("cpu"))
+        spec = _small_spec(renderer, decoder, mix)
+        runners[renderer] = TeacherRunner(model, spec, TeacherSettings(batch_size=16), torch.device("cpu"))
         for j, info in enumerate(index.shards):
             shard = ShardTargets(j, info.first_id, info.count, 2, info.name)
-            for chunk in render_chunks(setup["data"], index, j, spec, 2, chunk_samples=3):
+            chunks = list(render_chunks(setup["data"], index, j, spec, 2, chunk_samples=3))
+            assert len(chunks) == (1 if renderer == "device" and mix != "none" else -(-info.count // 3))
+            for chunk in chunks:
                 assert (chunk.views is None) == (renderer == "device")
-                shard.add(runner, chunk.ids, chunk.params, chunk.views, chunk.images)
+                shard.add(runners[renderer], chunk.ids, chunk.params, chunk.views, chunk.images)
             targets[renderer, j] = shard.arrays("float32")
             fallbacks += shard.fallbacks
     assert host_images.fallback_counts(fallbacks) == {"progressive": 1, "grayscale": 1}
@@ -260,6 +269,11 @@ def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup):
         cpu, device = targets["cpu", j], targets["device", j]
         assert np.array_equal(cpu["params"], device["params"])
         assert np.abs(device["cam"] - cpu["cam"]).max() <= 2e-2 * np.abs(cpu["cam"]).max()
+    samples = load_shard(setup["data"], index, index.shards[0])
+    stored = targets["device", 0]["params"][:, 1]  # view 1 of shard 0
+    for k in range(len(samples)):
+        replayed = {r: _render_as_built(runners[r], samples, k, index, 0, 1, stored, "t") for r in runners}
+        assert (replayed["device"].int() - replayed["cpu"].int()).abs().max() <= 1
 
 
 def test_student_that_renders_otherwise_than_its_cache_is_refused(setup):

@@ -155,3 +155,22 @@ def test_mixed_views_take_their_partner_from_the_same_shard_and_mix_the_labels(s
         expected = torch.nn.functional.cross_entropy(logits, batch["label"], reduction="none") * batch["lam"]
         expected += torch.nn.functional.cross_entropy(logits, batch["label_b"], reduction="none") * (1 - batch["lam"])
         torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, soft), expected.mean())
+
+
+@pytest.mark.parametrize("mix", ["mixup:0.4", "cutmix:1.0"])
+def test_the_device_renderer_mixes_loader_batches_as_the_host_does(shards, mix):
+    """With the device renderer a mixing batch carries its partners' packed images and
+    view parameters; rendered (on CPU here) they give the host renderer's batch, with
+    the same partner labels and shares."""
+    from pipeline.data.device_render import batch_views
+
+    spec = AugmentSpec.preset("cifar", seed=11, ops="trivialaugment", mix=mix)
+    device_spec = AugmentSpec.preset("cifar", seed=11, ops="trivialaugment", mix=mix, renderer="device")
+    host = list(make_loader(ShardStream(ReaderConfig(data=shards, batch_size=8, spec=spec, normalize=False)), 0))
+    packed = list(make_loader(ShardStream(ReaderConfig(data=shards, batch_size=8, spec=device_spec)), 0))
+    assert len(host) == len(packed) and any("partner_ids" in b for b in packed)
+    for cpu_batch, batch in zip(host, packed, strict=True):
+        views, _ = batch_views(device_spec, batch, torch.device("cpu"))
+        assert torch.equal(views, cpu_batch["image"])
+        for name in ("ids", "params", "label", "label_b", "lam"):
+            assert torch.equal(batch[name], cpu_batch[name]), name

@@ -11,9 +11,12 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import RandAugment, TrivialAugmentWide
 
-from catkd.errors import ConfigError
+from catkd.errors import CatkdError, ConfigError
 from pipeline.cache.identity import CacheIdentity, first_difference
-from pipeline.data.device_render import render_on_device
+from pipeline.data import host_images
+from pipeline.data.device_render import render_on_device, render_packed
+from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges
+from pipeline.data.shard_format import Sample, decode_image
 from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, magnitude_of, parse_stages
 from pipeline.data.views import AugmentSpec, MixSource, mix_of, render_views, view_params
 
@@ -213,6 +216,36 @@ def test_mixed_views_replay_exactly_and_hold_their_partners_pixels(mix):
             assert lam[k] == pytest.approx(1 - w * h / 1024, abs=2**-16)
 
 
-def test_the_device_renderer_refuses_to_mix_for_now():
-    with pytest.raises(ConfigError, match="mix: cutmix:1.0 is rendered by the cpu renderer only so far"):
-        AugmentSpec.preset("cifar", renderer="device", mix="cutmix:1.0")
+@pytest.mark.parametrize("mix", MIXES + ["all"])
+def test_the_device_renderer_mixes_as_the_cpu_renderer(mix):
+    """A batch that holds a few of its partners: the others travel with it
+    (``pack_partners``), the device renderer (on CPU here) gives the CPU renderer's
+    pixels, and a partner that was not sent is named rather than guessed."""
+    rng = np.random.default_rng(3)
+    shape = [32, 32, 3]
+    shard = [Sample(40 + k, k % 10, rng.integers(0, 256, shape, dtype=np.uint8).tobytes(), "rgb") for k in range(20)]
+    stages = ALL_STAGES if mix == "all" else {"ops": "trivialaugment", "mix": mix}
+    spec = AugmentSpec.preset("cifar", 4, **stages)
+    batch = shard[::3]
+    ids, shards = np.array([s.id for s in batch]), [shard] * len(batch)
+    cpu_params, cpu_views = render_views(
+        spec, [decode_image(s, shape, "t") for s in batch], ids, 2, mixing=shard_mix_source(shards, shape, "t")
+    )
+    device = dataclasses.replace(spec, renderer="device")
+    packed = host_images.pack(batch, shape, "t", "cpu")
+    params = view_params(device, ids, 2, host_images.image_sizes(packed), shard_ranges(shards))
+    assert np.array_equal(params, cpu_params)
+    partners = pack_partners(device, batch, shards, params, 2, shape, "t")
+    assert partners is not None and not set(partners[1].tolist()) & set(ids.tolist())
+    with pytest.raises(CatkdError, match=r"t: mixing partner \d+ was not sent"):
+        render_packed(device, packed, params[:, None], ids, torch.device("cpu"), "t")
+    views, _ = render_packed(
+        device,
+        host_images.concat(packed, partners[0]),
+        np.concatenate([params, partners[2]])[:, None],
+        np.concatenate([ids, partners[1]]),
+        torch.device("cpu"),
+        "t",
+        rows=len(batch),
+    )
+    assert torch.equal(views[:, 0], cpu_views)

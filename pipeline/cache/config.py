@@ -33,7 +33,7 @@ class CacheBuildConfig:
     ops: str = "none"
     erase: float = 0.0  # then random erasing with this probability; part of the spec
     # then none, mixup:ALPHA or cutmix:ALPHA, with a partner from the same data shard; the
-    # teacher's targets are for the mixed view; part of the spec (cpu renderer only)
+    # teacher's targets are for the mixed view; part of the spec
     mix: str = "none"
     # how targets are stored: float16, float32, int8, features, or topk:K (the K classes
     # with the highest teacher logits per view; docs/cache.md compares the forms and sizes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.data import host_images
-from pipeline.data.partners import shard_mix_source
+from pipeline.data.partners import shard_mix_source, shard_ranges
 from pipeline.data.shard_format import ShardIndex, decode_image, load_shard
 from pipeline.data.views import AugmentSpec, MixSource, render_views, view_params
 from pipeline.storage import join
@@ -41,13 +41,19 @@ def render_chunks(
     info = index.shards[j]
     source = join(data, info.name)
     samples = load_shard(data, index, info)
+    if spec.renderer == "device" and spec.mixes:
+        # The device mixes each view with its partner's, so the partner's image must be in
+        # the chunk: a whole shard per chunk holds every partner, and no image travels twice.
+        chunk_samples = len(samples)
     for start in range(0, len(samples), chunk_samples):
         part = samples[start : start + chunk_samples]
         ids = np.array([s.id for s in part], np.int64)
         if spec.renderer == "device":
             images = host_images.pack(part, index.image_shape, source, spec.decoder)
             hw = host_images.image_sizes(images)
-            params = np.stack([view_params(spec, ids, view, hw) for view in range(num_views)], axis=1).astype(np.int32)
+            ranges = shard_ranges([samples] * len(part)) if spec.mixes else None
+            params = np.stack([view_params(spec, ids, view, hw, ranges) for view in range(num_views)], axis=1)
+            params = params.astype(np.int32)
             yield FeedChunk(j, ids, params, images=images)
         else:
             images = [decode_image(s, index.image_shape, source) for s in part]

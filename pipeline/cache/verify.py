@@ -20,9 +20,9 @@ from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data import host_images
 from pipeline.data.device_render import render_packed
-from pipeline.data.partners import shard_mix_source
-from pipeline.data.shard_format import decode_image, load_shard, read_index, sample_key
-from pipeline.data.views import AugmentSpec, MixSource, ViewMismatchError, render_views, replay_params
+from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges
+from pipeline.data.shard_format import Sample, decode_image, load_shard, read_index, sample_key
+from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views, replay_params
 from pipeline.storage import filesystem, join
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's
@@ -191,25 +191,30 @@ def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
 
 
 def _render_as_built(
-    runner: TeacherRunner,
-    sample,
-    index,
-    j: int,
-    view: int,
-    stored_params: np.ndarray,
-    source: str,
-    mixing: MixSource | None = None,
+    runner: TeacherRunner, shard: list[Sample], k: int, index, j: int, view: int, stored: np.ndarray, source: str
 ) -> torch.Tensor:
-    """One sample's view (1, 3, H, W) uint8, made by the renderer the cache was built with
-    (mixed with its partner's, from ``mixing``, for a mixing spec)."""
-    ids = np.array([sample.id])
-    if runner.spec.renderer == "device":
-        packed = host_images.pack([sample], index.image_shape, index.shards[j].name, runner.spec.decoder)
-        params = replay_params(runner.spec, ids, view, host_images.image_sizes(packed), stored_params, source)
-        views, _ = render_packed(runner.spec, packed, params[:, None], ids, runner.device, source)
+    """Sample k of data shard j (``shard``: its samples) in view ``view``, (1, 3, H, W)
+    uint8, made by the renderer the cache was built with from the view's ``stored``
+    parameters (the shard's, (n, P)); a mixing spec's partner replays its own stored
+    view of the same index."""
+    spec, sample, name = runner.spec, shard[k], index.shards[j].name
+    ids, first = np.array([sample.id]), shard[0].id
+    partner_stored = lambda p: stored[p.id - first]  # noqa: E731
+    if spec.renderer == "device":
+        packed = host_images.pack([sample], index.image_shape, name, spec.decoder)
+        ranges = shard_ranges([shard]) if spec.mixes else None
+        params = replay_params(spec, ids, view, host_images.image_sizes(packed), stored[k : k + 1], source, ranges)
+        partners = None
+        if spec.mixes:
+            partners = pack_partners(spec, [sample], [shard], params, view, index.image_shape, name, partner_stored)
+        if partners is not None:
+            packed = host_images.concat(packed, partners[0])
+            ids, params = np.concatenate([ids, partners[1]]), np.concatenate([params, partners[2]])
+        views, _ = render_packed(spec, packed, params[:, None], ids, runner.device, source, rows=1)
         return views[:, 0]
-    image = decode_image(sample, index.image_shape, index.shards[j].name)
-    return render_views(runner.spec, [image], ids, view, stored_params, source, mixing=mixing)[1]
+    mixing = shard_mix_source([shard], index.image_shape, name, partner_stored) if spec.mixes else None
+    image = decode_image(sample, index.image_shape, name)
+    return render_views(spec, [image], ids, view, stored[k : k + 1], source, mixing=mixing)[1]
 
 
 def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int) -> list[str]:
@@ -253,17 +258,9 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
         stored = cache.read(j, view)
         sample = samples[k]
-        mixing = None
-        if runner.spec.mixes:  # the partner's stored parameters replay its view too
-            mixing = shard_mix_source(
-                [samples],
-                index.image_shape,
-                index.shards[j].name,
-                lambda p, params=stored["params"], first=samples[0].id: params[p.id - first],
-            )
         try:
             views = _render_as_built(
-                runner, sample, index, j, view, stored["params"][k : k + 1], f"{cache.url}: data shard {j}", mixing
+                runner, samples, k, index, j, view, stored["params"], f"{cache.url}: data shard {j}"
             )
         except ViewMismatchError as exc:
             problems.append(str(exc))

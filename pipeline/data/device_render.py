@@ -31,7 +31,8 @@ import torch
 
 from catkd.errors import CatkdError
 from pipeline.data import host_images
-from pipeline.data.views import NUM_PARAMS, AugmentSpec, apply_stages
+from pipeline.data import stages as view_stages
+from pipeline.data.views import NUM_PARAMS, AugmentSpec, apply_stages, mix_of
 
 # Views per pair of matmuls: bounds the float32 intermediate (views x 3 x H x size).
 VIEWS_PER_CALL = 256
@@ -153,6 +154,31 @@ def render_on_device(spec: AugmentSpec, images: list[torch.Tensor], params: torc
     return out
 
 
+def mix_on_device(
+    spec: AugmentSpec, views: torch.Tensor, params: torch.Tensor, ids: np.ndarray, rows: int, source: str
+) -> torch.Tensor:
+    """Rendered views (n, S, 3, size, size) of images ``ids`` (n,) with their parameters
+    (n, S, P) -> the first ``rows`` images' views, each mixed with its partner's own view
+    of the same index, which must be among the n (``partners.pack_partners`` sends the
+    ones a batch lacks; a cache build sends whole shards). The CPU renderer's mixing
+    (``stages.mix_views``), on the device."""
+    n, views_per = views.shape[:2]
+    own = torch.as_tensor(params)[:rows].reshape(rows * views_per, -1).cpu()
+    partner_ids, _ = mix_of(spec, own.numpy())
+    row_of = {int(i): r for r, i in enumerate(np.asarray(ids).tolist())}
+    missing = [int(p) for p in partner_ids if int(p) not in row_of]
+    if missing:
+        raise CatkdError(
+            f"{source}: mixing partner {missing[0]} was not sent with the images it mixes into "
+            f"({len(set(missing))} missing): the device renderer needs every partner's image"
+        )
+    partner_rows = torch.tensor([row_of[int(p)] for p in partner_ids], device=views.device)
+    view_index = torch.arange(views_per, device=views.device).repeat(rows)  # (rows * S,), sample-major
+    partner_views = views[partner_rows, view_index]
+    mixed = view_stages.mix_views(spec.stages, views[:rows].flatten(0, 1), partner_views, own[:, NUM_PARAMS:])
+    return mixed.view(rows, views_per, *views.shape[2:])
+
+
 def render_packed(
     spec: AugmentSpec,
     packed: dict,
@@ -160,14 +186,22 @@ def render_packed(
     ids: np.ndarray | torch.Tensor,
     device: torch.device,
     source: str,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """A packed batch (``host_images.pack``) and its view parameters (m, S, 5) ->
-    (views (m, S, 3, size, size) uint8 on ``device``, decode fallbacks by
-    ``host_images.FALLBACK_REASONS``: the host's, plus the JPEGs nvJPEG rejected)."""
+    """A packed batch (``host_images.pack``) and its view parameters (m, S, P) ->
+    (views (rows, S, 3, size, size) uint8 on ``device``, decode fallbacks by
+    ``host_images.FALLBACK_REASONS``: the host's, plus the JPEGs nvJPEG rejected). The
+    views are those of the first ``rows`` images (all m by default); a mixing spec's
+    partners are found among all m (``mix_on_device``)."""
+    rows = len(ids) if rows is None else rows
     images, rejected = host_images.upload(packed, ids, device, source)
     fallbacks = torch.as_tensor(packed["host_fallbacks"]).numpy().astype(np.int64)  # a copy
     fallbacks[host_images.FALLBACK_REASONS.index("device_decode_failed")] += rejected
-    return render_on_device(spec, images, torch.as_tensor(params)), fallbacks
+    params = torch.as_tensor(params)
+    views = render_on_device(spec, images, params)
+    if spec.mixes:
+        views = mix_on_device(spec, views, params, np.asarray(ids), rows, source)
+    return views[:rows], fallbacks
 
 
 def batch_views(
@@ -178,5 +212,8 @@ def batch_views(
     and the batch's decode fallbacks (None for a batch rendered on the host)."""
     if "host_data" not in batch:
         return batch["image"].to(device, non_blocking=True), None
-    views, fallbacks = render_packed(spec, batch, batch["params"][:, None], batch["ids"], device, source)
+    params, ids = batch["params"], batch["ids"]
+    if "partner_ids" in batch:  # a mixing batch: its partners' images follow its own
+        params, ids = torch.cat([params, batch["partner_params"]]), torch.cat([ids, batch["partner_ids"]])
+    views, fallbacks = render_packed(spec, batch, params[:, None], ids, device, source, rows=len(batch["ids"]))
     return views[:, 0], fallbacks

@@ -125,6 +125,19 @@ def pack(samples: list[Sample], shape: list[int] | None, source: str, decoder: s
     }
 
 
+def concat(first: dict[str, np.ndarray], second: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Two packed batches as one: ``second``'s images after ``first``'s (a mixing
+    batch's own images, then its partners'), fallback counts added."""
+    offsets = np.concatenate([first["host_offsets"], second["host_offsets"][1:] + first["host_offsets"][-1]])
+    return {
+        "host_data": np.concatenate([first["host_data"], second["host_data"]]),
+        "host_offsets": offsets,
+        "host_hw": np.concatenate([first["host_hw"], second["host_hw"]]),
+        "host_encoded": np.concatenate([first["host_encoded"], second["host_encoded"]]),
+        "host_fallbacks": first["host_fallbacks"] + second["host_fallbacks"],
+    }
+
+
 def image_sizes(packed: dict[str, np.ndarray]) -> np.ndarray:
     """(n, 2) heights and widths: what ``view_params`` needs, known before decoding."""
     return np.asarray(packed["host_hw"])

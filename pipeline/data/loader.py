@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.data import host_images
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
-from pipeline.data.partners import shard_mix_source
+from pipeline.data.partners import pack_partners, partner_samples, shard_mix_source, shard_ranges
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
 from pipeline.data.views import AugmentSpec, eval_transform, mix_of, normalize_batch, render_views, replay_params
 from pipeline.storage import join
@@ -167,29 +167,35 @@ class ShardStream(IterableDataset):
         cached = samples[0].target is not None
         stored = np.stack([s.target["params"] for s in samples]) if cached else None
         spec = self.cfg.spec
+        # a mixing view's partner replays its own stored view of the same index, or draws it
+        partner_stored = (lambda partner: partner.target["params"]) if cached else None
+        shards = [s.shard for s in samples] if spec.mixes else None
         if spec.renderer == "device":
             packed = host_images.pack(samples, self.index.image_shape, self._source, spec.decoder)
-            params = replay_params(spec, ids, self.view, host_images.image_sizes(packed), stored, self._targets_url)
+            hw = host_images.image_sizes(packed)
+            ranges = shard_ranges(shards) if spec.mixes else None
+            params = replay_params(spec, ids, self.view, hw, stored, self._targets_url, ranges)
+            partners = None
+            if spec.mixes:  # partners the batch lacks travel with it: the device mixes
+                partners = pack_partners(
+                    spec, samples, shards, params, self.view, self.index.image_shape, self._source, partner_stored
+                )
+            if partners is not None:
+                packed = host_images.concat(packed, partners[0])
             batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
+            if partners is not None:
+                batch["partner_ids"], batch["partner_params"] = (torch.from_numpy(a) for a in partners[1:])
         else:
             mixing = None
             if spec.mixes:
-                mixing = shard_mix_source(
-                    [s.shard for s in samples],
-                    self.index.image_shape,
-                    self._source,
-                    (lambda partner: partner.target["params"]) if cached else None,
-                )
+                mixing = shard_mix_source(shards, self.index.image_shape, self._source, partner_stored)
             params, views = render_views(
                 spec, self._decode(samples), ids, self.view, stored, self._targets_url, mixing=mixing
             )
             batch = self._collate(samples, views, params)
-            if spec.mixes:  # the labels mix as the pixels do: lambda of the sample's own, the rest its partner's
-                partner_ids, lam = mix_of(spec, params)
-                batch["label_b"] = torch.tensor(
-                    [s.shard[int(p) - s.shard[0].id].label for s, p in zip(samples, partner_ids, strict=True)]
-                )
-                batch["lam"] = torch.from_numpy(lam.astype(np.float32))
+        if spec.mixes:  # the labels mix as the pixels do: lambda of the sample's own, the rest its partner's
+            batch["label_b"] = torch.tensor([p.label for p in partner_samples(spec, shards, params)])
+            batch["lam"] = torch.from_numpy(mix_of(spec, params)[1].astype(np.float32))
         if cached:  # t_logits, t_cam (and t_cam_scale for int8), or t_features: as stored
             for name in samples[0].target:
                 if name != "params":

@@ -1,6 +1,13 @@
 """Mixing partners (MixUp, CutMix) from the data shard each sample belongs to (DESIGN
 section 5): the cache build, the training loader and ``cache verify`` already hold that
-shard's samples, so a partner costs a decode, never a read."""
+shard's samples, so a partner costs a decode, never a read.
+
+The CPU renderer takes its partners' decoded images from a ``MixSource``
+(``shard_mix_source``). The device renderer mixes on the device, so a partner's image
+must travel with the batch: ``pack_partners`` packs the partners a batch does not
+already hold, and ``device_render.render_packed`` finds every partner among the images
+it was sent.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +15,21 @@ from collections.abc import Callable
 
 import numpy as np
 
+from pipeline.data import host_images
 from pipeline.data.shard_format import Sample, decode_image
-from pipeline.data.views import MixSource
+from pipeline.data.views import AugmentSpec, MixSource, mix_of, replay_params
+
+
+def shard_ranges(shards: list[list[Sample]]) -> np.ndarray:
+    """(n, 2) first id and sample count of each row's data shard: what mixing draws
+    partners from (``view_params``'s ``shards``)."""
+    return np.array([(shard[0].id, len(shard)) for shard in shards], np.int64).reshape(-1, 2)
+
+
+def partner_samples(spec: AugmentSpec, shards: list[list[Sample]], params: np.ndarray) -> list[Sample]:
+    """The partner of each row (params (n, P) of one view), looked up in its shard."""
+    partner_ids, _ = mix_of(spec, params)
+    return [shard[int(p) - shard[0].id] for shard, p in zip(shards, partner_ids, strict=True)]
 
 
 def shard_mix_source(
@@ -34,5 +54,36 @@ def shard_mix_source(
         stored = np.stack([stored_params(s) for s in found]) if stored_params is not None else None
         return images, stored
 
-    ranges = np.array([(shard[0].id, len(shard)) for shard in shards], np.int64).reshape(-1, 2)
-    return MixSource(ranges, partners)
+    return MixSource(shard_ranges(shards), partners)
+
+
+def pack_partners(
+    spec: AugmentSpec,
+    samples: list[Sample],
+    shards: list[list[Sample]],
+    params: np.ndarray,
+    view: int,
+    image_shape: list[int] | None,
+    source: str,
+    stored_params: Callable[[Sample], np.ndarray] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
+    """For the device renderer: the partners of a batch's views (``params`` (n, P) of
+    view ``view``, row k of data shard ``shards[k]``) that the batch does not hold
+    itself, as (their packed images, ids (E,), view parameters (E, P)), or None when
+    every partner is in the batch. A partner's parameters are its stored ones
+    (``stored_params``, from a cache) or drawn as the spec says; either way it is its
+    own view of the same index, as on the CPU renderer."""
+    held = {s.id for s in samples}
+    extra: dict[int, tuple[Sample, list[Sample]]] = {}
+    for partner, shard in zip(partner_samples(spec, shards, params), shards, strict=True):
+        if partner.id not in held and partner.id not in extra:
+            extra[partner.id] = (partner, shard)
+    if not extra:
+        return None
+    found = [sample for sample, _ in extra.values()]
+    packed = host_images.pack(found, image_shape, source, spec.decoder)
+    ids = np.array(list(extra), np.int64)
+    stored = np.stack([stored_params(s) for s in found]) if stored_params is not None else None
+    ranges = shard_ranges([shard for _, shard in extra.values()])
+    partner_params = replay_params(spec, ids, view, host_images.image_sizes(packed), stored, source, ranges)
+    return packed, ids, partner_params

@@ -38,7 +38,7 @@ class TrainConfig:
     ops: str = "none"
     erase: float = 0.0  # then random erasing with this probability (a cache's must match)
     # then none, mixup:ALPHA or cutmix:ALPHA with a partner from the same data shard, labels
-    # mixed with the same lambda (a cache's must match; cpu renderer only)
+    # mixed with the same lambda (a cache's must match)
     mix: str = "none"
     # where views are cropped and resized; auto: as the cache's views were made, without a
     # cache the GPU when use_gpu, else the host; set, it must match the cache's
