@@ -8,7 +8,9 @@ On a machine with a CUDA GPU, in about ten minutes, on generated ImageNet-like J
    channels_last) on uint8 batches already on the GPU: the ceiling for the build;
 2. the renderers on the same views: the largest pixel difference between the CPU
    renderer and the device renderer, and between host JPEG decoding and nvJPEG, with
-   the CAT-loss difference each makes (docs/cache.md states the bound);
+   the CAT-loss difference each makes (docs/cache.md states the bound); and the strong
+   recipe (TrivialAugment + CutMix, partners sent with the batch) on the device
+   renderer against the CPU renderer, with the device's views/s with and without it;
 3. an imagenet-spec cache build with that teacher, S = 4: loader workers read shards
    and pack the JPEG bytes (``pipeline.cache.feed``), nvJPEG decodes and the device
    renderer renders all S views on the GPU, the teacher turns them into targets and
@@ -61,6 +63,7 @@ from pipeline.data import host_images  # noqa: E402
 from pipeline.data.device_render import batch_views, render_packed  # noqa: E402
 from pipeline.data.host_images import FALLBACK_REASONS  # noqa: E402
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader  # noqa: E402
+from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges  # noqa: E402
 from pipeline.data.shard_format import decode_image, load_shard, read_index  # noqa: E402
 from pipeline.data.shard_writer import ShardConfig, shard_dataset  # noqa: E402
 from pipeline.data.views import AugmentSpec, normalize_batch, render_views, view_params  # noqa: E402
@@ -347,6 +350,51 @@ def renderer_bounds(
     return figures
 
 
+def recipe_check(data: str, device: torch.device, count: int = 256, rounds: int = 3) -> dict:
+    """The strong recipe on the device renderer (TrivialAugment, then CutMix with a
+    partner from the same data shard, its image sent with the batch) against the CPU
+    renderer on the same view of ``count`` training images: the largest pixel
+    difference; and the device renderer's views/s on the same packed batch with no
+    stages, with TrivialAugment and with both (the stages' ops run one view at a time)."""
+    index = read_index(data, "train")
+    shard = load_shard(data, index, index.shards[0])
+    samples, shape = shard[:count], index.image_shape
+    ids, shards = np.array([s.id for s in samples], np.int64), [shard] * len(samples)
+    cpu_spec = AugmentSpec.preset("imagenet", ops="trivialaugment", mix="cutmix:1.0")
+    decoded = [decode_image(s, shape, "recipes") for s in samples]
+    params, cpu_views = render_views(cpu_spec, decoded, ids, 0, mixing=shard_mix_source(shards, shape, "recipes"))
+    own = host_images.pack(samples, shape, "recipes", "cpu")
+    out: dict = {"views": len(samples)}
+    for name, stages in (
+        ("plain", {}),
+        ("trivialaugment", {"ops": "trivialaugment"}),
+        ("trivialaugment_cutmix", {"ops": "trivialaugment", "mix": "cutmix:1.0"}),
+    ):
+        spec = AugmentSpec.preset("imagenet", renderer="device", decoder="cpu", **stages)
+        hw = host_images.image_sizes(own)
+        view = view_params(spec, ids, 0, hw, shard_ranges(shards) if spec.mixes else None)
+        packed, all_ids, all_params = own, ids, view
+        if spec.mixes:
+            partners = pack_partners(spec, samples, shards, view, 0, shape, "recipes")
+            if partners is not None:
+                packed = host_images.concat(own, partners[0])
+                all_ids, all_params = np.concatenate([ids, partners[1]]), np.concatenate([view, partners[2]])
+            out["partner_images_sent"] = 0 if partners is None else len(partners[1])
+        best = float("inf")
+        for _ in range(rounds):
+            _sync(device)
+            start = time.perf_counter()
+            rendered, _ = render_packed(spec, packed, all_params[:, None], all_ids, device, "recipes", rows=len(ids))
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        out[f"{name}_views_per_s"] = len(ids) / best
+        if spec.mixes:
+            diff = (rendered[:, 0].cpu().int() - cpu_views.int()).abs()
+            out["max_pixel_difference"] = int(diff.max())
+            out["fraction_of_pixels_differing"] = float((diff > 0).double().mean())
+    return out
+
+
 def _catkd(*args: str) -> str:
     """One ``catkd`` command as a user runs it; its output (a failure ends the check)."""
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT)
@@ -540,6 +588,15 @@ def main() -> None:
         f"CAT loss {bounds['decoder_cat_loss_difference']:.2e}",
         flush=True,
     )
+    recipes = recipe_check(data, device, count=16 if args.dry_run else 256)
+    print(
+        f"strong recipe on the device renderer ({recipes['views']} views, TrivialAugment + CutMix, "
+        f"{recipes['partner_images_sent']} partner images sent with them): largest pixel difference from the cpu "
+        f"renderer {recipes['max_pixel_difference']} ({100 * recipes['fraction_of_pixels_differing']:.4f}% of "
+        f"pixels); device views/s: plain {recipes['plain_views_per_s']:,.0f}, TrivialAugment "
+        f"{recipes['trivialaugment_views_per_s']:,.0f}, + CutMix {recipes['trivialaugment_cutmix_views_per_s']:,.0f}",
+        flush=True,
+    )
     cfg = CacheBuildConfig(
         data=data,
         teacher=args.teacher,
@@ -599,6 +656,7 @@ def main() -> None:
         "gpu_busy_fraction": busy,
         "build_host_decoded": host_decoded,
         "renderer_bounds": bounds,
+        "recipe_check": recipes,
         "train": {
             "alone": runs["alone"]["images_per_s"],
             "cached": cached,

@@ -17,7 +17,7 @@ from pipeline.data import host_images
 from pipeline.data.device_render import render_on_device, render_packed
 from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges
 from pipeline.data.shard_format import Sample, decode_image
-from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, magnitude_of, parse_stages
+from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, apply_stages, magnitude_of, parse_stages
 from pipeline.data.views import AugmentSpec, MixSource, mix_of, render_views, view_params
 
 STAGED = [
@@ -56,6 +56,23 @@ def test_each_op_is_applied_as_torchvision_applies_it():
                     image, op, magnitude, interpolation=policy.interpolation, fill=policy._fill
                 )
                 assert torch.equal(apply_op(image, op, magnitude), expected), (op, magnitude)
+
+
+@pytest.mark.parametrize("ops", ["trivialaugment", "randaugment:2:9"])
+def test_ops_applied_by_group_equal_ops_applied_one_view_at_a_time(ops):
+    """apply_stages runs each (op, magnitude) once on all views that drew it: every op,
+    bin and sign gives the pixels it gives one view at a time."""
+    stages = parse_stages(ops, 0.0)
+    rng = np.random.default_rng(4)
+    slots = [(op, b, sign) for op in range(len(OPS)) for b in range(BINS) for sign in (0, 1)]
+    n = len(slots)
+    first = np.array(slots)
+    params = np.concatenate([first, rng.permutation(first)], axis=1)[:, : 3 * stages.num_ops]
+    views = torch.from_numpy(rng.integers(0, 256, (n, 3, 24, 32), dtype=np.uint8))
+    grouped = apply_stages(stages, views, params, (0, 0, 0))
+    one_by_one = torch.cat([apply_stages(stages, views[k : k + 1], params[k : k + 1], (0, 0, 0)) for k in range(n)])
+    assert torch.equal(grouped, one_by_one)
+    assert (grouped != views).any(dim=(1, 2, 3)).float().mean() > 0.8
 
 
 def test_draws_cover_the_policies_and_erasing_boxes_fit():

@@ -287,6 +287,35 @@ def apply_op(image: torch.Tensor, op: str, magnitude: float) -> torch.Tensor:
     return TF.equalize(image)
 
 
+# Ops are applied per group of views that drew the same op and magnitude on a device
+# (one launch per group instead of per view) and on the host for views up to this size
+# (where the call costs more than the pixels). Larger host views go one at a time:
+# there torchvision's batched Sharpness and Contrast cost twice as much per view and
+# groups are small anyway (bench/stages.py, ops grouped against one view at a time).
+GROUP_MAX_HOST_PIXELS = 64 * 64
+_NO_MAGNITUDE = [OPS.index(op) for op in ("Identity", "AutoContrast", "Equalize")]
+_UNSIGNED = [k for k, op in enumerate(OPS) if op not in SIGNED]
+
+
+def _canonical_slots(slot: np.ndarray) -> np.ndarray:
+    """(n, 3) (op index, magnitude bin, sign) with the fields an op ignores zeroed, so
+    that views applying the same op alike fall in one group."""
+    slot = slot.copy()
+    slot[np.isin(slot[:, 0], _NO_MAGNITUDE), 1] = 0
+    slot[np.isin(slot[:, 0], _UNSIGNED), 2] = 0
+    return slot
+
+
+def _apply_slot(stages: Stages, key: list[int], views: torch.Tensor) -> torch.Tensor:
+    """One op slot (op index, magnitude bin, negative) on a view or a batch of views."""
+    op_index, magnitude_bin, negative = key
+    op = OPS[op_index]
+    if op == "Identity":
+        return views
+    magnitude = magnitude_of(stages, op, magnitude_bin, views.shape[-2], views.shape[-1])
+    return apply_op(views, op, -magnitude if negative else magnitude)
+
+
 def apply_stages(
     stages: Stages, views: torch.Tensor, params: np.ndarray | torch.Tensor, fill: tuple[int, int, int]
 ) -> torch.Tensor:
@@ -298,14 +327,19 @@ def apply_stages(
     params = np.asarray(torch.as_tensor(params).cpu(), np.int64)
     height, width = views.shape[-2:]
     out = views.clone()
-    for k in range(len(out)):
-        for o in range(stages.num_ops):
-            op_index, magnitude_bin, negative = (int(v) for v in params[k, 3 * o : 3 * o + 3])
-            op = OPS[op_index]
-            magnitude = magnitude_of(stages, op, magnitude_bin, height, width)
-            if negative and op in SIGNED:
-                magnitude = -magnitude
-            out[k] = apply_op(out[k], op, magnitude)
+    grouped = views.device.type != "cpu" or height * width <= GROUP_MAX_HOST_PIXELS
+    for o in range(stages.num_ops):
+        slot = _canonical_slots(params[:, 3 * o : 3 * o + 3])
+        if not grouped:
+            for k, key in enumerate(slot.tolist()):
+                out[k] = _apply_slot(stages, key, out[k])
+            continue
+        # One call per distinct (op, magnitude) of slot o: torchvision's ops treat each
+        # image of a batch alone, so a group gives what its views would one by one (tested).
+        keys, group_of = np.unique(slot, axis=0, return_inverse=True)
+        for g, key in enumerate(keys.tolist()):
+            rows = torch.from_numpy(np.nonzero(group_of.reshape(-1) == g)[0]).to(out.device)
+            out[rows] = _apply_slot(stages, key, out[rows])
     if stages.erase > 0:
         colour = torch.tensor(fill, dtype=torch.uint8, device=views.device)[:, None, None]
         for k in np.nonzero(params[:, 3 * stages.num_ops])[0].tolist():
