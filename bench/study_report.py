@@ -197,7 +197,11 @@ def regenerate(argv: list[str] | None, tables: dict, prefix: str, description: s
     parser.add_argument("results", help="a study's results.json")
     parser.add_argument("--doc", help=f"a Markdown document with <!-- {prefix}:NAME --> blocks to regenerate in place")
     parser.add_argument("--check", action="store_true", help="only say whether --doc is up to date (exit 1 if not)")
+    parser.add_argument(
+        "--prefix", default=prefix, help=f"the blocks' prefix ({prefix}; another for a second run of the study)"
+    )
     args = parser.parse_args(argv)
+    prefix = args.prefix
     summary = json.loads(Path(args.results).read_text())
     if not args.doc:
         print(markdown(summary, tables))
