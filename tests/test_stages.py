@@ -75,6 +75,23 @@ def test_ops_applied_by_group_equal_ops_applied_one_view_at_a_time(ops):
     assert (grouped != views).any(dim=(1, 2, 3)).float().mean() > 0.8
 
 
+def test_boxes_pasted_by_mask_equal_boxes_pasted_by_slices():
+    """CutMix's paste and erasing's fill: the masked select the device takes equals the
+    host's slice copies, empty boxes and boxes at the edges included."""
+    from pipeline.data.stages import _paste
+
+    rng = np.random.default_rng(8)
+    views, partners = (torch.from_numpy(rng.integers(0, 256, (40, 3, 24, 32), dtype=np.uint8)) for _ in range(2))
+    x0, y0 = rng.integers(0, 32, 40), rng.integers(0, 24, 40)
+    boxes = np.stack([x0, y0, rng.integers(0, 33, 40).clip(max=32 - x0), rng.integers(0, 25, 40).clip(max=24 - y0)], 1)
+    boxes[:5, 2] = 0  # empty boxes paste nothing
+    colour = torch.tensor([125, 123, 114], dtype=torch.uint8)
+    for source in (partners, colour):
+        sliced, masked = (_paste(views, source, boxes, masked=m) for m in (False, True))
+        assert torch.equal(sliced, masked)
+        assert torch.equal(sliced[:5], views[:5]) and not torch.equal(sliced, views)
+
+
 def test_draws_cover_the_policies_and_erasing_boxes_fit():
     ids, hw = np.arange(4000), np.array([[32, 32]])
     wide = view_params(AugmentSpec.preset("cifar", 3, ops="trivialaugment"), ids, 1, hw)

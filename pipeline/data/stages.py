@@ -342,19 +342,31 @@ def apply_stages(
             out[rows] = _apply_slot(stages, key, out[rows])
     if stages.erase > 0:
         erase = params[:, 3 * stages.num_ops : 3 * stages.num_ops + 5]
-        inside = _box_mask(erase[:, 1:] * erase[:, :1], height, width, views.device)  # not applied: an empty box
-        colour = torch.tensor(fill, dtype=torch.uint8, device=views.device).view(1, 3, 1, 1)
-        out = torch.where(inside, colour, out)
+        colour = torch.tensor(fill, dtype=torch.uint8, device=views.device)
+        out = _paste(out, colour, erase[:, 1:] * erase[:, :1])  # not applied: an empty box
     return out
 
 
-def _box_mask(boxes: np.ndarray, height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(n, 4) boxes (x0, y0, w, h) -> (n, 1, height, width) bool, True inside each box:
-    one elementwise pass for a whole batch instead of one slice copy per view."""
-    x0, y0, w, h = torch.as_tensor(boxes, dtype=torch.int64).to(device).T[:, :, None, None, None]
-    xs = torch.arange(width, device=device).view(1, 1, 1, -1)
-    ys = torch.arange(height, device=device).view(1, 1, -1, 1)
-    return (xs >= x0) & (xs < x0 + w) & (ys >= y0) & (ys < y0 + h)
+def _paste(views: torch.Tensor, source: torch.Tensor, boxes: np.ndarray, masked: bool | None = None) -> torch.Tensor:
+    """``source`` ((n, 3, H, W) views, or a (3,) colour) inside each view's box (n, 4)
+    (x0, y0, w, h), the rest of ``views`` kept. On a device, one masked select over the
+    batch (a launch per view would cost more than the pixels); on the host, a slice copy
+    per box, which touches only the box's pixels (the mask touches all of them: twice
+    the time at ImageNet size, bench/stages.py). ``masked`` forces one way (tests)."""
+    if source.dim() == 1:  # a colour: broadcast over every box
+        source = source.view(1, 3, 1, 1)
+    if masked if masked is not None else views.device.type != "cpu":
+        x0, y0, w, h = torch.as_tensor(boxes, dtype=torch.int64).to(views.device).T[:, :, None, None, None]
+        xs = torch.arange(views.shape[-1], device=views.device).view(1, 1, 1, -1)
+        ys = torch.arange(views.shape[-2], device=views.device).view(1, 1, -1, 1)
+        return torch.where((xs >= x0) & (xs < x0 + w) & (ys >= y0) & (ys < y0 + h), source, views)
+    out = views.clone()
+    per_view = source.shape[0] == len(views) and source.shape[-2:] == views.shape[-2:]
+    for k, (x0, y0, w, h) in enumerate(np.asarray(boxes).tolist()):
+        if w and h:
+            box = (slice(None), slice(y0, y0 + h), slice(x0, x0 + w))
+            out[(k, *box)] = source[(k, *box)] if per_view else source[0]
+    return out
 
 
 def mix_views(stages: Stages, views: torch.Tensor, partner_views: torch.Tensor, params) -> torch.Tensor:
@@ -368,8 +380,7 @@ def mix_views(stages: Stages, views: torch.Tensor, partner_views: torch.Tensor, 
         lam = mix[:, 1].to(device=views.device, dtype=torch.float32).view(-1, 1, 1, 1)
         mixed = views.float().mul_(lam).add_(partner_views.float().mul_(LAMBDA_ONE - lam)).add_(LAMBDA_ONE // 2)
         return mixed.div_(LAMBDA_ONE).floor_().to(torch.uint8)
-    inside = _box_mask(mix[:, 2:6].numpy(), views.shape[-2], views.shape[-1], views.device)
-    return torch.where(inside, partner_views, views)
+    return _paste(views, partner_views, mix[:, 2:6].numpy())
 
 
 def mix_partners(stages: Stages, params) -> tuple[np.ndarray, np.ndarray]:
