@@ -328,3 +328,43 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
     verify = _catkd(env, "cache", "verify", url, "--samples", "2")
     assert verify.returncode == 0, verify.stderr[-3000:]
     assert SECRET not in repair.stdout + repair.stderr + rebuild.stdout + rebuild.stderr
+
+
+def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s3_cache):
+    """catkd sweep with storage_path on the object store: Tune's experiment state, every
+    trial's run and the report land there, and rerunning the same command restores the
+    sweep from there without running a finished trial again."""
+    env, fs = s3
+    url, _ = s3_cache
+    command = [
+        "sweep",
+        "data=s3://catkd-bucket/data",
+        f"cache={url}",
+        "student=resnet8",
+        "epochs=1",
+        "batch_size=16",
+        "lr_decay_epochs=[1]",
+        "num_workers=1",
+        "loader_workers=0",
+        "cpus_per_worker=1",
+        "storage_path=s3://catkd-bucket/sweeps",
+        "name=s3sweep",
+        "--space",
+        "beta=grid:1,4",
+        "--scheduler",
+        "none",
+    ]
+    first = _catkd(env, *command)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert (first.stdout + first.stderr).count(": started") == 2
+    summary = json.loads(fs.cat_file("catkd-bucket/sweeps/s3sweep/sweep.json"))
+    assert sorted(row["params"]["beta"] for row in summary["trials"]) == [1.0, 4.0]
+    assert all(row["status"] == "finished" and row["epochs"] == 1 for row in summary["trials"])
+    for row in summary["trials"]:
+        assert fs.exists(f"catkd-bucket/sweeps/s3sweep/{row['trial']}/metrics.jsonl")
+    assert fs.cat_file("catkd-bucket/sweeps/s3sweep/sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    rerun = _catkd(env, *command)
+    output = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0 and "resuming" in output, output[-3000:]
+    assert ": started" not in output, output[-3000:]  # both trials had finished: none runs again
+    assert SECRET not in first.stdout + first.stderr + output
