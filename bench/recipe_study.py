@@ -153,23 +153,9 @@ def run_recipe_study(cfg: RecipeStudyConfig, command: str = "") -> dict:
         if not history:
             cache = caches.get(recipe) if mode != "ce" else None
             history = train(replace(base, mode=mode, cache=cache, seed=seed, name=name, **stages[recipe]))["history"]
-        last = history[-1]
-        return {
-            "name": name,
-            "mode": mode,
-            "recipe": recipe,
-            "seed": seed,
-            "test_top1": last["test_top1"],
-            "test_top5": last["test_top5"],
-            "train_top1": last["train_top1"],
-            "history": history,
-        }
+        return study.run_row(name, mode, "recipe", recipe, seed, history, train_top1=history[-1]["train_top1"])
 
-    def summarise(summary: dict) -> None:
-        summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["recipe"])))
-        summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
-
-    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "recipes", setup.started)
+    study.run_plan(plan, student, summary, out, cfg.concurrent, "recipe", PLAIN, _order, "recipes", setup.started)
     study.finish(summary, out, TABLES, "recipes.png", plot)
     return summary
 

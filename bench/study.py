@@ -267,28 +267,43 @@ def paired_against(runs: list[dict], variant: str, base: str, order: Callable[[s
     return rows
 
 
+def run_row(name: str, mode: str, variant: str, value: str, seed: int, history: list[dict], **extra) -> dict:
+    """A finished run's row in results.json: what it was (``variant``: the study's
+    varied setting, ``value`` its value), its last epoch's test accuracy, ``extra``
+    figures, and every epoch."""
+    last = history[-1]
+    row = {"name": name, "mode": mode, variant: value, "seed": seed}
+    return row | {"test_top1": last["test_top1"], "test_top5": last["test_top5"], **extra, "history": history}
+
+
 def run_plan(
     plan: list[tuple],
     student: Callable[..., dict],
     summary: dict,
     out: Path,
     concurrent: int,
-    summarise: Callable[[dict], None],
+    variant: str,
+    base: str,
+    order: Callable[[str, str], tuple],
     tag: str,
     started: float,
 ) -> None:
     """Every run of ``plan`` (``student(*run)`` gives its row), ``concurrent`` at a time;
-    ``summary`` gets each row as it ends, ``summarise`` refreshes its derived fields, and
-    results.json is rewritten then (with the seconds since ``started``, a perf_counter
-    reading), so a killed study keeps what finished."""
+    ``summary`` gets each row as it ends, its runs sorted by (seed, ``order``), grouped
+    by seed and paired against the ``base`` value of ``variant``, and results.json is
+    rewritten then (with the seconds since ``started``, a perf_counter reading), so a
+    killed study keeps what finished."""
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
         futures = [pool.submit(student, *run) for run in plan]
         for future in as_completed(futures):
-            summary["runs"].append(future.result())
-            summarise(summary)
+            runs = summary["runs"]
+            runs.append(future.result())
+            runs.sort(key=lambda r: (r["seed"], order(r["mode"], r[variant])))
+            summary["groups"] = seed_groups(runs, variant, order)
+            summary["paired_differences"] = paired_against(runs, variant, base, order)
             summary["seconds"] = time.perf_counter() - started
             (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
-            print(f"[{tag}] {len(summary['runs'])}/{len(plan)} runs done", flush=True)
+            print(f"[{tag}] {len(runs)}/{len(plan)} runs done", flush=True)
     summary["complete"] = True
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
 

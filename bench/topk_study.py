@@ -140,23 +140,11 @@ def run_topk_study(cfg: TopkStudyConfig, command: str = "") -> dict:
     def student(mode: str, storage: str, seed: int) -> dict:
         config = replace(setup.base, mode=mode, cache=caches[storage], seed=seed, name=run_name(mode, storage, seed))
         history = train(config)["history"]
-        last = history[-1]
-        return {
-            "name": config.name,
-            "mode": mode,
-            "storage": storage,
-            "seed": seed,
-            "test_top1": last["test_top1"],
-            "test_top5": last["test_top5"],
-            "train_cat_epoch1": history[0].get("train_cat"),
-            "history": history,
-        }
+        return study.run_row(
+            config.name, mode, "storage", storage, seed, history, train_cat_epoch1=history[0].get("train_cat")
+        )
 
-    def summarise(summary: dict) -> None:
-        summary["runs"].sort(key=lambda r: (r["seed"], _order(r["mode"], r["storage"])))
-        summary["groups"], summary["paired_differences"] = groups(summary["runs"]), paired(summary["runs"])
-
-    study.run_plan(plan, student, summary, out, cfg.concurrent, summarise, "topk", setup.started)
+    study.run_plan(plan, student, summary, out, cfg.concurrent, "storage", FULL, _order, "topk", setup.started)
     study.finish(summary, out, TABLES, "topk.png", plot)
     return summary
 

@@ -78,6 +78,20 @@ def _build_args(root: str) -> list[str]:
     ]
 
 
+def _one_epoch_from(cache: str) -> list[str]:
+    """Overrides of a one-epoch resnet8 student on the shared shards (s3_data) and ``cache``."""
+    return [
+        "data=s3://catkd-bucket/data",
+        f"cache={cache}",
+        "student=resnet8",
+        "epochs=1",
+        "batch_size=16",
+        "lr_decay_epochs=[1]",
+        "num_workers=1",
+        "loader_workers=0",
+    ]
+
+
 @pytest.fixture(scope="module")
 def s3_data(s3):
     """One set of shards and one teacher on the object store, for every test that reads them."""
@@ -133,14 +147,7 @@ def test_round_trip_on_s3(s3, s3_data, s3_cache):
         env,
         "train",
         "mode=catkd",
-        "data=s3://catkd-bucket/data",
-        f"cache={url}",
-        "student=resnet8",
-        "epochs=1",
-        "batch_size=16",
-        "lr_decay_epochs=[1]",
-        "num_workers=1",
-        "loader_workers=0",
+        *_one_epoch_from(url),
         "storage_path=s3://catkd-bucket/runs",
         "name=s3run",
     )
@@ -338,14 +345,7 @@ def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s
     url, _ = s3_cache
     command = [
         "sweep",
-        "data=s3://catkd-bucket/data",
-        f"cache={url}",
-        "student=resnet8",
-        "epochs=1",
-        "batch_size=16",
-        "lr_decay_epochs=[1]",
-        "num_workers=1",
-        "loader_workers=0",
+        *_one_epoch_from(url),
         "cpus_per_worker=1",
         "storage_path=s3://catkd-bucket/sweeps",
         "name=s3sweep",
