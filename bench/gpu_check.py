@@ -63,7 +63,7 @@ from pipeline.data import host_images  # noqa: E402
 from pipeline.data.device_render import batch_views, render_packed  # noqa: E402
 from pipeline.data.host_images import FALLBACK_REASONS  # noqa: E402
 from pipeline.data.loader import ReaderConfig, ShardStream, make_loader  # noqa: E402
-from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges  # noqa: E402
+from pipeline.data.partners import pack_for_device, shard_mix_source  # noqa: E402
 from pipeline.data.shard_format import decode_image, load_shard, read_index  # noqa: E402
 from pipeline.data.shard_writer import ShardConfig, shard_dataset  # noqa: E402
 from pipeline.data.views import AugmentSpec, normalize_batch, render_views, view_params  # noqa: E402
@@ -362,8 +362,7 @@ def recipe_check(data: str, device: torch.device, count: int = 256, rounds: int 
     ids, shards = np.array([s.id for s in samples], np.int64), [shard] * len(samples)
     cpu_spec = AugmentSpec.preset("imagenet", ops="trivialaugment", mix="cutmix:1.0")
     decoded = [decode_image(s, shape, "recipes") for s in samples]
-    params, cpu_views = render_views(cpu_spec, decoded, ids, 0, mixing=shard_mix_source(shards, shape, "recipes"))
-    own = host_images.pack(samples, shape, "recipes", "cpu")
+    cpu_views = render_views(cpu_spec, decoded, ids, 0, mixing=shard_mix_source(shards, shape, "recipes"))[1]
     out: dict = {"views": len(samples)}
     for name, stages in (
         ("plain", {}),
@@ -371,25 +370,19 @@ def recipe_check(data: str, device: torch.device, count: int = 256, rounds: int 
         ("trivialaugment_cutmix", {"ops": "trivialaugment", "mix": "cutmix:1.0"}),
     ):
         spec = AugmentSpec.preset("imagenet", renderer="device", decoder="cpu", **stages)
-        hw = host_images.image_sizes(own)
-        view = view_params(spec, ids, 0, hw, shard_ranges(shards) if spec.mixes else None)
-        packed, all_ids, all_params = own, ids, view
+        batch = {n: torch.from_numpy(a) for n, a in pack_for_device(spec, samples, shards, 0, shape, "recipes").items()}
         if spec.mixes:
-            partners = pack_partners(spec, samples, shards, view, 0, shape, "recipes")
-            if partners is not None:
-                packed = host_images.concat(own, partners[0])
-                all_ids, all_params = np.concatenate([ids, partners[1]]), np.concatenate([view, partners[2]])
-            out["partner_images_sent"] = 0 if partners is None else len(partners[1])
+            out["partner_images_sent"] = len(batch.get("partner_ids", ()))
         best = float("inf")
         for _ in range(rounds):
             _sync(device)
             start = time.perf_counter()
-            rendered, _ = render_packed(spec, packed, all_params[:, None], all_ids, device, "recipes", rows=len(ids))
+            rendered, _ = batch_views(spec, batch, device, "recipes")
             _sync(device)
             best = min(best, time.perf_counter() - start)
         out[f"{name}_views_per_s"] = len(ids) / best
         if spec.mixes:
-            diff = (rendered[:, 0].cpu().int() - cpu_views.int()).abs()
+            diff = (rendered.cpu().int() - cpu_views.int()).abs()
             out["max_pixel_difference"] = int(diff.max())
             out["fraction_of_pixels_differing"] = float((diff > 0).double().mean())
     return out

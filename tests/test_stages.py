@@ -14,8 +14,8 @@ from torchvision.transforms.v2 import RandAugment, TrivialAugmentWide
 from catkd.errors import CatkdError, ConfigError
 from pipeline.cache.identity import CacheIdentity, first_difference
 from pipeline.data import host_images
-from pipeline.data.device_render import render_on_device, render_packed
-from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges
+from pipeline.data.device_render import batch_views, render_on_device, render_packed
+from pipeline.data.partners import pack_for_device, shard_mix_source
 from pipeline.data.shard_format import Sample, decode_image
 from pipeline.data.stages import BINS, OPS, SIGNED, Stages, apply_op, apply_stages, magnitude_of, parse_stages
 from pipeline.data.views import AugmentSpec, MixSource, mix_of, render_views, view_params
@@ -253,7 +253,7 @@ def test_mixed_views_replay_exactly_and_hold_their_partners_pixels(mix):
 @pytest.mark.parametrize("mix", MIXES + ["all"])
 def test_the_device_renderer_mixes_as_the_cpu_renderer(mix):
     """A batch that holds a few of its partners: the others travel with it
-    (``pack_partners``), the device renderer (on CPU here) gives the CPU renderer's
+    (``pack_for_device``), the device renderer (on CPU here) gives the CPU renderer's
     pixels, and a partner that was not sent is named rather than guessed."""
     rng = np.random.default_rng(3)
     shape = [32, 32, 3]
@@ -266,20 +266,11 @@ def test_the_device_renderer_mixes_as_the_cpu_renderer(mix):
         spec, [decode_image(s, shape, "t") for s in batch], ids, 2, mixing=shard_mix_source(shards, shape, "t")
     )
     device = dataclasses.replace(spec, renderer="device")
-    packed = host_images.pack(batch, shape, "t", "cpu")
-    params = view_params(device, ids, 2, host_images.image_sizes(packed), shard_ranges(shards))
-    assert np.array_equal(params, cpu_params)
-    partners = pack_partners(device, batch, shards, params, 2, shape, "t")
-    assert partners is not None and not set(partners[1].tolist()) & set(ids.tolist())
+    packed = pack_for_device(device, batch, shards, 2, shape, "t")
+    assert np.array_equal(packed["ids"], ids) and np.array_equal(packed["params"], cpu_params)
+    assert len(packed["partner_ids"]) and not set(packed["partner_ids"].tolist()) & set(ids.tolist())
+    own = host_images.pack(batch, shape, "t", "cpu")  # the batch's images without its partners'
     with pytest.raises(CatkdError, match=r"t: mixing partner \d+ was not sent"):
-        render_packed(device, packed, params[:, None], ids, torch.device("cpu"), "t")
-    views, _ = render_packed(
-        device,
-        host_images.concat(packed, partners[0]),
-        np.concatenate([params, partners[2]])[:, None],
-        np.concatenate([ids, partners[1]]),
-        torch.device("cpu"),
-        "t",
-        rows=len(batch),
-    )
-    assert torch.equal(views[:, 0], cpu_views)
+        render_packed(device, own, packed["params"][:, None], ids, torch.device("cpu"), "t")
+    views, _ = batch_views(device, {n: torch.from_numpy(a) for n, a in packed.items()}, torch.device("cpu"), "t")
+    assert torch.equal(views, cpu_views)

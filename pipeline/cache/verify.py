@@ -18,11 +18,10 @@ from pipeline.cache.identity import file_sha256, parse_storage
 from pipeline.cache.layout import raw_bytes_per_view
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
-from pipeline.data import host_images
-from pipeline.data.device_render import render_packed
-from pipeline.data.partners import pack_partners, shard_mix_source, shard_ranges
+from pipeline.data.device_render import batch_views
+from pipeline.data.partners import pack_for_device, shard_mix_source
 from pipeline.data.shard_format import Sample, decode_image, load_shard, read_index, sample_key
-from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views, replay_params
+from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views
 from pipeline.storage import filesystem, join
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's
@@ -201,17 +200,10 @@ def _render_as_built(
     ids, first = np.array([sample.id]), shard[0].id
     partner_stored = lambda p: stored[p.id - first]  # noqa: E731
     if spec.renderer == "device":
-        packed = host_images.pack([sample], index.image_shape, name, spec.decoder)
-        ranges = shard_ranges([shard]) if spec.mixes else None
-        params = replay_params(spec, ids, view, host_images.image_sizes(packed), stored[k : k + 1], source, ranges)
-        partners = None
-        if spec.mixes:
-            partners = pack_partners(spec, [sample], [shard], params, view, index.image_shape, name, partner_stored)
-        if partners is not None:
-            packed = host_images.concat(packed, partners[0])
-            ids, params = np.concatenate([ids, partners[1]]), np.concatenate([params, partners[2]])
-        views, _ = render_packed(spec, packed, params[:, None], ids, runner.device, source, rows=1)
-        return views[:, 0]
+        packed = pack_for_device(
+            spec, [sample], [shard], view, index.image_shape, name, stored[k : k + 1], partner_stored, source
+        )
+        return batch_views(spec, {n: torch.from_numpy(a) for n, a in packed.items()}, runner.device, source)[0]
     mixing = shard_mix_source([shard], index.image_shape, name, partner_stored) if spec.mixes else None
     image = decode_image(sample, index.image_shape, name)
     return render_views(spec, [image], ids, view, stored[k : k + 1], source, mixing=mixing)[1]

@@ -159,7 +159,7 @@ def mix_on_device(
 ) -> torch.Tensor:
     """Rendered views (n, S, 3, size, size) of images ``ids`` (n,) with their parameters
     (n, S, P) -> the first ``rows`` images' views, each mixed with its partner's own view
-    of the same index, which must be among the n (``partners.pack_partners`` sends the
+    of the same index, which must be among the n (``partners.pack_for_device`` sends the
     ones a batch lacks; a cache build sends whole shards). The CPU renderer's mixing
     (``stages.mix_views``), on the device."""
     n, views_per = views.shape[:2]

@@ -23,11 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.data import host_images
 from pipeline.data.order import WorkerPlan, epoch_plan, eval_plan
-from pipeline.data.partners import pack_partners, partner_samples, shard_mix_source, shard_ranges
+from pipeline.data.partners import pack_for_device, partner_samples, shard_mix_source
 from pipeline.data.shard_format import Sample, ShardError, ShardIndex, decode_image, load_shard, read_index
-from pipeline.data.views import AugmentSpec, eval_transform, mix_of, normalize_batch, render_views, replay_params
+from pipeline.data.views import AugmentSpec, eval_transform, mix_of, normalize_batch, render_views
 from pipeline.storage import join
 
 
@@ -170,21 +169,20 @@ class ShardStream(IterableDataset):
         # a mixing view's partner replays its own stored view of the same index, or draws it
         partner_stored = (lambda partner: partner.target["params"]) if cached else None
         shards = [s.shard for s in samples] if spec.mixes else None
-        if spec.renderer == "device":
-            packed = host_images.pack(samples, self.index.image_shape, self._source, spec.decoder)
-            hw = host_images.image_sizes(packed)
-            ranges = shard_ranges(shards) if spec.mixes else None
-            params = replay_params(spec, ids, self.view, hw, stored, self._targets_url, ranges)
-            partners = None
-            if spec.mixes:  # partners the batch lacks travel with it: the device mixes
-                partners = pack_partners(
-                    spec, samples, shards, params, self.view, self.index.image_shape, self._source, partner_stored
-                )
-            if partners is not None:
-                packed = host_images.concat(packed, partners[0])
+        if spec.renderer == "device":  # a mixing batch's missing partners travel with it: the device mixes
+            packed = pack_for_device(
+                spec,
+                samples,
+                shards,
+                self.view,
+                self.index.image_shape,
+                self._source,
+                stored,
+                partner_stored,
+                self._targets_url,
+            )
+            params = packed["params"]
             batch = self._collate(samples, None, params) | {name: torch.from_numpy(a) for name, a in packed.items()}
-            if partners is not None:
-                batch["partner_ids"], batch["partner_params"] = (torch.from_numpy(a) for a in partners[1:])
         else:
             mixing = None
             if spec.mixes:

@@ -4,9 +4,9 @@ shard's samples, so a partner costs a decode, never a read.
 
 The CPU renderer takes its partners' decoded images from a ``MixSource``
 (``shard_mix_source``). The device renderer mixes on the device, so a partner's image
-must travel with the batch: ``pack_partners`` packs the partners a batch does not
-already hold, and ``device_render.render_packed`` finds every partner among the images
-it was sent.
+must travel with the batch: ``pack_for_device`` packs the partners a batch does not
+already hold after its own images, and ``device_render.render_packed`` finds every
+partner among the images it was sent.
 """
 
 from __future__ import annotations
@@ -57,33 +57,50 @@ def shard_mix_source(
     return MixSource(shard_ranges(shards), partners)
 
 
-def pack_partners(
+def pack_for_device(
     spec: AugmentSpec,
     samples: list[Sample],
-    shards: list[list[Sample]],
-    params: np.ndarray,
+    shards: list[list[Sample]] | None,
     view: int,
     image_shape: list[int] | None,
     source: str,
-    stored_params: Callable[[Sample], np.ndarray] | None = None,
-) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray] | None:
-    """For the device renderer: the partners of a batch's views (``params`` (n, P) of
-    view ``view``, row k of data shard ``shards[k]``) that the batch does not hold
-    itself, as (their packed images, ids (E,), view parameters (E, P)), or None when
-    every partner is in the batch. A partner's parameters are its stored ones
-    (``stored_params``, from a cache) or drawn as the spec says; either way it is its
-    own view of the same index, as on the CPU renderer."""
-    held = {s.id for s in samples}
+    stored: np.ndarray | None = None,
+    partner_stored: Callable[[Sample], np.ndarray] | None = None,
+    params_source: str = "",
+) -> dict[str, np.ndarray]:
+    """The device renderer's share of a batch: ``samples`` packed (``host_images.pack``),
+    their ``ids`` and their ``params`` of view ``view`` (n, P), the ``stored`` ones
+    (checked, errors naming ``params_source``) or drawn. For a mixing spec (row k of data shard
+    ``shards[k]``) the partners the batch lacks are packed after its own images, their
+    ids and parameters as ``partner_ids`` and ``partner_params``: a partner's are its
+    stored ones (``partner_stored``, from a cache) or drawn, its own view of the same
+    index as on the CPU renderer. ``device_render.batch_views`` renders and mixes it all."""
+    packed = host_images.pack(samples, image_shape, source, spec.decoder)
+    ids = np.array([s.id for s in samples], np.int64)
+    ranges = shard_ranges(shards) if spec.mixes else None
+    params_source = params_source or source
+    params = replay_params(spec, ids, view, host_images.image_sizes(packed), stored, params_source, ranges)
+    packed |= {"ids": ids, "params": params}
+    if not spec.mixes:
+        return packed
+    held = set(ids.tolist())
     extra: dict[int, tuple[Sample, list[Sample]]] = {}
     for partner, shard in zip(partner_samples(spec, shards, params), shards, strict=True):
         if partner.id not in held and partner.id not in extra:
             extra[partner.id] = (partner, shard)
     if not extra:
-        return None
+        return packed
     found = [sample for sample, _ in extra.values()]
-    packed = host_images.pack(found, image_shape, source, spec.decoder)
-    ids = np.array(list(extra), np.int64)
-    stored = np.stack([stored_params(s) for s in found]) if stored_params is not None else None
-    ranges = shard_ranges([shard for _, shard in extra.values()])
-    partner_params = replay_params(spec, ids, view, host_images.image_sizes(packed), stored, source, ranges)
-    return packed, ids, partner_params
+    partners = host_images.pack(found, image_shape, source, spec.decoder)
+    partner_ids = np.array(list(extra), np.int64)
+    partner_params = replay_params(
+        spec,
+        partner_ids,
+        view,
+        host_images.image_sizes(partners),
+        np.stack([partner_stored(s) for s in found]) if partner_stored is not None else None,
+        params_source,
+        shard_ranges([shard for _, shard in extra.values()]),
+    )
+    packed |= host_images.concat(packed, partners) | {"partner_ids": partner_ids, "partner_params": partner_params}
+    return packed
