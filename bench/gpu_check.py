@@ -172,11 +172,13 @@ def build(cfg: CacheBuildConfig, spec: AugmentSpec, workers: int) -> tuple[str, 
         for chunk in loader:
             j = chunk["j"]
             info = index.shards[j]
-            targets = pending.setdefault(j, ShardTargets(j, info.first_id, info.count, cfg.num_views, info.name))
+            targets = pending.setdefault(
+                j, ShardTargets(j, info.first_id, info.count, cfg.num_views, info.name, cfg.storage)
+            )
             targets.add(runner, chunk["ids"].numpy(), chunk["params"].numpy(), chunk.get("views"), chunk.get("images"))
             if targets.complete:
                 fallbacks += targets.fallbacks
-                commits[j] = committer.submit(commit_shard, url, j, info.first_id, targets.arrays(cfg.storage))
+                commits[j] = committer.submit(commit_shard, url, j, info.first_id, targets.arrays())
                 del pending[j]
         records = {j: future.result() for j, future in commits.items()}
     seconds = time.perf_counter() - start

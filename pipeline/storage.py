@@ -39,7 +39,13 @@ def join(base: str, *parts: str) -> str:
 
 
 def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write ``data`` under a temporary name in the same folder, then move it to ``path``."""
+    """Write ``data`` under a temporary name in the same folder, then move it to ``path``.
+    On an object store one PUT is already atomic (a reader sees the old object or the new
+    one, never half), and a move is a copy, a delete and their checks: 6-8 requests
+    instead of 1, so the object is written in place."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
     parent = posixpath.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
@@ -51,6 +57,44 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
+
+
+def list_folder(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:
+    """The files directly in ``folder`` by base name, with their info (size, and on S3
+    the ETag), from one listing (one request per 1,000 keys on S3) instead of a request
+    per file; {} when the folder does not exist. Read fresh: a listing fsspec cached
+    earlier in this process may predate another writer's files."""
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    finally:
+        fs.invalidate_cache(folder)  # a job-long listing cache grows with the file count
+    return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
+
+
+def read_many(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | None]:
+    """The contents of ``paths`` (None for a missing one), in their order, through one
+    batched ``cat``: s3fs and the other async filesystems run the requests concurrently,
+    so N small objects cost about one round trip of latency, not N. Any error other than
+    a missing file is raised."""
+    if not paths:
+        return []
+    # s3fs asks for an object's size (a HEAD) before each whole-object read, to split a
+    # large one into concurrent ranges; for small records that doubles the requests.
+    whole = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+    found = fs.cat(list(paths), on_error="return", **whole)
+    out: list[bytes | None] = []
+    for path in paths:
+        value = found.get(fs._strip_protocol(path), FileNotFoundError(path))
+        if isinstance(value, FileNotFoundError):
+            out.append(None)
+        elif isinstance(value, BaseException):
+            raise value
+        else:
+            out.append(value)
+    return out
 
 
 def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> bool:

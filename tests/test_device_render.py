@@ -256,13 +256,13 @@ def test_build_targets_from_device_rendered_chunks_equal_the_cpu_ones(setup, mix
         spec = _small_spec(renderer, decoder, mix)
         runners[renderer] = TeacherRunner(model, spec, TeacherSettings(batch_size=16), torch.device("cpu"))
         for j, info in enumerate(index.shards):
-            shard = ShardTargets(j, info.first_id, info.count, 2, info.name)
+            shard = ShardTargets(j, info.first_id, info.count, 2, info.name, "float32")
             chunks = list(render_chunks(setup["data"], index, j, spec, 2, chunk_samples=3))
             assert len(chunks) == (1 if renderer == "device" and mix != "none" else -(-info.count // 3))
             for chunk in chunks:
                 assert (chunk.views is None) == (renderer == "device")
                 shard.add(runners[renderer], chunk.ids, chunk.params, chunk.views, chunk.images)
-            targets[renderer, j] = shard.arrays("float32")
+            targets[renderer, j] = shard.arrays()
             fallbacks += shard.fallbacks
     assert host_images.fallback_counts(fallbacks) == {"progressive": 1, "grayscale": 1}
     for j in range(len(index.shards)):

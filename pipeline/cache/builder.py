@@ -100,7 +100,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
             )
         finally:
             bar.close()
-    remove_orphans(fs, root, len(index.shards), cfg.orphan_lease_s)
+    remove_orphans(fs, root, records, cfg.orphan_lease_s)
     if resumed and todo:  # a resumed or repaired cache: say how much was redone
         print(f"[cache] rebuilt {len(todo)} of {len(index.shards)} shards")
     write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
@@ -333,7 +333,10 @@ class TeacherActor:
         """(samples computed, completion records of shards committed since the last call)."""
         info = self.index.shards[j]
         targets = self.shards.setdefault(
-            j, ShardTargets(j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name))
+            j,
+            ShardTargets(
+                j, info.first_id, info.count, self.cfg.num_views, join(self.cfg.data, info.name), self.cfg.storage
+            ),
         )
         start = time.perf_counter()
         targets.add(self.runner, chunk.ids, chunk.params, chunk.views, chunk.images)
@@ -342,7 +345,5 @@ class TeacherActor:
         if targets.complete:
             del self.shards[j]
             self.timing.decode_fallbacks = (np.array(self.timing.decode_fallbacks) + targets.fallbacks).tolist()
-            self.commits.append(
-                self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays(self.cfg.storage))
-            )
+            self.commits.append(self.committer.submit(commit_shard, self.url, j, info.first_id, targets.arrays()))
         return len(chunk.ids), self._finished()

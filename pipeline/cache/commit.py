@@ -40,8 +40,9 @@ import torch
 
 from pipeline.cache.identity import CacheIdentity
 from pipeline.cache.layout import write_group
+from pipeline.cache.teacher import CacheBuildError
 from pipeline.data.shard_format import ShardIndex
-from pipeline.storage import create_exclusive, filesystem, join, write_atomic, zarr_store
+from pipeline.storage import create_exclusive, filesystem, join, list_folder, read_many, write_atomic, zarr_store
 
 if TYPE_CHECKING:
     from pipeline.cache.config import CacheBuildConfig
@@ -76,15 +77,30 @@ def array_checksums(arrays: dict[str, np.ndarray]) -> dict[str, str]:
 
 
 def read_done(fs, root: str, j: int) -> dict[str, Any] | None:
-    try:
-        return json.loads(fs.cat_file(done_path(root, j)))
-    except FileNotFoundError:
+    return _parse_done(done_path(root, j), read_many(fs, [done_path(root, j)])[0])
+
+
+def _parse_done(path: str, data: bytes | None) -> dict[str, Any] | None:
+    if data is None:
         return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        raise CacheBuildError(
+            f"{path}: damaged completion record (not JSON); delete it and rerun the build, which redoes that shard"
+        ) from None
 
 
 def done_records(fs, root: str, num_shards: int) -> dict[int, dict[str, Any]]:
-    """The completion records present, by data shard."""
-    return {j: record for j in range(num_shards) if (record := read_done(fs, root, j)) is not None}
+    """The completion records present, by data shard: one listing of ``done/``, then the
+    listed records in one batched read (concurrent on object storage). At 14,000 shards
+    and 20 ms a request that is about 14 listing pages and a few rounds of reads, where
+    one read per shard in turn took minutes."""
+    present = list_folder(fs, join(root, DONE_DIR))
+    shards = [j for j in range(num_shards) if posixpath.basename(done_path(root, j)) in present]
+    paths = [done_path(root, j) for j in shards]
+    records = (_parse_done(path, data) for path, data in zip(paths, read_many(fs, paths), strict=True))
+    return {j: record for j, record in zip(shards, records, strict=True) if record is not None}
 
 
 def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -126,15 +142,17 @@ def retire_shards(fs, root: str, shards: list[int]) -> None:
             fs.rm(folder, recursive=True)
 
 
-def remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
+def remove_orphans(fs, root: str, records: dict[int, dict[str, Any]], lease_s: float) -> None:
     """Remove data folders that no completion record points to and that nothing has
-    written for ``lease_s`` seconds. A folder younger than that may belong to a
-    concurrent build about to commit it, so it stays (a later build removes it);
-    records are read again here, after that build's commit."""
+    written for ``lease_s`` seconds. ``records`` are the build's own, complete: a record
+    never changes once created (step 2's conditional write), and a shard this build lost
+    to a concurrent one holds the winner's record, so none needs reading again. A folder
+    younger than the lease may belong to a concurrent build about to lose its race and
+    delete it, so it stays (a later build removes it)."""
     data_dir = join(root, DATA_DIR)
     if not fs.exists(data_dir):
         return
-    kept = {posixpath.dirname(record["path"]) for record in done_records(fs, root, num_shards).values()}
+    kept = {posixpath.dirname(record["path"]) for record in records.values()}
     now = time.time()
     for folder in fs.ls(data_dir, detail=False):
         name = posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
@@ -144,6 +162,7 @@ def remove_orphans(fs, root: str, num_shards: int, lease_s: float) -> None:
         newest = max((_mtime(info) for info in files), default=0.0)
         if now - newest > lease_s:
             fs.rm(folder, recursive=True)
+    fs.invalidate_cache(data_dir)
 
 
 def _mtime(info: dict[str, Any]) -> float:

@@ -59,12 +59,21 @@ def _array(group: zarr.Group, name: str, data: np.ndarray, view_axis: bool = Tru
 
 
 def encode_targets(
-    form: StorageForm, cam: np.ndarray, logits: np.ndarray, features: np.ndarray | None
+    form: StorageForm,
+    cam: np.ndarray,
+    logits: np.ndarray,
+    features: np.ndarray | None,
+    classes: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """cam (n, S, C, r, r) and logits (n, S, C) float32 -> the arrays stored for ``form``."""
+    """cam (n, S, C, r, r) and logits (n, S, C) float32 -> the arrays stored for ``form``.
+    For topk:K, ``classes`` (n, S, K) says the maps in ``cam`` are already those of the
+    kept classes (n, S, K, r, r), as a teacher computes them (``topk_classes``)."""
     kind, k = parse_storage(form)
     if kind == "topk":
-        return _encode_topk(k, cam, logits)
+        if classes is None:
+            classes = topk_classes(torch.from_numpy(logits), k).numpy()
+            cam = np.take_along_axis(cam, classes[..., None, None], axis=2)
+        return _encode_topk(classes, cam, logits)
     stored_logits = {"logits": logits.astype(np.float32 if kind == "float32" else np.float16)}
     if kind == "float32":
         return stored_logits | {"cam": cam.astype(np.float32)}
@@ -84,15 +93,18 @@ def class_index_dtype(num_classes: int) -> np.dtype:
     return np.dtype(np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32)
 
 
-def _encode_topk(k: int, cam: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
-    num_classes = logits.shape[-1]
-    # Chosen on the float16 logits with a stable sort, as select_classes chooses on a
-    # float16 cache's logits: rounding is monotone, so both pick the same K classes
-    # (ties to the lower index) and the two caches give the same CAT loss.
-    rounded = logits.astype(np.float16)
-    classes = np.argsort(-rounded, axis=-1, kind="stable")[..., :k]  # (n, S, K), descending
-    top_logits = np.take_along_axis(rounded, classes, axis=-1)
-    top_cam = np.take_along_axis(cam, classes[..., None, None], axis=2)
+def topk_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The K classes kept of each view (..., C) -> (..., K) int64, in descending order of
+    the float16-rounded logits, ties to the lower class index (a stable sort), as
+    select_classes chooses on a float16 cache's logits: rounding is monotone, so both
+    pick the same K classes and the two caches give the same CAT loss."""
+    rounded = logits.to(torch.float16).float()
+    return torch.sort(rounded, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def _encode_topk(classes: np.ndarray, top_cam: np.ndarray, logits: np.ndarray) -> dict[str, np.ndarray]:
+    num_classes, k = logits.shape[-1], classes.shape[-1]
+    top_logits = np.take_along_axis(logits.astype(np.float16), classes, axis=-1)
     if k < num_classes:
         rest = logits.astype(np.float64)
         np.put_along_axis(rest, classes, -np.inf, axis=-1)

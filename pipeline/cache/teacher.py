@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -22,7 +22,8 @@ import torch
 from catkd.errors import CatkdError
 from catkd.losses import teacher_cam_targets
 from catkd.models import CAMClassifier
-from pipeline.cache.layout import encode_targets
+from pipeline.cache.identity import parse_storage
+from pipeline.cache.layout import encode_targets, topk_classes
 from pipeline.data.device_render import render_packed
 from pipeline.data.host_images import FALLBACK_REASONS
 from pipeline.data.shard_format import sample_key
@@ -76,13 +77,33 @@ class TeacherSettings:
     channels_last: bool = True  # see CacheBuildConfig.channels_last
     batch_size: int = 256  # views per forward pass
     keep_features: bool = False  # the `features` storage form needs pooled features
+    # topk:K: compute the maps of each view's K kept classes only (None: every class's)
+    keep_classes: int | None = None
 
     @classmethod
     def from_config(cls, cfg: CacheBuildConfig) -> TeacherSettings:
         """The settings of a build's teachers: the one mapping from its configuration."""
+        kind, k = parse_storage(cfg.storage)
         return cls(
-            cfg.resolution, cfg.binarize, cfg.precision, cfg.channels_last, cfg.batch_size, cfg.storage == "features"
+            cfg.resolution,
+            cfg.binarize,
+            cfg.precision,
+            cfg.channels_last,
+            cfg.batch_size,
+            kind == "features",
+            k if kind == "topk" else None,
         )
+
+
+class ViewTargets(NamedTuple):
+    """A teacher's targets for n views, float32 on the host: pooled CAMs (n, C, r, r),
+    or (n, K, r, r) of the ``classes`` (n, K) kept for top-k; logits (n, C); pooled
+    features (n, D, r, r) for the features form, else None."""
+
+    cam: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray | None = None
+    classes: np.ndarray | None = None
 
 
 class TeacherRunner:
@@ -99,11 +120,11 @@ class TeacherRunner:
         self.pin = device.type == "cuda"
 
     @torch.inference_mode()
-    def targets(self, views: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """views (n, 3, H, W) uint8 -> pooled CAM targets (n, C, r, r), logits (n, C),
-        pooled features (n, D, r, r) or None; float32 on the host."""
+    def targets(self, views: torch.Tensor) -> ViewTargets:
+        """views (n, 3, H, W) uint8 -> the teacher's targets, computed ``batch_size`` views
+        at a time."""
         s = self.settings
-        cams, logits, feats = [], [], []
+        parts: list[tuple[torch.Tensor, ...]] = []
         for start in range(0, len(views), s.batch_size):
             part = views[start : start + s.batch_size]
             if (
@@ -115,18 +136,36 @@ class TeacherRunner:
                 x = x.contiguous(memory_format=torch.channels_last)
             with precision_scope(s.precision, self.device):
                 features = self.model.forward_features(x)
-                logit, cam = self.model.forward_head(features)
-            cams.append(
-                teacher_cam_targets(cam.float(), s.resolution, binarize=s.binarize).to("cpu", non_blocking=True)
-            )
-            logits.append(logit.float().to("cpu", non_blocking=True))
+                if s.keep_classes is None:
+                    logit, cam = self.model.forward_head(features)
+                    kept: tuple[torch.Tensor, ...] = ()
+                else:
+                    logit, cam, classes = self._kept_maps(features, s.keep_classes)
+                    kept = (classes,)
+            out = (teacher_cam_targets(cam.float(), s.resolution, binarize=s.binarize), logit.float(), *kept)
             if s.keep_features:
-                feats.append(
-                    torch.nn.functional.adaptive_avg_pool2d(features.float(), s.resolution).to("cpu", non_blocking=True)
-                )
+                out += (torch.nn.functional.adaptive_avg_pool2d(features.float(), s.resolution),)
+            parts.append(tuple(t.to("cpu", non_blocking=True) for t in out))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the non-blocking copies above have landed
-        return torch.cat(cams).numpy(), torch.cat(logits).numpy(), torch.cat(feats).numpy() if feats else None
+        cam, logits, *rest = (torch.cat(column).numpy() for column in zip(*parts, strict=True))
+        classes = rest.pop(0) if s.keep_classes is not None else None
+        return ViewTargets(cam, logits, rest[0] if rest else None, classes)
+
+    def _kept_maps(self, features: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (n, C), full-resolution CAMs of the K kept classes (n, K, H, W), their
+        classes (n, K)) without the CAM of every class: a CAM is linear in the features,
+        so the logits are the class weights applied to the pooled features (the
+        classifier form's own computation), and only the K chosen classes' weights are
+        applied at every location. Memory and compute of the head are flat in C, where
+        the full CAM (n, C, H, W) took gigabytes at C = 21,841."""
+        weight = self.model.head.weight.flatten(1)  # (C, D)
+        logits = torch.nn.functional.linear(features.mean(dim=(2, 3)), weight)
+        if self.model.bias is not None:
+            logits = logits + self.model.bias
+        classes = topk_classes(logits.float(), k)
+        cam = torch.einsum("nkd,ndhw->nkhw", weight[classes].to(features.dtype), features)
+        return logits, cam, classes
 
 
 def check_finite(cam: np.ndarray, logits: np.ndarray, ids: np.ndarray, view: int, source: str) -> None:
@@ -143,9 +182,13 @@ class ShardTargets:
     """Targets of one data shard, gathered chunk by chunk (each chunk: some of its
     samples, all S views), then encoded in the storage form."""
 
-    def __init__(self, j: int, first_id: int, count: int, num_views: int, source: str) -> None:
+    def __init__(self, j: int, first_id: int, count: int, num_views: int, source: str, storage: str) -> None:
         self.j, self.first_id, self.count, self.num_views, self.source = j, first_id, count, num_views, source
-        self.parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self.storage = storage
+        # Each chunk's targets in their storage form, cut as the chunk leaves the teacher:
+        # an actor holds a shard's stored bytes (K maps a view for top-k, float16 for
+        # float16), never a shard's float32 maps of every class.
+        self.parts: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
         self.received = 0
         self.fallbacks = np.zeros(len(FALLBACK_REASONS), np.int64)  # images decoded on the host instead of nvJPEG
 
@@ -164,26 +207,27 @@ class ShardTargets:
             views, fallbacks = render_packed(runner.spec, images, params, ids, runner.device, self.source)
             self.fallbacks += fallbacks
         m, views_per = views.shape[:2]
-        cam, logits, feats = runner.targets(torch.as_tensor(views).flatten(0, 1))  # (m * S, ...), sample-major
-        cam, logits = cam.reshape(m, views_per, *cam.shape[1:]), logits.reshape(m, views_per, -1)
+        out = runner.targets(torch.as_tensor(views).flatten(0, 1))  # (m * S, ...), sample-major
+        cam, logits, feats, classes = (a.reshape(m, views_per, *a.shape[1:]) if a is not None else None for a in out)
         for view in range(views_per):
             check_finite(cam[:, view], logits[:, view], ids, view, self.source)
-        feats = feats.reshape(m, views_per, *feats.shape[1:]) if feats is not None else None
-        self.parts.append((ids, params, cam, logits, feats))
+        self.parts.append((ids, params, encode_targets(self.storage, cam, logits, feats, classes)))
         self.received += m
 
     @property
     def complete(self) -> bool:
         return self.received == self.count
 
-    def arrays(self, storage: str) -> dict[str, np.ndarray]:
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The shard's arrays as stored: every array is per (sample, view), so the chunks'
+        encodings concatenated are the shard's encoding, bit for bit."""
         parts = sorted(self.parts, key=lambda part: int(part[0][0]))  # by first id: chunks may come in any order
-        ids, params, cam, logits, feats = (
-            np.concatenate(p) if p[0] is not None else None for p in zip(*parts, strict=True)
-        )
+        ids = np.concatenate([part[0] for part in parts])
         expected = np.arange(self.first_id, self.first_id + self.count)
         if not np.array_equal(ids, expected):
             raise CacheBuildError(
                 f"{self.source}: rendered ids do not cover the shard in order (expected {expected[0]}..{expected[-1]})"
             )
-        return encode_targets(storage, cam, logits, feats) | {"params": params.astype(np.int32), "ids": ids}
+        stored = {name: np.concatenate([part[2][name] for part in parts]) for name in parts[0][2]}
+        params = np.concatenate([part[1] for part in parts])
+        return stored | {"params": params.astype(np.int32), "ids": ids}

@@ -257,7 +257,7 @@ def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int
         except ViewMismatchError as exc:
             problems.append(str(exc))
             continue
-        expected, logits, _ = runner.targets(views)
+        expected, logits = runner.targets(views)[:2]
         cam_scale, logit_scale = max(float(np.abs(expected[0]).max()), 1e-6), max(float(np.abs(logits[0]).max()), 1e-6)
         kept = stored["classes"][k] if "classes" in stored else slice(None)  # a top-k cache: its K classes
         error = float(np.abs(expected[0][kept] - stored["cam"][k]).max()) / cam_scale

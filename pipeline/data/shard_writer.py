@@ -50,7 +50,7 @@ from pipeline.data.shard_format import (
 from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
 from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
 from pipeline.settings import check_fields
-from pipeline.storage import check_location, filesystem, join, write_atomic
+from pipeline.storage import check_location, filesystem, join, list_folder, read_many, write_atomic
 
 STAGING_DIR = "_staging"
 
@@ -150,11 +150,7 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
         (j, first, min(cfg.samples_per_shard, total - first))
         for j, first in enumerate(range(0, total, cfg.samples_per_shard))
     ]
-    done: dict[int, dict[str, Any]] = {}
-    for j, first, count in plan:
-        record = _completed(fs, root, shard_name(split, j), digest, first, count)
-        if record is not None:
-            done[j] = record
+    done = _completed(fs, root, split, plan, digest)
     todo = [p for p in plan if p[0] not in done]
     bar = tqdm(
         total=total, unit="samples", desc=f"shard {split}", disable=not cfg.progress, file=sys.stderr, smoothing=0.1
@@ -269,21 +265,34 @@ def _check_settings(out: str, split: str, settings: dict[str, Any]) -> ShardInde
     return index
 
 
-def _completed(fs, root: str, name: str, digest: str, first: int, count: int) -> dict[str, Any] | None:
-    """The completion record of a shard whose file still has the size (and ETag) recorded
-    when it was written, else None. Bytes are not read again: ``--verify`` does that."""
-    record_path = join(root, PROGRESS_DIR, f"{name}.json")
-    try:
-        record = json.loads(fs.cat_file(record_path))
-        stat = fs.info(join(root, name))
-    except FileNotFoundError:
-        return None
-    info = record["info"]
-    if record.get("settings") != digest or (info["first_id"], info["count"]) != (first, count):
-        return None
-    if stat["size"] != info["bytes"] or (record.get("etag") and etag(stat) != record["etag"]):
-        return None
-    return record
+def _completed(fs, root: str, split: str, plan: list[tuple[int, int, int]], digest: str) -> dict[int, dict[str, Any]]:
+    """The completion records of the planned shards whose files still have the size (and
+    ETag) recorded when they were written. Two listings (the shard files and the records)
+    and one batched read of the listed records, concurrent on object storage: never a
+    request per shard in turn. Bytes are not read again: ``--verify`` does that."""
+    files = list_folder(fs, root)
+    records_listed = list_folder(fs, join(root, PROGRESS_DIR))
+    wanted = [
+        (j, first, count)
+        for j, first, count in plan
+        if shard_name(split, j) in files and f"{shard_name(split, j)}.json" in records_listed
+    ]
+    paths = [join(root, PROGRESS_DIR, f"{shard_name(split, j)}.json") for j, _, _ in wanted]
+    done: dict[int, dict[str, Any]] = {}
+    for (j, first, count), data in zip(wanted, read_many(fs, paths), strict=True):
+        try:
+            record = json.loads(data) if data is not None else None
+        except ValueError:
+            record = None  # a damaged record: the shard is written again
+        if record is None:
+            continue
+        info, stat = record["info"], files[shard_name(split, j)]
+        if record.get("settings") != digest or (info["first_id"], info["count"]) != (first, count):
+            continue
+        if stat["size"] != info["bytes"] or (record.get("etag") and etag(stat) != record["etag"]):
+            continue
+        done[j] = record
+    return done
 
 
 def _one_or_mixed(formats: set[str]) -> str:

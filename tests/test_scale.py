@@ -1,0 +1,152 @@
+"""Costs that must not grow one round trip per shard (issue 39), checked structurally on
+a loopback S3 server that counts every request (tests/helpers/slow_s3.py): request
+counts and concurrency, never timings."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.cache.identity import parse_storage
+from tests.helpers.slow_s3 import SlowS3
+
+SHARDS = 200
+
+
+@pytest.fixture(scope="module")
+def slow_s3():
+    # Requests wait only while a test measures (slow_s3.delay_s), so that requests in
+    # flight overlap visibly; setting up is served at once.
+    with SlowS3(delay_s=0.0) as server:
+        fs = server.filesystem()
+        fs.mkdir("scale")
+        yield server
+
+
+@pytest.fixture
+def s3_env(slow_s3, monkeypatch):
+    """catkd's own filesystem() in this process talks to the slow server."""
+    import s3fs
+
+    for name, value in slow_s3.env().items():
+        monkeypatch.setenv(name, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield slow_s3
+    slow_s3.delay_s = 0.0
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_cache_records_are_listed_once_and_read_concurrently(s3_env):
+    from pipeline.cache.commit import DONE_DIR, done_path, done_records
+    from pipeline.storage import filesystem
+
+    fs, root = filesystem("s3://scale/cache-records")
+    present = list(range(0, SHARDS, 2))
+    s3_env.filesystem().pipe(
+        {done_path(root, j): json.dumps({"shard": j, "path": f"data/x/{j}"}).encode() for j in present}
+    )
+    s3_env.reset()
+    s3_env.delay_s = 0.005
+    records = done_records(fs, root, SHARDS)
+    counts = s3_env.counts()
+    assert sorted(records) == present and records[4]["shard"] == 4
+    assert counts.get("LIST", 0) <= 2, counts  # one listing of done/ (a page per 1,000 keys)
+    assert counts.get("GET", 0) == len(present), counts  # no read of an absent record
+    assert counts.get("HEAD", 0) == 0, counts
+    assert s3_env.peak_in_flight > 4, "the records were read one after another"
+    assert fs.ls(f"{root}/{DONE_DIR}")  # and nothing was removed
+
+
+def test_shard_job_resume_plans_from_listings(s3_env, tmp_path):
+    """A shard job over 200 shards whose index was lost resumes from two listings and
+    one concurrent read of the records: no request per shard in turn, nothing rewritten."""
+    from pipeline.data.shard_format import index_name
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+    from pipeline.storage import filesystem
+
+    out = "s3://scale/shards"
+    cfg = ShardConfig(
+        "synthetic:shapes",
+        out,
+        samples_per_shard=1,
+        splits=["train"],
+        synthetic={"image_size": 16, "train_samples": SHARDS, "test_samples": 1},
+        progress=False,
+    )
+    with ThreadPoolExecutor(8) as pool:
+        first = shard_dataset(cfg, pool)["train"]
+        fs, root = filesystem(out)
+        fs.rm(f"{root}/{index_name('train')}")
+        s3_env.reset()
+        s3_env.delay_s = 0.005
+        again = shard_dataset(cfg, pool)["train"]
+    counts = s3_env.counts()
+    assert again.shards == first.shards
+    assert counts.get("PUT", 0) <= 3, counts  # the index (and its temporary name), no shard written again
+    assert counts.get("GET", 0) <= SHARDS + 5, counts  # each record once
+    assert counts.get("LIST", 0) <= 10, counts
+    assert counts.get("HEAD", 0) <= 10, counts  # no stat per shard
+    assert s3_env.peak_in_flight > 4, "the records were read one after another"
+
+
+# ---------------------------------------------------------------- teacher memory
+
+
+def _teacher_outputs(storage: str, chunk_samples: int, binarize: bool = False):
+    """A shard's stored arrays from a resnet8 teacher with 100 classes (random weights,
+    with a bias as converted teachers have): the build's way (each chunk cut to its
+    storage form as it leaves the teacher) and the former way (every class's float32
+    maps of the whole shard, then encoded)."""
+    from catkd.models import build_model
+    from pipeline.cache.layout import encode_targets
+    from pipeline.cache.teacher import ShardTargets, TeacherRunner, TeacherSettings
+    from pipeline.data.views import AugmentSpec
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", 100, bias=True)
+    with torch.no_grad():
+        model.bias.normal_()
+    spec = AugmentSpec.preset("cifar", seed=0)
+    n, views_per = 6, 2
+    views = torch.randint(0, 256, (n, views_per, 3, 32, 32), dtype=torch.uint8)
+    ids, params = np.arange(10, 10 + n), np.zeros((n, views_per, 5), np.int32)
+    settings = dict(resolution=2, binarize=binarize, batch_size=5)
+    dense = TeacherRunner(model, spec, TeacherSettings(**settings), torch.device("cpu"))
+    out = dense.targets(views.flatten(0, 1))
+    former = encode_targets(
+        storage, out.cam.reshape(n, views_per, *out.cam.shape[1:]), out.logits.reshape(n, views_per, -1), None
+    )
+    kind, k = parse_storage(storage)
+    runner = TeacherRunner(
+        model, spec, TeacherSettings(**settings, keep_classes=k if kind == "topk" else None), torch.device("cpu")
+    )
+    shard = ShardTargets(0, 10, n, views_per, "shard-0", storage)
+    for start in range(0, n, chunk_samples):
+        part = slice(start, start + chunk_samples)
+        shard.add(runner, ids[part], params[part], views[part])
+    return shard.arrays(), former
+
+
+@pytest.mark.parametrize("storage", ["float32", "float16", "int8"])
+def test_dense_targets_cut_per_chunk_equal_the_whole_shard_bitwise(storage):
+    chunked, former = _teacher_outputs(storage, chunk_samples=2)
+    assert set(chunked) == set(former) | {"ids", "params"}
+    for name, array in former.items():
+        assert chunked[name].dtype == array.dtype and np.array_equal(chunked[name], array), name
+
+
+@pytest.mark.parametrize("binarize", [False, True])
+def test_topk_targets_of_the_kept_classes_only_equal_the_full_maps_cut(binarize):
+    """A top-k build computes the maps of its K classes only (logits from the pooled
+    features): the same kept classes in the same order, maps and logits within float32
+    rounding of those cut from every class's maps (stored in float16)."""
+    chunked, former = _teacher_outputs("topk:7", chunk_samples=4, binarize=binarize)
+    assert np.array_equal(chunked["classes"], former["classes"])
+    assert chunked["classes"].shape == (6, 2, 7)
+    for name in ("cam", "logits"):
+        new, old = chunked[name].astype(np.float32), former[name].astype(np.float32)
+        assert np.allclose(new, old, rtol=2e-3, atol=2e-3 * np.abs(old).max()), name
