@@ -53,7 +53,7 @@ def _write(root: Path, form: str, shards: int, n: int, views: int, classes: int,
             "ids": np.arange(j * n, (j + 1) * n, dtype=np.int64),
         }
         path = root / form.replace(":", "-") / f"shard-{j:06d}.zarr"
-        write_group(zarr_store(str(path)), arrays)
+        write_group(str(path), arrays)
         paths.append(str(path))
     return paths
 

@@ -74,20 +74,25 @@ def list_folder(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:
     return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
 
 
+def cat_small(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
+    """The contents of small objects (records, images) in ``paths``' order, or the error
+    of each that failed, through one batched ``cat``. s3fs asks for an object's size (a
+    HEAD) before each whole-object read, to split a large one into concurrent ranges;
+    for small objects that only doubles the requests, so it is told not to."""
+    if not paths:
+        return []
+    whole = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
+    found = fs.cat(list(paths), on_error="return", **whole)
+    return [found.get(fs._strip_protocol(path), FileNotFoundError(path)) for path in paths]
+
+
 def read_many(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | None]:
     """The contents of ``paths`` (None for a missing one), in their order, through one
     batched ``cat``: s3fs and the other async filesystems run the requests concurrently,
     so N small objects cost about one round trip of latency, not N. Any error other than
     a missing file is raised."""
-    if not paths:
-        return []
-    # s3fs asks for an object's size (a HEAD) before each whole-object read, to split a
-    # large one into concurrent ranges; for small records that doubles the requests.
-    whole = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
-    found = fs.cat(list(paths), on_error="return", **whole)
     out: list[bytes | None] = []
-    for path in paths:
-        value = found.get(fs._strip_protocol(path), FileNotFoundError(path))
+    for value in cat_small(fs, paths):
         if isinstance(value, FileNotFoundError):
             out.append(None)
         elif isinstance(value, BaseException):
@@ -141,7 +146,10 @@ def zarr_store(url: str, *, read_only: bool = False):
     fs, path = filesystem(url)
     if is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
-    return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options={"skip_instance_cache": True})
+    options: dict = {"skip_instance_cache": True}
+    if "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
+        options["max_concurrency"] = 1  # no HEAD before each whole-object read (see read_many)
+    return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options=options)
 
 
 class StorageError(CatkdError, OSError):

@@ -512,3 +512,27 @@ def test_damaged_shard_is_named_where_read_and_repaired_alone(setup, float16_cac
 
     history = train(load_config(None, train_args[1:]))["history"]
     assert [h["epoch"] for h in history] == [1]
+
+
+def test_damaged_manifest_is_one_line_naming_it_and_the_build_rewrites_it(setup, float16_cache, tmp_path):
+    """A manifest cut in half (a failed copy): verify --repair and a reader say so in one
+    line naming the file and the repair; the build run again writes it from the
+    completion records without recomputing a shard."""
+    import shutil
+
+    root = tmp_path / "root"
+    cache_dir = root / os.path.basename(float16_cache)
+    shutil.copytree(float16_cache, cache_dir)
+    manifest = cache_dir / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "cache", "verify", str(cache_dir), "--repair"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "manifest.json: damaged manifest" in lines[0] and "catkd cache build" in lines[0]
+    manifest.unlink()
+    build_cache(_cfg(setup, root))
+    _assert_same(_arrays(str(cache_dir)), _arrays(float16_cache))

@@ -20,32 +20,23 @@ from catkd.models import build_model, checkpoint_payload
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every test here runs catkd commands as subprocesses against a moto server.
 pytestmark = pytest.mark.slow
-SECRET = "catkd-test-secret-never-logged"
+from tests.helpers.slow_s3 import SECRET, SlowS3  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
+def s3_server():
+    """moto on loopback, counting requests (tests/helpers/slow_s3.py; no delay here)."""
+    with SlowS3(delay_s=0.0) as server:
+        yield server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {
-        "AWS_ACCESS_KEY_ID": "catkd-test",
-        "AWS_SECRET_ACCESS_KEY": SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "PYTHONPATH": ROOT,
-    }
-    import s3fs
-
-    fs = s3fs.S3FileSystem(key="catkd-test", secret=SECRET, endpoint_url=env["AWS_ENDPOINT_URL"])
+    env |= s3_server.env() | {"PYTHONPATH": ROOT}
+    fs = s3_server.filesystem()
     fs.mkdir("catkd-bucket")
     yield env, fs
-    server.stop()
 
 
 def _catkd(env, *args, timeout=400):
@@ -231,9 +222,11 @@ def test_unreadable_source_location_is_a_clear_error(s3, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "out" / "train.index.json").exists()
 
 
-def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_cache):
+def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_cache, s3_server):
     """Completion records are conditional writes (If-None-Match): of two builds racing
-    for each data shard exactly one wins, and no record points at deleted data."""
+    for each data shard exactly one wins, and no record points at deleted data. Verify
+    reads the manifest once, whatever the shard count (issue 39: each shard's task read
+    it again)."""
     env, fs = s3
     url, _ = s3_cache
     root = url.removeprefix("s3://")
@@ -241,9 +234,11 @@ def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_cache):
     assert len(records) == 4
     for record in records:
         assert fs.exists(f"{root}/{record['path']}/zarr.json"), record["path"]
+    s3_server.reset()
     verify = _catkd(env, "cache", "verify", url, "--samples", "4")
     assert verify.returncode == 0, verify.stderr[-3000:]
     assert SECRET not in verify.stdout + verify.stderr
+    assert s3_server.count_of("GET", "manifest.json") == 1, s3_server.counts()
 
 
 def test_bad_credentials_are_a_clear_error(tmp_path):

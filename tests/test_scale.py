@@ -4,6 +4,7 @@ counts and concurrency, never timings."""
 
 from __future__ import annotations
 
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -150,3 +151,108 @@ def test_topk_targets_of_the_kept_classes_only_equal_the_full_maps_cut(binarize)
     for name in ("cam", "logits"):
         new, old = chunked[name].astype(np.float32), former[name].astype(np.float32)
         assert np.allclose(new, old, rtol=2e-3, atol=2e-3 * np.abs(old).max()), name
+
+
+# ---------------------------------------------------------------- the manifest in every process
+
+
+def _records(count: int, seed: int = 0) -> tuple[list[dict], dict]:
+    """Completion records as commit_shard writes them (the last shard shorter)."""
+    rng = np.random.default_rng(seed)
+    arrays = {"cam": ([1000, 8, 100, 4, 4], "float16"), "logits": ([1000, 8, 101], "float16"), "ids": ([1000], "int64")}
+    records = []
+    for j in range(count):
+        n = 1000 if j < count - 1 else 417
+        records.append(
+            {
+                "shard": j,
+                "first_id": 1000 * j,
+                "count": n,
+                "path": f"data/{rng.bytes(16).hex()}/shard-{j:06d}.zarr",
+                "checksums": {name: rng.bytes(32).hex() for name in arrays},
+                "arrays": {name: {"shape": [n, *shape[1:]], "dtype": dtype} for name, (shape, dtype) in arrays.items()},
+            }
+        )
+    return records, records[0]["arrays"]
+
+
+def test_shard_records_held_as_columns_give_the_manifest_records_back():
+    from pipeline.cache.reader import ShardRecords
+
+    records, arrays = _records(300)
+    records[7] = records[7] | {"note": "a field this catkd does not know"}  # kept as it is
+    shuffled = [records[j] for j in np.random.default_rng(1).permutation(len(records))]
+    held = ShardRecords(shuffled, arrays)
+    assert len(held) == 300 and sorted(held) == list(range(300))
+    assert all(held[j] == records[j] for j in range(300))
+    assert 299 in held and 300 not in held and -1 not in held
+    with pytest.raises(KeyError):
+        held[300]
+
+
+# ---------------------------------------------------------------- sources on object storage
+
+
+def _image_tree(folder, splits=("train", "val"), classes=40, per_class=3) -> None:
+    """A tiny image folder with the strays a real one has (a README, a file beside the
+    class folders, a folder inside a class folder)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(buf, format="PNG")
+    for split in splits:
+        for c in range(classes):
+            (folder / split / f"n{c:04d}").mkdir(parents=True)
+            for k in range(per_class):
+                (folder / split / f"n{c:04d}" / f"img{k}.png").write_bytes(buf.getvalue() + bytes([c, k]))
+        (folder / split / "LICENSE.txt").write_text("x")
+    (folder / "README.md").write_text("x")
+    (folder / "train" / "n0000" / "extra").mkdir()
+    (folder / "train" / "n0000" / "extra" / "deep.png").write_bytes(buf.getvalue())
+
+
+def _listing(source) -> dict:
+    return {
+        split: (source.classes(split), source._split(split).names, source._split(split).labels.tolist())
+        for split in source.splits()
+    } | {"notes": [note.split(": ", 1)[1] for note in source.notes()]}
+
+
+def test_image_folder_on_s3_is_listed_a_class_folder_at_a_time_concurrently(s3_env, tmp_path):
+    from pipeline.data.sources import ImageFolderSource
+
+    local = tmp_path / "folder"
+    _image_tree(local)
+    fs = s3_env.filesystem()
+    fs.put(str(local), "scale/folder", recursive=True)
+    s3_env.reset()
+    s3_env.delay_s = 0.005
+    remote = ImageFolderSource("s3://scale/folder")
+    listing = _listing(remote)
+    counts = s3_env.counts()
+    assert listing == _listing(ImageFolderSource(str(local)))
+    assert counts.get("GET", 0) == 0, counts  # no object read to list
+    assert counts.get("LIST", 0) <= 1 + 2 + 2 * 40 + 4, counts  # root, splits, class folders (+ checks)
+    assert s3_env.peak_in_flight > 4, "class folders were listed one after another"
+    assert not remote.fs.dircache, "listing info kept after the listing"
+
+
+def test_tar_on_s3_is_listed_as_one_stream(s3_env, tmp_path):
+    import tarfile
+
+    from pipeline.data.sources import ImageFolderSource
+
+    _image_tree(tmp_path / "folder", classes=30)
+    archive = tmp_path / "images.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tmp_path / "folder", arcname=".")
+    s3_env.filesystem().put(str(archive), "scale/images.tar")
+    s3_env.reset()
+    remote = ImageFolderSource("s3://scale/images.tar")
+    listing = _listing(remote)
+    counts = s3_env.counts()
+    assert listing == _listing(ImageFolderSource(str(archive)))
+    assert counts.get("GET", 0) <= 3, counts  # the magic bytes, then the archive in one block
+    records = remote.slice("train", np.arange(5)).read()
+    local = ImageFolderSource(str(archive)).slice("train", np.arange(5)).read()
+    assert [(r.image, r.label) for r in records] == [(r.image, r.label) for r in local]

@@ -42,7 +42,7 @@ from pipeline.cache.identity import CacheIdentity
 from pipeline.cache.layout import write_group
 from pipeline.cache.teacher import CacheBuildError
 from pipeline.data.shard_format import ShardIndex
-from pipeline.storage import create_exclusive, filesystem, join, list_folder, read_many, write_atomic, zarr_store
+from pipeline.storage import create_exclusive, filesystem, join, list_folder, read_many, write_atomic
 
 if TYPE_CHECKING:
     from pipeline.cache.config import CacheBuildConfig
@@ -108,7 +108,7 @@ def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray])
     winner's)."""
     fs, root = filesystem(url)
     rel = posixpath.join(DATA_DIR, uuid.uuid4().hex, f"shard-{j:06d}.zarr")
-    write_group(zarr_store(join(url, rel)), arrays)
+    write_group(join(url, rel), arrays)
     record = {
         "shard": j,
         "first_id": first_id,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shlex
 import sys
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -15,12 +16,12 @@ from tqdm import tqdm
 from catkd.models import load_checkpoint
 from pipeline.cache.commit import array_checksums, retire_shards
 from pipeline.cache.identity import file_sha256, parse_storage
-from pipeline.cache.layout import raw_bytes_per_view
+from pipeline.cache.layout import ArrayReadError, decode_view, raw_bytes_per_view, read_arrays, stored_arrays
 from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data.device_render import batch_views
 from pipeline.data.partners import pack_for_device, shard_mix_source
-from pipeline.data.shard_format import Sample, decode_image, load_shard, read_index, sample_key
+from pipeline.data.shard_format import Sample, ShardIndex, decode_image, load_shard, read_index, sample_key
 from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views
 from pipeline.storage import filesystem, join
 
@@ -83,12 +84,11 @@ def verify_cache(
     progress: bool = False,
     damaged: list[int] | None = None,
 ) -> list[str]:
-    """Problems found (empty when the cache is sound). One Ray task per data shard checks
-    that it reads back (every chunk's crc32c), matches its recorded sha256s and holds
-    finite values, then recomputes ``sample_views`` random (sample, view) pairs of that
-    shard with the teacher; the driver only gathers the problems, so its memory does
-    not grow with the cache. ``damaged``, when given, receives the data shards with a
-    problem (what ``repair_cache`` retires)."""
+    """Problems found (empty when the cache is sound). Checker actors (``ShardChecker``,
+    one per CPU) check the data shards, two calls queued at each; the driver takes results
+    as they come and only gathers the problems, so its memory does not grow with the
+    cache. ``damaged``, when given, receives the data shards with a problem (what
+    ``repair_cache`` retires)."""
     from pipeline.ray_setup import init_ray
 
     cache = TargetCache(url)
@@ -101,19 +101,41 @@ def verify_cache(
             return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     _say_where_recomputed(cache, sample_views)
     init_ray()
-    check = ray.remote(num_cpus=1)(_check_shard)
-    weights_ref = ray.put(teacher_bytes)  # read once here, not once per data shard
-    pending = {check.remote(url, j, sample_views, weights_ref, seed): j for j in sorted(cache.records)}
+    # The manifest is read once, here: each checker gets its head (no shard list) once and
+    # each call only its own shard's record, so the bytes moved grow with the shard count,
+    # not with its square. A checker loads the teacher and the data index once.
+    head = {key: value for key, value in cache.manifest.items() if key != "shards"}
+    todo = deque(sorted(cache.records))
+    count = min(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
+    weights_ref = ray.put(teacher_bytes)
+    checker = ray.remote(num_cpus=1)(ShardChecker)
+    checkers = [checker.remote(url, head, sample_views, weights_ref, seed) for _ in range(count)]
+    pending: dict[Any, tuple[int, Any]] = {}  # call -> (data shard, its checker)
+
+    def submit(actor) -> None:
+        j = todo.popleft()
+        pending[actor.check.remote(j, cache.records[j])] = (j, actor)
+
+    for actor in checkers:  # two calls queued at each checker: one running, one arriving
+        for _ in range(2):
+            if todo:
+                submit(actor)
     problems: list[str] = []
-    with tqdm(total=len(pending), unit="shards", desc="verify", disable=not progress, file=sys.stderr) as bar:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            j = pending.pop(ready[0])
-            found = ray.get(ready[0])
-            problems += found
-            if found and damaged is not None:
-                damaged.append(j)
-            bar.update(1)
+    try:
+        with tqdm(total=len(cache.records), unit="shards", desc="verify", disable=not progress, file=sys.stderr) as bar:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                j, actor = pending.pop(ready[0])
+                found = ray.get(ready[0])
+                problems += found
+                if found and damaged is not None:
+                    damaged.append(j)
+                bar.update(1)
+                if todo:
+                    submit(actor)
+    finally:
+        for actor in checkers:
+            ray.kill(actor)
     if damaged is not None:
         damaged.sort()
     return sorted(problems)
@@ -209,67 +231,97 @@ def _render_as_built(
     return render_views(spec, [image], ids, view, stored[k : k + 1], source, mixing=mixing)[1]
 
 
-def _check_shard(url: str, j: int, sample_views: int, weights: bytes, seed: int) -> list[str]:
-    cache = TargetCache(url)
-    record = cache.records[j]
-    try:
-        group = cache.group(j)
-        arrays = {name: group[name][:] for name in record["checksums"]}
-    except Exception as exc:  # zarr's shard-index and chunk crc32c checks, codec errors, missing objects
-        return [f"{url}: data shard {j} (samples from {sample_key(record['first_id'])}): unreadable ({exc})"]
-    problems = []
-    for name, digest in array_checksums(arrays).items():
-        if digest != record["checksums"][name]:
-            problems.append(f"{url}: data shard {j}: array {name} does not match its checksum")
-    for name, values in arrays.items():
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            k = int(np.argwhere(~np.isfinite(values))[0][0])
-            problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
-    if sample_views and not problems and recompute_skipped(cache) is None:
-        problems += _recompute(cache, j, sample_views, weights, seed)
-    return problems
+class ShardChecker:
+    """Checks data shards of one cache (a Ray actor of ``verify_cache``): that each reads
+    back (every chunk's crc32c), matches its recorded sha256s and holds finite values,
+    then recomputes ``sample_views`` random (sample, view) pairs with the teacher, loaded
+    once, in the build's precision (on a GPU when the build used one and one is here)."""
 
+    def __init__(self, url: str, head: dict[str, Any], sample_views: int, weights: bytes, seed: int) -> None:
+        self.url, self.head, self.sample_views, self.weights, self.seed = url, head, sample_views, weights, seed
+        self.runner: TeacherRunner | None = None
+        self.index: ShardIndex | None = None
+        self.head_weight: tuple[np.ndarray | None] | None = None
 
-def _recompute(cache: TargetCache, j: int, count: int, weights: bytes, seed: int) -> list[str]:
-    """``count`` random (sample, view) pairs of data shard ``j``, recomputed with the teacher
-    in the build's precision (on a GPU when the build used one and one is here)."""
-    ident = cache.identity
-    teacher = load_checkpoint(io.BytesIO(weights), ident.teacher_arch, ident.num_classes)
-    built_on = cache.manifest.get("build", {}).get("device", "cpu")
-    device = torch.device("cuda" if built_on == "cuda" and torch.cuda.is_available() else "cpu")
-    precision = ident.precision if device.type == "cuda" or ident.precision == "bf16" else "fp32"
-    settings = TeacherSettings(ident.resolution, ident.target_kind == "binarized_cam", precision, batch_size=1)
-    runner = TeacherRunner(teacher, AugmentSpec.from_dict(ident.spec), settings, device)
-    tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
-    logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
-    index = read_index(cache.manifest["data"], ident.split)
-    samples = load_shard(cache.manifest["data"], index, index.shards[j])
-    rng = np.random.default_rng([seed, j])
-    problems = []
-    for _ in range(count):
-        view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
-        stored = cache.read(j, view)
-        sample = samples[k]
-        try:
-            views = _render_as_built(
-                runner, samples, k, index, j, view, stored["params"], f"{cache.url}: data shard {j}"
+    def check(self, j: int, record: dict[str, Any]) -> list[str]:
+        url, cache = self.url, TargetCache(self.url, self.head | {"shards": [record]})
+        if self.head_weight is None:
+            self.head_weight = (cache.head_weight,)  # the features form's head.npy, read once
+        cache.__dict__["head_weight"] = self.head_weight[0]  # the cached_property, filled
+        try:  # every array's shard in one round of concurrent reads
+            arrays = read_arrays(cache.store(j), {name: slice(None) for name in record["checksums"]})
+        except ArrayReadError as exc:  # zarr's shard-index and chunk crc32c checks, codec errors, missing objects
+            return [f"{url}: data shard {j} (samples from {sample_key(record['first_id'])}): unreadable ({exc})"]
+        problems = []
+        for name, digest in array_checksums(arrays).items():
+            if digest != record["checksums"][name]:
+                problems.append(f"{url}: data shard {j}: array {name} does not match its checksum")
+        for name, values in arrays.items():
+            if values.dtype.kind == "f" and not np.isfinite(values).all():
+                k = int(np.argwhere(~np.isfinite(values))[0][0])
+                problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
+        if self.sample_views and not problems and recompute_skipped(cache) is None:
+            problems += self._recompute(cache, j, arrays)
+        return problems
+
+    def _load_teacher(self, cache: TargetCache) -> None:
+        ident = cache.identity
+        teacher = load_checkpoint(io.BytesIO(self.weights), ident.teacher_arch, ident.num_classes)
+        built_on = cache.manifest.get("build", {}).get("device", "cpu")
+        device = torch.device("cuda" if built_on == "cuda" and torch.cuda.is_available() else "cpu")
+        precision = ident.precision if device.type == "cuda" or ident.precision == "bf16" else "fp32"
+        settings = TeacherSettings(ident.resolution, ident.target_kind == "binarized_cam", precision, batch_size=1)
+        self.runner = TeacherRunner(teacher, AugmentSpec.from_dict(ident.spec), settings, device)
+        self.index = read_index(cache.manifest["data"], ident.split)
+
+    @staticmethod
+    def _view(cache: TargetCache, arrays: dict[str, np.ndarray], view: int) -> dict[str, np.ndarray]:
+        """One view of the shard's arrays, already read and checked, decoded as a reader would."""
+        form = cache.identity.storage
+        one = {"ids": arrays["ids"]} | {
+            name: arrays[name][:, view] for name in ("params", "logits", *stored_arrays(form))
+        }
+        return decode_view(one, form, cache.head_weight, cache.identity.num_classes)
+
+    def _recompute(self, cache: TargetCache, j: int, arrays: dict[str, np.ndarray]) -> list[str]:
+        """``sample_views`` random (sample, view) pairs of data shard ``j``, recomputed and
+        compared with its ``arrays``."""
+        if self.runner is None:
+            self._load_teacher(cache)
+        ident, runner, index = cache.identity, self.runner, self.index
+        tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
+        logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
+        samples = load_shard(cache.manifest["data"], index, index.shards[j])
+        rng = np.random.default_rng([self.seed, j])
+        problems = []
+        for _ in range(self.sample_views):
+            view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
+            stored = self._view(cache, arrays, view)
+            sample = samples[k]
+            try:
+                views = _render_as_built(
+                    runner, samples, k, index, j, view, stored["params"], f"{cache.url}: data shard {j}"
+                )
+            except ViewMismatchError as exc:
+                problems.append(str(exc))
+                continue
+            expected, logits = runner.targets(views)[:2]
+            cam_scale, logit_scale = (
+                max(float(np.abs(expected[0]).max()), 1e-6),
+                max(float(np.abs(logits[0]).max()), 1e-6),
             )
-        except ViewMismatchError as exc:
-            problems.append(str(exc))
-            continue
-        expected, logits = runner.targets(views)[:2]
-        cam_scale, logit_scale = max(float(np.abs(expected[0]).max()), 1e-6), max(float(np.abs(logits[0]).max()), 1e-6)
-        kept = stored["classes"][k] if "classes" in stored else slice(None)  # a top-k cache: its K classes
-        error = float(np.abs(expected[0][kept] - stored["cam"][k]).max()) / cam_scale
-        logit_error = float(np.abs(logits[0][kept] - stored["logits"][k][kept]).max()) / logit_scale
-        if "classes" in stored and len(kept) < len(logits[0]):
-            # the stored classes are the teacher's top K: no other class beats the lowest kept one
-            others = np.delete(logits[0], kept)
-            logit_error = max(logit_error, float(others.max() - logits[0][kept].min()) / logit_scale)
-        if error > tolerance or logit_error > logit_tolerance:
-            problems.append(
-                f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the teacher's "
-                f"(relative error {error:.2e} in CAMs, {logit_error:.2e} in logits; {ident.storage} in "
-                f"{ident.precision} allows {tolerance:.1e})"
-            )
-    return problems
+            kept = stored["classes"][k] if "classes" in stored else slice(None)  # a top-k cache: its K classes
+            error = float(np.abs(expected[0][kept] - stored["cam"][k]).max()) / cam_scale
+            logit_error = float(np.abs(logits[0][kept] - stored["logits"][k][kept]).max()) / logit_scale
+            if "classes" in stored and len(kept) < len(logits[0]):
+                # the stored classes are the teacher's top K: no other class beats the lowest kept one
+                others = np.delete(logits[0], kept)
+                logit_error = max(logit_error, float(others.max() - logits[0][kept].min()) / logit_scale)
+            if error > tolerance or logit_error > logit_tolerance:
+                problems.append(
+                    f"data shard {j}: sample {sample_key(sample.id)} view {view}: stored targets differ from the "
+                    "teacher's "
+                    f"(relative error {error:.2e} in CAMs, {logit_error:.2e} in logits; {ident.storage} in "
+                    f"{ident.precision} allows {tolerance:.1e})"
+                )
+        return problems

@@ -37,7 +37,7 @@ import numpy as np
 from catkd.errors import CatkdError
 from pipeline.data import synthetic
 from pipeline.data.shard_format import sample_key
-from pipeline.storage import filesystem, is_local, join
+from pipeline.storage import cat_small, filesystem, is_local, join
 
 IMAGE_EXTENSIONS = {
     ".jpg": "jpg",
@@ -176,26 +176,60 @@ def _list_directory(fs, root: str, origin: str) -> tuple[list[tuple[str, int, in
                 files += [(f"{split.name}/{cls.name}/{f.name}", 0, 0) for f in os.scandir(cls.path) if f.is_file()]
     else:
         try:
-            found = fs.find(root, maxdepth=3, withdirs=True, detail=True)
+            files, class_dirs = _list_object_store(fs, root)
         except (PermissionError, OSError) as exc:
             raise SourceError(f"{origin}: cannot list the source ({type(exc).__name__}: {str(exc)[:200]})") from None
-        for path, info in found.items():
-            rel = posixpath.relpath(path, root)
-            if info["type"] == "directory":
-                if rel.count("/") == 1:
-                    class_dirs.add(rel)
-            else:
-                files.append((rel, 0, 0))
     with_files = {posixpath.dirname(name) for name, _, _ in files if _format_of(name)}
     return files, sorted(class_dirs - with_files)
 
 
+TAR_BLOCK = 64 << 20  # bytes a request when an archive on an object store is listed
+
+
+def _list_object_store(fs, root: str) -> tuple[list[tuple[str, int, int]], set[str]]:
+    """An image folder on an object store, listed a class folder at a time, 32 listings
+    in flight: the listing info of one class folder is held at once (s3fs keeps every
+    listing it makes, ~1 KB a file: 15 GB at 14M files), and 21,841 class folders at
+    20 ms a listing take seconds, not minutes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def entries(folder: str) -> list[dict]:
+        try:
+            return fs.ls(folder, detail=True)
+        finally:
+            fs.invalidate_cache(folder)
+
+    def names(folder: str) -> tuple[list[str], list[str]]:
+        """(files, folders) directly in ``folder``, relative to ``root``."""
+        found = entries(folder)
+        rel = lambda e: posixpath.relpath(e["name"].rstrip("/"), root)  # noqa: E731
+        return [rel(e) for e in found if e["type"] != "directory"], [rel(e) for e in found if e["type"] == "directory"]
+
+    # Files beside the split and class folders (a README, a LICENSE) are not part of the
+    # layout and not counted as skipped, as on local disk.
+    files: list[str] = []
+    class_dirs: set[str] = set()
+    for split in names(root)[1]:
+        class_dirs.update(names(join(root, split))[1])
+    with ThreadPoolExecutor(32) as pool:
+        for class_files, _ in pool.map(lambda c: names(join(root, c)), sorted(class_dirs)):
+            files += class_files  # folders below a class folder hold nothing of the layout
+    return [(name, 0, 0) for name in files], class_dirs
+
+
 def _list_plain_tar(fs, path: str, origin: str) -> list[tuple[str, int, int]]:
     """``(name, data offset, size)`` of each regular member, reading headers only
-    (tarfile seeks past member data on a seekable file)."""
+    (tarfile seeks past member data on a seekable file). On an object store the archive
+    is read as one forward stream in 64 MB blocks (fsspec's read-ahead cache serves each
+    header inside the block): a request per 64 MB, where 1 MB blocks made one per 1 MB,
+    one after another (1.3M requests for ImageNet-21k's 1.3 TB)."""
     entries = []
+    block = 1 << 20 if is_local(fs) else TAR_BLOCK
     try:
-        with fs.open(path, "rb", block_size=1 << 20) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        with (
+            fs.open(path, "rb", block_size=block, cache_type="readahead") as f,
+            tarfile.open(fileobj=f, mode="r:") as tar,
+        ):
             while (member := tar.next()) is not None:
                 if member.isfile():
                     entries.append((member.name.removeprefix("./"), member.offset_data, member.size))
@@ -314,8 +348,7 @@ class _FolderSlice(SourceSlice):
                 with open(path, "rb") as f:
                     data.append(f.read())
         else:  # one concurrent batch of GETs
-            found = fs.cat(paths, on_error="return")
-            data = [found[p] for p in paths]
+            data = cat_small(fs, paths)
         records = []
         for name, label, payload in zip(self.names, self.labels, data, strict=True):
             origin = join(self.root, name)

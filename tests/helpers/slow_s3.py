@@ -11,6 +11,7 @@ requests in flight overlap as they would against a real store.
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -36,6 +37,7 @@ class SlowS3:
     def __init__(self, delay_s: float = 0.02) -> None:
         self.delay_s = delay_s
         self._counts: Counter[str] = Counter()
+        self._by_name: Counter[tuple[str, str]] = Counter()  # (kind, last part of the key)
         self._lock = threading.Lock()
         self._in_flight = 0
         self.peak_in_flight = 0
@@ -44,11 +46,11 @@ class SlowS3:
 
     def _app(self, inner):
         def app(environ, start_response):
-            kind = request_kind(
-                environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), environ.get("QUERY_STRING", "")
-            )
+            path = environ.get("PATH_INFO", "")
+            kind = request_kind(environ["REQUEST_METHOD"], path, environ.get("QUERY_STRING", ""))
             with self._lock:
                 self._counts[kind] += 1
+                self._by_name[kind, path.rstrip("/").rsplit("/", 1)[-1]] += 1
                 self._in_flight += 1
                 self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
             try:
@@ -65,6 +67,7 @@ class SlowS3:
         from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
         from werkzeug.serving import make_server
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -108,8 +111,14 @@ class SlowS3:
     def reset(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._by_name.clear()
             self.peak_in_flight = 0
 
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    def count_of(self, kind: str, name: str) -> int:
+        """Requests of ``kind`` for keys whose last part is ``name`` (``manifest.json``)."""
+        with self._lock:
+            return self._by_name[kind, name]

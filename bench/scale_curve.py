@@ -1,0 +1,434 @@
+"""How each stage's cost grows with the shard count, on object storage at a distance
+(issue 39): the shape of ImageNet-21k without its bytes.
+
+Datasets of many shards of two tiny images each are made on a loopback S3 server (moto)
+that delays every request by ``--delay-ms`` (20 ms by default) and counts requests by
+kind (tests/helpers/slow_s3.py). At each size, every stage runs as a user runs it (a
+``catkd`` command in a process of its own, with its own local Ray) and reports its wall
+time, requests by kind, requests per shard, the driver's peak RSS and the largest Ray
+worker's RSS:
+
+    shard_fresh, shard_resume (index lost: every shard complete), shard_rerun (complete),
+    build_fresh, build_resume (manifest lost: every shard complete), build_rerun,
+    info, verify (--samples 1)
+
+The marginal cost of a shard is the slope of wall time between two sizes (the fixed cost
+of starting Ray cancels). ``--tree`` runs another checkout's code (a git worktree of an
+earlier commit: the "before" figures), under its own ``--label``.
+
+The class-count case (``--classes``) builds ``topk:100``, S = 8, r = 4 over one
+1,000-image shard whose data has 21,841 classes (a CIFAR-100-format pickle with that many
+class names; resnet8 with random weights as the teacher) and reports the teacher actor's
+peak RSS; ``--max-rss-gb`` stops a build whose actor goes beyond it (today's path before
+the fix needed more than the machine).
+
+    .venv/bin/python bench/scale_curve.py --sizes 50 200 800
+    git worktree add /tmp/catkd-before 17459ec
+    .venv/bin/python bench/scale_curve.py --tree /tmp/catkd-before --label before --sizes 36 216
+    .venv/bin/python bench/scale_curve.py --classes 21841 1000 --label after
+    .venv/bin/python bench/scale_curve.py --manifest 14000 --label after
+    .venv/bin/python bench/scale_curve.py --plot
+
+Results go to docs/results/scale_curve.json as each stage ends (a rerun skips what it
+holds) and the picture to docs/img/scale_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from tests.helpers.slow_s3 import SlowS3  # noqa: E402
+
+RESULTS = os.path.join(ROOT, "docs", "results", "scale_curve.json")
+PICTURE = os.path.join(ROOT, "docs", "img", "scale_curve.png")
+BUCKET = "scale"
+SAMPLES_PER_SHARD = 2
+STAGES = (
+    "shard_fresh",
+    "shard_resume",
+    "shard_rerun",
+    "build_fresh",
+    "build_resume",
+    "build_rerun",
+    "info",
+    "verify",
+)
+# Run in the checkout under test: catkd's own main, then this process's peak RSS.
+WRAPPER = (
+    "import resource, sys\n"
+    "from pipeline.cli import main\n"
+    "try:\n    code = main(sys.argv[1:])\nexcept SystemExit as exc:\n    code = exc.code\n"
+    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "print(f'[scale] driver peak {peak:.0f} MB', file=sys.stderr)\n"
+    "sys.exit(code)\n"
+)
+
+
+class RaySampler:
+    """Polls this machine's Ray worker processes (``ray::...`` in /proc) while a command
+    runs; the largest peak RSS (the kernel's high-water mark, VmHWM, so no peak between
+    two polls is missed) is the stage's worker peak. Stops the command (``on_limit``)
+    when a worker's RSS goes beyond ``limit_mb``."""
+
+    def __init__(self, limit_mb: float | None = None, on_limit=None) -> None:
+        self.limit_mb, self.on_limit = limit_mb, on_limit
+        self.peak_mb, self.peak_name, self.stopped = 0.0, "", False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _workers():
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                if not cmd.startswith("ray::"):
+                    continue
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if ":" in line)
+            except OSError:  # the process ended meanwhile
+                continue
+            peak, rss = (float(fields.get(name, "0 kB").split()[0]) / 1024 for name in ("VmHWM", "VmRSS"))
+            yield cmd.split()[0], peak, rss
+
+    def _run(self) -> None:
+        while not self._done.wait(0.1):
+            for name, peak_mb, rss_mb in self._workers():
+                if peak_mb > self.peak_mb:
+                    self.peak_mb, self.peak_name = peak_mb, name
+                if self.limit_mb and rss_mb > self.limit_mb and not self.stopped:
+                    self.stopped = True
+                    self.on_limit()
+
+    def __enter__(self) -> RaySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def run_stage(tree: str, env: dict[str, str], s3: SlowS3, args: list[str], limit_mb: float | None = None) -> dict:
+    """One catkd command in ``tree``: its wall time, requests, driver and worker peaks."""
+    s3.reset()
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRAPPER, *args],
+        cwd=tree,
+        env=env | {"PYTHONPATH": tree},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    with RaySampler(limit_mb, lambda: os.killpg(proc.pid, 9)) as sampler:
+        out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    driver = next((float(line.split()[3]) for line in err.splitlines() if line.startswith("[scale] driver peak")), None)
+    result = {
+        "wall_s": round(wall, 3),
+        "requests": s3.counts(),
+        "driver_peak_mb": driver,
+        "worker_peak_mb": round(sampler.peak_mb, 1),
+        "worker_peak_process": sampler.peak_name,
+        "returncode": proc.returncode,
+    }
+    if sampler.stopped:
+        result["stopped"] = f"a Ray worker went beyond {limit_mb:.0f} MB"
+    elif proc.returncode not in (0, 1):  # verify exits 1 when it finds problems
+        raise RuntimeError(f"catkd {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}\n{out[-1000:]}")
+    return result
+
+
+class Results:
+    """docs/results/scale_curve.json: {label: {"sizes": {N: {stage: figures}}, "classes": ...}}."""
+
+    def __init__(self, path: str = RESULTS) -> None:
+        self.path = path
+        self.data = json.load(open(path)) if os.path.exists(path) else {}
+
+    def get(self, *keys):
+        node = self.data
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+            if node is None:
+                return None
+        return node
+
+    def put(self, value, *keys) -> None:
+        node = self.data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path + ".tmp", "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=True)
+        os.replace(self.path + ".tmp", self.path)
+
+
+def teacher_bytes(num_classes: int) -> bytes:
+    import torch
+
+    from catkd.models import build_model, checkpoint_payload
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(checkpoint_payload(build_model("resnet8", num_classes, bias=True), "resnet8"), buf)
+    return buf.getvalue()
+
+
+def shard_curve(args, s3: SlowS3, env: dict[str, str], results: Results) -> None:
+    fs = s3.filesystem()
+    fs.pipe(f"{BUCKET}/teacher.pth", teacher_bytes(10))
+    for size in args.sizes:
+        base = f"s3://{BUCKET}/{args.label}/{size}"
+        data, caches = f"{base}/data", f"{base}/caches"
+        shard = ["shard", "synthetic:shapes", data, "--splits", "train", "--image-size", "16"]
+        shard += ["--train-samples", str(size * SAMPLES_PER_SHARD), "--test-samples", "2"]
+        shard += ["--samples-per-shard", str(SAMPLES_PER_SHARD), "--no-progress"]
+        build = ["cache", "build", "--data", data, "--teacher", "resnet8", "--weights", f"s3://{BUCKET}/teacher.pth"]
+        build += ["--root", caches, "--num-views", "2", "--no-progress"]
+
+        steps = _steps(fs, data, caches, shard, build)
+        if all(results.get(args.label, "sizes", str(size), stage) is not None for stage in args.stages):
+            continue  # done; a size cut short is run again whole (the server's objects went with it)
+        for stage in args.stages:
+            before, command = steps[stage]
+            if before:
+                before()
+            command = command() if callable(command) else command
+            figures = run_stage(args.tree, env, s3, command)
+            figures["requests_per_shard"] = round(sum(figures["requests"].values()) / size, 2)
+            results.put(figures, args.label, "sizes", str(size), stage)
+            print(
+                f"[scale] {args.label} {size:>6} shards {stage:<13} {figures['wall_s']:8.1f} s  "
+                f"{figures['requests_per_shard']:7.2f} requests/shard {figures['requests']}  "
+                f"driver {figures['driver_peak_mb']} MB, largest worker {figures['worker_peak_mb']:.0f} MB",
+                flush=True,
+            )
+
+
+def _steps(fs, data: str, caches: str, shard: list[str], build: list[str]) -> dict:
+    """stage -> (what to do first, or None; the command, or a function that makes it)."""
+
+    def cache_url() -> str:
+        fs.invalidate_cache()
+        (folder,) = fs.ls(caches.removeprefix("s3://"), detail=False)
+        return f"s3://{folder}"
+
+    def lose(path: str) -> None:
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path)
+
+    return {
+        "shard_fresh": (None, shard),
+        "shard_resume": (lambda: lose(f"{data.removeprefix('s3://')}/train.index.json"), shard),
+        "shard_rerun": (None, shard),
+        "build_fresh": (None, build),
+        "build_resume": (lambda: lose(f"{cache_url().removeprefix('s3://')}/manifest.json"), build),
+        "build_rerun": (None, build),
+        "info": (None, lambda: ["cache", "info", cache_url()]),
+        "verify": (None, lambda: ["cache", "verify", cache_url(), "--samples", "1"]),
+    }
+
+
+def write_cifar_like(folder: str, num_classes: int, train: int, seed: int = 0) -> str:
+    """A CIFAR-100-format folder (python pickles) with ``num_classes`` class names and
+    ``train`` random 32 x 32 images: data with the class count of ImageNet-21k."""
+    rng = np.random.default_rng(seed)
+    root = os.path.join(folder, "cifar-100-python")
+    os.makedirs(root, exist_ok=True)
+    for split, n in (("train", train), ("test", 10)):
+        batch = {
+            "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            "fine_labels": rng.integers(0, num_classes, n).tolist(),
+        }
+        with open(os.path.join(root, split), "wb") as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(root, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{c:05d}" for c in range(num_classes)]}, f)
+    return folder
+
+
+def class_curve(args, s3: SlowS3, env: dict[str, str], results: Results) -> None:
+    """One 1,000-image shard at C classes, topk:100, S = 8, r = 4: the teacher actor's peak."""
+    num_classes, images = args.classes
+    key = f"{num_classes}x{images}"
+    if results.get(args.label, "classes", key) is not None:
+        return
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        write_cifar_like(tmp, num_classes, images)
+        data = os.path.join(tmp, "shards")
+        weights = os.path.join(tmp, "teacher.pth")
+        with open(weights, "wb") as f:
+            f.write(teacher_bytes(num_classes))
+        shard = ["shard", f"cifar100:{tmp}", data, "--splits", "train", "--samples-per-shard", str(images)]
+        run_stage(args.tree, env, s3, shard + ["--no-progress"])
+        build = ["cache", "build", "--data", data, "--teacher", "resnet8", "--weights", weights]
+        build += ["--root", os.path.join(tmp, "caches"), "--storage", "topk:100", "--num-views", "8"]
+        build += ["--resolution", "4", "--spec", "cifar", "--actors", "1", "--no-progress"]
+        figures = run_stage(args.tree, env, s3, build, limit_mb=args.max_rss_gb * 1024)
+    figures |= {"num_classes": num_classes, "images": images, "storage": "topk:100", "num_views": 8, "resolution": 4}
+    results.put(figures, args.label, "classes", key)
+    print(
+        f"[scale] {args.label} C = {num_classes:,}, {images} images, topk:100 S = 8 r = 4: {figures['wall_s']:.1f} s, "
+        f"teacher actor peak {figures['worker_peak_mb']:,.0f} MB ({figures['worker_peak_process']})"
+        + (f"; {figures['stopped']}" if "stopped" in figures else ""),
+        flush=True,
+    )
+
+
+MANIFEST_PROBE = (
+    "import gc, json, sys, tracemalloc\n"
+    "from pipeline.cache.reader import TargetCache\n"
+    "tracemalloc.start()\n"
+    "cache = TargetCache(sys.argv[1])\n"
+    "gc.collect()\n"
+    "held, peak = tracemalloc.get_traced_memory()\n"
+    "assert len(cache.records) == int(sys.argv[2])\n"
+    "print(json.dumps({'held_mb': held / 2**20, 'peak_mb': peak / 2**20}))\n"
+)
+
+
+def manifest_case(args, s3: SlowS3, env: dict[str, str], results: Results) -> None:
+    """What opening a cache of N shards leaves held in a process (a training rank, each of
+    its DataLoader workers): a real cache's manifest with its record repeated N times."""
+    count = args.manifest
+    if results.get(args.label, "manifest", str(count)) is not None:
+        return
+    with tempfile.TemporaryDirectory(dir=args.work) as tmp:
+        write_cifar_like(tmp, 10, 8)
+        data, weights = os.path.join(tmp, "shards"), os.path.join(tmp, "teacher.pth")
+        with open(weights, "wb") as f:
+            f.write(teacher_bytes(10))
+        run_stage(args.tree, env, s3, ["shard", f"cifar100:{tmp}", data, "--splits", "train", "--no-progress"])
+        build = ["cache", "build", "--data", data, "--teacher", "resnet8", "--weights", weights, "--num-views", "8"]
+        run_stage(args.tree, env, s3, build + ["--root", os.path.join(tmp, "caches"), "--no-progress"])
+        (cache_id,) = os.listdir(os.path.join(tmp, "caches"))
+        url = os.path.join(tmp, "caches", cache_id)
+        manifest = json.load(open(os.path.join(url, "manifest.json")))
+        record = manifest["shards"][0]
+        manifest["shards"] = [
+            record | {"shard": j, "first_id": j * record["count"], "path": f"data/{j:032x}/shard-{j:06d}.zarr"}
+            for j in range(count)
+        ]
+        with open(os.path.join(url, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        size_mb = os.path.getsize(os.path.join(url, "manifest.json")) / 2**20
+        probe = subprocess.run(
+            [sys.executable, "-c", MANIFEST_PROBE, url, str(count)],
+            cwd=args.tree,
+            env=env | {"PYTHONPATH": args.tree},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    figures = json.loads(probe.stdout.strip().splitlines()[-1]) | {"manifest_file_mb": size_mb}
+    results.put(figures, args.label, "manifest", str(count))
+    print(
+        f"[scale] {args.label} manifest of {count:,} shards ({size_mb:.1f} MB of JSON): a process holds "
+        f"{figures['held_mb']:.1f} MB after opening the cache (peak {figures['peak_mb']:.1f} MB while parsing)",
+        flush=True,
+    )
+
+
+def plot(results: Results) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not any(results.get(label, "sizes") for label in results.data):
+        return  # nothing measured against shard count yet
+    stages = STAGES
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    for ax, stage in zip(axes.flat, stages, strict=False):
+        for label, block in sorted(results.data.items()):
+            sizes = sorted(int(n) for n, row in block.get("sizes", {}).items() if stage in row)
+            if sizes:
+                walls = [block["sizes"][str(n)][stage]["wall_s"] for n in sizes]
+                ax.plot(sizes, walls, "o-", label=label)
+        ax.set_title(stage)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("data shards")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("wall time (s)")
+    axes.flat[0].legend()
+    delay = next((b.get("delay_ms") for b in results.data.values() if b.get("delay_ms")), 20)
+    fig.suptitle(f"catkd stage wall time against shard count, S3 on loopback at {delay} ms a request")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(PICTURE), exist_ok=True)
+    fig.savefig(PICTURE, dpi=110)
+    print(f"[scale] {PICTURE}")
+
+
+def marginal_table(results: Results) -> None:
+    """Seconds per added shard between consecutive sizes, per stage and label."""
+    for label, block in sorted(results.data.items()):
+        sizes = sorted(int(n) for n in block.get("sizes", {}))
+        for stage in STAGES:
+            have = [n for n in sizes if stage in block["sizes"][str(n)]]
+            slopes = []
+            for a, b in zip(have, have[1:], strict=False):
+                wa, wb = (block["sizes"][str(n)][stage]["wall_s"] for n in (a, b))
+                slopes.append(f"{a}->{b}: {1000 * (wb - wa) / (b - a):.1f} ms/shard")
+            if slopes:
+                print(f"[scale] {label:<8} {stage:<13} " + ", ".join(slopes))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[])
+    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--classes", type=int, nargs=2, metavar=("C", "IMAGES"))
+    parser.add_argument("--manifest", type=int, metavar="SHARDS", help="memory held by a cache of SHARDS shards")
+    parser.add_argument("--delay-ms", type=float, default=20.0)
+    parser.add_argument("--tree", default=ROOT, help="the checkout whose catkd runs")
+    parser.add_argument("--label", default="after")
+    parser.add_argument("--max-rss-gb", type=float, default=8.0)
+    parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "scale_curve"))
+    parser.add_argument("--plot", action="store_true", help="only draw the picture and print the slopes")
+    args = parser.parse_args()
+    args.tree = os.path.abspath(args.tree)
+    os.makedirs(args.work, exist_ok=True)
+    results = Results()
+    if not args.plot:
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "PYTHONPATH")}
+        with SlowS3(delay_s=args.delay_ms / 1000) as s3:
+            env |= s3.env()
+            fs = s3.filesystem()
+            fs.mkdir(BUCKET)
+            results.put(args.delay_ms, args.label, "delay_ms")
+            if args.sizes:
+                shard_curve(args, s3, env, results)
+            if args.classes:
+                class_curve(args, s3, env, results)
+            if args.manifest:
+                manifest_case(args, s3, env, results)
+    marginal_table(results)
+    plot(results)
+
+
+if __name__ == "__main__":
+    main()
