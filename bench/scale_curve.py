@@ -27,7 +27,7 @@ the fix needed more than the machine).
     .venv/bin/python bench/scale_curve.py --tree /tmp/catkd-before --label before --sizes 36 216
     .venv/bin/python bench/scale_curve.py --classes 21841 1000 --label after
     .venv/bin/python bench/scale_curve.py --manifest 14000 --label after
-    .venv/bin/python bench/scale_curve.py --plot
+    .venv/bin/python bench/scale_curve.py --plot --markdown
 
 Results go to docs/results/scale_curve.json as each stage ends (a rerun skips what it
 holds) and the picture to docs/img/scale_curve.png.
@@ -383,6 +383,87 @@ def plot(results: Results) -> None:
     print(f"[scale] {PICTURE}")
 
 
+IMAGENET = {"ImageNet-1k": 1_300, "ImageNet-21k": 14_000}  # shards of 1,000 images
+
+
+def markdown(results: Results) -> str:
+    """docs/scale.md's tables, from the JSON: per stage and label, wall time at each size,
+    requests per shard, the marginal cost of a shard between the two largest sizes and
+    the extrapolation to ImageNet's shard counts (at the measured delay, and at 50 ms a
+    request taking the marginal cost as all latency: an upper bound)."""
+    lines = []
+    for label, block in sorted(results.data.items(), key=lambda item: item[0] != "before"):
+        sizes = sorted(int(n) for n in block.get("sizes", {}))
+        if not sizes:
+            continue
+        delay = block.get("delay_ms", 20)
+        head = " | ".join(f"{n:,} shards" for n in sizes)
+        lines += [
+            f"**{label}** ({delay:.0f} ms a request)",
+            "",
+            f"| stage | {head} | requests/shard | marginal ms/shard | "
+            + " | ".join(f"{name} at {delay:.0f} / 50 ms" for name in IMAGENET)
+            + " | driver peak MB | largest worker MB |",
+            "|---" * (len(sizes) + 5 + len(IMAGENET)) + "|",
+        ]
+        for stage in STAGES:
+            rows = {n: block["sizes"][str(n)].get(stage) for n in sizes}
+            have = [n for n in sizes if rows[n]]
+            if not have:
+                continue
+            last = rows[have[-1]]
+            if len(have) >= 2:
+                a, b = have[-2], have[-1]
+                slope = (rows[b]["wall_s"] - rows[a]["wall_s"]) / (b - a)
+                extrapolated = []
+                for shards in IMAGENET.values():
+                    at = [last["wall_s"] + max(slope, 0) * (shards - b) * f for f in (1, 50 / delay)]
+                    extrapolated.append(" / ".join(_duration(s) for s in at))
+                marginal = f"{1000 * slope:.1f}"
+            else:
+                marginal, extrapolated = "", [""] * len(IMAGENET)
+            walls = " | ".join(f"{rows[n]['wall_s']:.1f} s" if rows[n] else "" for n in sizes)
+            lines.append(
+                f"| {stage} | {walls} | {last['requests_per_shard']:.2f} | {marginal} | "
+                + " | ".join(extrapolated)
+                + f" | {last['driver_peak_mb'] or 0:.0f} | {last['worker_peak_mb']:.0f} |"
+            )
+        lines.append("")
+    classes = [
+        (label, key, row) for label, block in results.data.items() for key, row in block.get("classes", {}).items()
+    ]
+    if classes:
+        lines += ["| teacher build | code | wall | teacher actor peak |", "|---|---|---|---|"]
+        for label, _, row in sorted(classes, key=lambda r: (r[2]["num_classes"], r[0] != "before")):
+            what = f"C = {row['num_classes']:,}, {row['images']:,} images, {row['storage']}, "
+            what += f"S = {row['num_views']}, r = {row['resolution']}"
+            peak = f"{row['worker_peak_mb'] / 1024:.2f} GiB" + (
+                " (stopped: beyond the limit)" if "stopped" in row else ""
+            )
+            lines.append(f"| {what} | {label} | {row['wall_s']:.0f} s | {peak} |")
+        lines.append("")
+    manifests = [
+        (label, n, row) for label, block in results.data.items() for n, row in block.get("manifest", {}).items()
+    ]
+    if manifests:
+        lines += ["| manifest | code | held after opening | peak while parsing |", "|---|---|---|---|"]
+        for label, n, row in sorted(manifests, key=lambda r: r[0] != "before"):
+            lines.append(
+                f"| {int(n):,} shards ({row['manifest_file_mb']:.1f} MB of JSON) | {label} | {row['held_mb']:.1f} MB "
+                f"| {row['peak_mb']:.1f} MB |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def marginal_table(results: Results) -> None:
     """Seconds per added shard between consecutive sizes, per stage and label."""
     for label, block in sorted(results.data.items()):
@@ -409,6 +490,7 @@ def main() -> None:
     parser.add_argument("--max-rss-gb", type=float, default=8.0)
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "scale_curve"))
     parser.add_argument("--plot", action="store_true", help="only draw the picture and print the slopes")
+    parser.add_argument("--markdown", action="store_true", help="print docs/scale.md's tables")
     args = parser.parse_args()
     args.tree = os.path.abspath(args.tree)
     os.makedirs(args.work, exist_ok=True)
@@ -428,6 +510,8 @@ def main() -> None:
                 manifest_case(args, s3, env, results)
     marginal_table(results)
     plot(results)
+    if args.markdown:
+        print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -156,11 +156,32 @@ class TargetCache:
             return None
         return read_head(*filesystem(self.url))
 
-    def store(self, j: int):
-        """The zarr store of data shard ``j``'s group."""
+    @cached_property
+    def _root_store(self):
+        """One zarr store for the whole cache in this process: on an object store each
+        store holds a filesystem client of its own (made on zarr's event loop), and making
+        one per read cost ~100 ms, more than the read (verify's checkers, training's
+        loaders read shard after shard)."""
+        return zarr_store(self.url, read_only=True)
+
+    def store(self, j: int) -> zarr.storage.StorePath:
+        """Where data shard ``j``'s group is: a path inside the cache's one store."""
         if j not in self.records:
             raise CacheMismatchError(f"{self.url}: no targets for data shard {j}")
-        return zarr_store(join(self.url, self.records[j]["path"]), read_only=True)
+        return zarr.storage.StorePath(self._root_store, self.records[j]["path"])
+
+    def with_records(self, records: list[dict[str, Any]]) -> TargetCache:
+        """This cache holding only ``records`` (a verify checker's view of the shard it
+        checks), sharing its store and head weight."""
+        self._root_store, self.head_weight  # noqa: B018 -- made once, here, to be shared
+        other = object.__new__(TargetCache)
+        other.__dict__ = self.__dict__ | {"records": ShardRecords(records, self.manifest.get("arrays", {}))}
+        return other
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A process that receives the cache (a DataLoader worker, a Ray task) opens its own
+        # store: a filesystem client belongs to the event loop of the process that made it.
+        return {key: value for key, value in self.__dict__.items() if key != "_root_store"}
 
     def group(self, j: int) -> zarr.Group:
         return zarr.open_group(store=self.store(j), mode="r")

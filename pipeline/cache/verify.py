@@ -241,13 +241,10 @@ class ShardChecker:
         self.url, self.head, self.sample_views, self.weights, self.seed = url, head, sample_views, weights, seed
         self.runner: TeacherRunner | None = None
         self.index: ShardIndex | None = None
-        self.head_weight: tuple[np.ndarray | None] | None = None
+        self.cache = TargetCache(url, head | {"shards": []})  # one store, one head weight for every call
 
     def check(self, j: int, record: dict[str, Any]) -> list[str]:
-        url, cache = self.url, TargetCache(self.url, self.head | {"shards": [record]})
-        if self.head_weight is None:
-            self.head_weight = (cache.head_weight,)  # the features form's head.npy, read once
-        cache.__dict__["head_weight"] = self.head_weight[0]  # the cached_property, filled
+        url, cache = self.url, self.cache.with_records([record])
         try:  # every array's shard in one round of concurrent reads
             arrays = read_arrays(cache.store(j), {name: slice(None) for name in record["checksums"]})
         except ArrayReadError as exc:  # zarr's shard-index and chunk crc32c checks, codec errors, missing objects
