@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shlex
 import sys
+import threading
 from collections import deque
 from typing import Any
 
@@ -31,6 +32,7 @@ from pipeline.storage import filesystem, join
 # bench/cache.py measures both parts; docs/cache.md gives the figures.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-3, "features": 4e-3, "int8": 1.2e-2, "topk": 2e-3}
 PRECISION_TOLERANCE = {"fp32": 0.0, "tf32": 1e-2, "bf16": 4e-2}
+CHECKS_IN_FLIGHT = 4  # data shards one verify checker checks at once
 
 
 def cache_info(url: str) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def verify_cache(
     damaged: list[int] | None = None,
 ) -> list[str]:
     """Problems found (empty when the cache is sound). Checker actors (``ShardChecker``,
-    one per CPU) check the data shards, two calls queued at each; the driver takes results
+    one per CPU) check the data shards, several at once each; the driver takes results
     as they come and only gathers the problems, so its memory does not grow with the
     cache. ``damaged``, when given, receives the data shards with a problem (what
     ``repair_cache`` retires)."""
@@ -108,7 +110,9 @@ def verify_cache(
     todo = deque(sorted(cache.records))
     count = min(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
     weights_ref = ray.put(teacher_bytes)
-    checker = ray.remote(num_cpus=1)(ShardChecker)
+    # A check mostly waits on storage (a shard's arrays, its tar): each checker runs
+    # CHECKS_IN_FLIGHT of them at once in threads, with one more queued.
+    checker = ray.remote(num_cpus=1, max_concurrency=CHECKS_IN_FLIGHT)(ShardChecker)
     checkers = [checker.remote(url, head, sample_views, weights_ref, seed) for _ in range(count)]
     pending: dict[Any, tuple[int, Any]] = {}  # call -> (data shard, its checker)
 
@@ -116,8 +120,8 @@ def verify_cache(
         j = todo.popleft()
         pending[actor.check.remote(j, cache.records[j])] = (j, actor)
 
-    for actor in checkers:  # two calls queued at each checker: one running, one arriving
-        for _ in range(2):
+    for actor in checkers:
+        for _ in range(CHECKS_IN_FLIGHT + 1):
             if todo:
                 submit(actor)
     problems: list[str] = []
@@ -241,7 +245,9 @@ class ShardChecker:
         self.url, self.head, self.sample_views, self.weights, self.seed = url, head, sample_views, weights, seed
         self.runner: TeacherRunner | None = None
         self.index: ShardIndex | None = None
-        self.cache = TargetCache(url, head | {"shards": []})  # one store, one head weight for every call
+        # one store and head weight for every call, made here before calls run in threads
+        self.cache = TargetCache(url, head | {"shards": []}).with_records([])
+        self.loading = threading.Lock()  # calls run in threads: the teacher is loaded once
 
     def check(self, j: int, record: dict[str, Any]) -> list[str]:
         url, cache = self.url, self.cache.with_records([record])
@@ -283,8 +289,9 @@ class ShardChecker:
     def _recompute(self, cache: TargetCache, j: int, arrays: dict[str, np.ndarray]) -> list[str]:
         """``sample_views`` random (sample, view) pairs of data shard ``j``, recomputed and
         compared with its ``arrays``."""
-        if self.runner is None:
-            self._load_teacher(cache)
+        with self.loading:
+            if self.runner is None:
+                self._load_teacher(cache)
         ident, runner, index = cache.identity, self.runner, self.index
         tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
         logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
