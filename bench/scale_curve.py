@@ -372,7 +372,7 @@ def plot(results: Results) -> None:
                 ax.plot(sizes, walls, "o-", label=label)
         ax.set_title(stage)
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        ax.set_ylim(bottom=0)  # linear: the fixed cost (Ray's start) and the growth both show
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("data shards")
@@ -393,8 +393,9 @@ IMAGENET = {"ImageNet-1k": 1_300, "ImageNet-21k": 14_000}  # shards of 1,000 ima
 def markdown(results: Results) -> str:
     """docs/scale.md's tables, from the JSON: per stage and label, wall time at each size,
     requests per shard, the marginal cost of a shard between the two largest sizes and
-    the extrapolation to ImageNet's shard counts (at the measured delay, and at 50 ms a
-    request taking the marginal cost as all latency: an upper bound)."""
+    the extrapolation to ImageNet's shard counts along the line through them (at the
+    measured delay, and at 50 ms a request taking the marginal cost as all latency: an
+    upper bound)."""
     lines = []
     for label, block in sorted(results.data.items(), key=lambda item: item[0] != "before"):
         sizes = sorted(int(n) for n in block.get("sizes", {}))
@@ -405,10 +406,10 @@ def markdown(results: Results) -> str:
         lines += [
             f"**{label}** ({delay:.0f} ms a request)",
             "",
-            f"| stage | {head} | requests/shard | marginal ms/shard | "
+            f"| stage | {head} | requests/shard | marginal ms/shard | server CPU ms/shard | "
             + " | ".join(f"{name} at {delay:.0f} / 50 ms" for name in IMAGENET)
             + " | driver peak MB | largest worker MB |",
-            "|---" * (len(sizes) + 5 + len(IMAGENET)) + "|",
+            "|---" * (len(sizes) + 6 + len(IMAGENET)) + "|",
         ]
         for stage in STAGES:
             rows = {n: block["sizes"][str(n)].get(stage) for n in sizes}
@@ -419,16 +420,21 @@ def markdown(results: Results) -> str:
             if len(have) >= 2:
                 a, b = have[-2], have[-1]
                 slope = (rows[b]["wall_s"] - rows[a]["wall_s"]) / (b - a)
-                extrapolated = []
-                for shards in IMAGENET.values():
-                    at = [last["wall_s"] + max(slope, 0) * (shards - b) * f for f in (1, 50 / delay)]
-                    extrapolated.append(" / ".join(_duration(s) for s in at))
+                cpu = [rows[n].get("server_cpu_s") for n in (a, b)]
+                server = f"{1000 * (cpu[1] - cpu[0]) / (b - a):.1f}" if None not in cpu else ""
+                # fixed + slope x N through the two largest sizes; at 50 ms the whole slope
+                # taken as latency, scaled by 50 / delay (an upper bound)
+                fixed, slope = last["wall_s"] - max(slope, 0) * b, max(slope, 0)
+                extrapolated = [
+                    " / ".join(_duration(fixed + slope * shards * f) for f in (1, 50 / delay))
+                    for shards in IMAGENET.values()
+                ]
                 marginal = f"{1000 * slope:.1f}"
             else:
-                marginal, extrapolated = "", [""] * len(IMAGENET)
+                marginal, server, extrapolated = "", "", [""] * len(IMAGENET)
             walls = " | ".join(f"{rows[n]['wall_s']:.1f} s" if rows[n] else "" for n in sizes)
             lines.append(
-                f"| {stage} | {walls} | {last['requests_per_shard']:.2f} | {marginal} | "
+                f"| {stage} | {walls} | {last['requests_per_shard']:.2f} | {marginal} | {server} | "
                 + " | ".join(extrapolated)
                 + f" | {last['driver_peak_mb'] or 0:.0f} | {last['worker_peak_mb']:.0f} |"
             )
