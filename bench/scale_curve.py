@@ -27,6 +27,7 @@ the fix needed more than the machine).
     .venv/bin/python bench/scale_curve.py --tree /tmp/catkd-before --label before --sizes 36 216
     .venv/bin/python bench/scale_curve.py --classes 21841 1000 --label after
     .venv/bin/python bench/scale_curve.py --manifest 14000 --label after
+    .venv/bin/python bench/scale_curve.py --listing 200000 --label after
     .venv/bin/python bench/scale_curve.py --plot --markdown
 
 Results go to docs/results/scale_curve.json as each stage ends (a rerun skips what it
@@ -354,6 +355,57 @@ def manifest_case(args, s3: SlowS3, env: dict[str, str], results: Results) -> No
     )
 
 
+# Python's own allocations while listing (tracemalloc: the peak, and what stays held).
+LISTING_PROBE = (
+    "import json, sys, tracemalloc\n"
+    "from pipeline.data.sources import ImageFolderSource\n"
+    "import s3fs\n"
+    "tracemalloc.start()\n"
+    "source = ImageFolderSource(sys.argv[1])\n"
+    "files = sum(source.size(split) for split in source.splits())\n"
+    "held, peak = tracemalloc.get_traced_memory()\n"
+    "print(json.dumps({'files': files, 'peak_mb': peak / 2**20, 'held_mb': held / 2**20}))\n"
+)
+
+
+def listing_case(args, s3: SlowS3, env: dict[str, str], results: Results) -> None:
+    """The driver's memory while an image folder of N files on S3 is listed (ImageNet-21k
+    has 14M): the peak of Python's allocations during the listing, and what it keeps."""
+    count = args.listing
+    if results.get(args.label, "listing", str(count)) is not None:
+        return
+    classes = max(1, count // 1000)
+    fs = s3.filesystem()
+    base = f"{BUCKET}/listing-{count}"
+    fs.invalidate_cache()
+    if not fs.exists(f"{base}/train"):
+        delay, s3.delay_s = s3.delay_s, 0.0  # uploading is set-up, not measured
+        names = [f"{base}/train/n{c:05d}/img{k:07d}.JPEG" for c in range(classes) for k in range(count // classes)]
+        for start in range(0, len(names), 10_000):
+            fs.pipe({name: b"x" for name in names[start : start + 10_000]})
+        s3.delay_s = delay
+    s3.reset()
+    began = time.perf_counter()
+    probe = subprocess.run(
+        [sys.executable, "-c", LISTING_PROBE, f"s3://{base}"],
+        cwd=args.tree,
+        env=env | {"PYTHONPATH": args.tree},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(probe.stdout.strip().splitlines()[-1])
+    figures |= {"wall_s": round(time.perf_counter() - began, 2), "requests": s3.counts(), "classes": classes}
+    figures["bytes_per_file"] = figures["peak_mb"] * 2**20 / figures["files"]
+    results.put(figures, args.label, "listing", str(count))
+    print(
+        f"[scale] {args.label} listing {figures['files']:,} files in {classes} class folders on S3: "
+        f"{figures['wall_s']:.1f} s, {figures['requests']}, driver peak +{figures['peak_mb']:.0f} MB "
+        f"({figures['bytes_per_file']:.0f} B a file: {figures['bytes_per_file'] * 14e6 / 2**30:.1f} GiB at 14M files)",
+        flush=True,
+    )
+
+
 def plot(results: Results) -> None:
     import matplotlib
 
@@ -494,6 +546,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--classes", type=int, nargs=2, metavar=("C", "IMAGES"))
     parser.add_argument("--manifest", type=int, metavar="SHARDS", help="memory held by a cache of SHARDS shards")
+    parser.add_argument("--listing", type=int, metavar="FILES", help="driver memory listing FILES images on S3")
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--tree", default=ROOT, help="the checkout whose catkd runs")
     parser.add_argument("--label", default="after")
@@ -518,6 +571,8 @@ def main() -> None:
                 class_curve(args, s3, env, results)
             if args.manifest:
                 manifest_case(args, s3, env, results)
+            if args.listing:
+                listing_case(args, s3, env, results)
     marginal_table(results)
     plot(results)
     if args.markdown:

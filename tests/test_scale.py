@@ -256,3 +256,48 @@ def test_tar_on_s3_is_listed_as_one_stream(s3_env, tmp_path):
     records = remote.slice("train", np.arange(5)).read()
     local = ImageFolderSource(str(archive)).slice("train", np.arange(5)).read()
     assert [(r.image, r.label) for r in records] == [(r.image, r.label) for r in local]
+
+
+# ---------------------------------------------------------------- verify reads only the sampled samples
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_few_samples_are_read_by_their_offsets_alone(where, tmp_path, request):
+    from pipeline.data.shard_format import load_shard, offsets_path, read_index, read_samples
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+    from pipeline.storage import filesystem
+
+    s3 = request.getfixturevalue("s3_env") if where == "s3" else None
+    out = "s3://scale/offsets" if s3 else str(tmp_path / "shards")
+    cfg = ShardConfig(
+        "synthetic:shapes",
+        out,
+        samples_per_shard=7,
+        splits=["train"],
+        synthetic={"image_size": 16, "train_samples": 17, "test_samples": 1},
+        progress=False,
+    )
+    with ThreadPoolExecutor(2) as pool:
+        shard_dataset(cfg, pool)
+    index = read_index(out, "train")
+    for info in index.shards:
+        whole = load_shard(out, index, info)
+        positions = [0, info.count // 2, info.count - 1]
+        if s3:
+            s3.reset()
+        some = read_samples(out, index, info, positions)
+        if s3:  # two rounds of ranged reads: the samples' offsets, then their bytes
+            assert s3.counts() == {"GET": 2 * len(set(positions))}, s3.counts()
+        assert sorted(some) == sorted(set(positions))
+        for k in positions:
+            got, want = some[k], whole[k]
+            assert (got.id, got.label, got.image, got.fmt, got.box) == (
+                want.id,
+                want.label,
+                want.image,
+                want.fmt,
+                want.box,
+            )
+    fs, root = filesystem(out)
+    fs.rm(offsets_path(root, index.shards[0]))  # a shard written by an older catkd: read it whole
+    assert read_samples(out, index, index.shards[0], [1]) is None

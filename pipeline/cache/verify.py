@@ -7,6 +7,7 @@ import shlex
 import sys
 import threading
 from collections import deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,15 @@ from pipeline.cache.reader import TargetCache
 from pipeline.cache.teacher import TeacherRunner, TeacherSettings
 from pipeline.data.device_render import batch_views
 from pipeline.data.partners import pack_for_device, shard_mix_source
-from pipeline.data.shard_format import Sample, ShardIndex, decode_image, load_shard, read_index, sample_key
+from pipeline.data.shard_format import (
+    Sample,
+    ShardIndex,
+    decode_image,
+    load_shard,
+    read_index,
+    read_samples,
+    sample_key,
+)
 from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views
 from pipeline.storage import filesystem, join
 
@@ -216,14 +225,21 @@ def _say_where_recomputed(cache: TargetCache, sample_views: int) -> None:
 
 
 def _render_as_built(
-    runner: TeacherRunner, shard: list[Sample], k: int, index, j: int, view: int, stored: np.ndarray, source: str
+    runner: TeacherRunner,
+    shard: Sequence[Sample] | Mapping[int, Sample],
+    k: int,
+    index,
+    j: int,
+    view: int,
+    stored: np.ndarray,
+    source: str,
 ) -> torch.Tensor:
-    """Sample k of data shard j (``shard``: its samples) in view ``view``, (1, 3, H, W)
-    uint8, made by the renderer the cache was built with from the view's ``stored``
-    parameters (the shard's, (n, P)); a mixing spec's partner replays its own stored
-    view of the same index."""
+    """Sample k of data shard j (``shard``: its samples, all of them for a mixing spec,
+    else at least sample k) in view ``view``, (1, 3, H, W) uint8, made by the renderer
+    the cache was built with from the view's ``stored`` parameters (the shard's, (n, P));
+    a mixing spec's partner replays its own stored view of the same index."""
     spec, sample, name = runner.spec, shard[k], index.shards[j].name
-    ids, first = np.array([sample.id]), shard[0].id
+    ids, first = np.array([sample.id]), index.shards[j].first_id
     partner_stored = lambda p: stored[p.id - first]  # noqa: E731
     if spec.renderer == "device":
         packed = pack_for_device(
@@ -295,11 +311,20 @@ class ShardChecker:
         ident, runner, index = cache.identity, self.runner, self.index
         tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
         logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
-        samples = load_shard(cache.manifest["data"], index, index.shards[j])
+        info = index.shards[j]
         rng = np.random.default_rng([self.seed, j])
+        draws = [(int(rng.integers(ident.num_views)), int(rng.integers(info.count))) for _ in range(self.sample_views)]
+        # Only the drawn samples' bytes, where the shard job stored their offsets and no
+        # partner is needed; a mixing spec's partners (or an older shard) need it whole.
+        samples = (
+            None
+            if runner.spec.mixes
+            else read_samples(cache.manifest["data"], index, info, sorted({k for _, k in draws}))
+        )
+        if samples is None:
+            samples = load_shard(cache.manifest["data"], index, info)
         problems = []
-        for _ in range(self.sample_views):
-            view, k = int(rng.integers(ident.num_views)), int(rng.integers(len(samples)))
+        for view, k in draws:
             stored = self._view(cache, arrays, view)
             sample = samples[k]
             try:

@@ -42,6 +42,7 @@ INDEX_FORMAT = "catkd.shards"
 INDEX_VERSION = 2
 KEY_DIGITS = 9
 RAW_FORMAT = "rgb"
+PROGRESS_DIR = "_progress"  # the shard job's completion records (and each shard's sample offsets)
 _TORCHVISION_FORMATS = {"jpg", "png", "gif", "webp"}
 
 
@@ -84,10 +85,10 @@ def encode_shard(samples: list[Sample]) -> bytes:
     return buf.getvalue()
 
 
-def _tar_members(data: bytes, source: str) -> Iterator[tuple[str, bytes]]:
-    """(name, payload) of each regular file in a ustar archive, without tarfile's
-    per-member overhead (a few microseconds a member instead of ~50). Checks each
-    header's checksum and that the archive ends with its end-of-archive block."""
+def _tar_members(data: bytes, source: str) -> Iterator[tuple[str, bytes, int]]:
+    """(name, payload, header offset) of each regular file in a ustar archive, without
+    tarfile's per-member overhead (a few microseconds a member instead of ~50). Checks
+    each header's checksum and that the archive ends with its end-of-archive block."""
     view = memoryview(data)
     pos, last = 0, "(none)"
     while pos + 512 <= len(data):
@@ -108,16 +109,72 @@ def _tar_members(data: bytes, source: str) -> Iterator[tuple[str, bytes]]:
         if start + size > len(data):
             raise ShardError(f"{source}: truncated in member {name}")
         if header[156:157] in (b"0", b"\0"):
-            yield name, bytes(view[start : start + size])
+            yield name, bytes(view[start : start + size]), pos
         last = name
         pos = start + (size + 511) // 512 * 512
     raise ShardError(f"{source}: truncated after member {last} (no end-of-archive block)")
 
 
+def sample_offsets(data: bytes, source: str) -> np.ndarray:
+    """(count + 1,) int64: where each sample's first header starts in a shard's tar, then
+    where its last sample ends (the end-of-archive blocks): sample k is the bytes
+    ``[offsets[k], offsets[k + 1])``, a reader of a few samples reads only theirs."""
+    starts, key, end = [], None, 0
+    for name, payload, at in _tar_members(data, source):
+        if name.partition(".")[0] != key:
+            key = name.partition(".")[0]
+            starts.append(at)
+        end = at + 512 + (len(payload) + 511) // 512 * 512
+    return np.array([*starts, end], np.int64)
+
+
+def offsets_path(root: str, info: ShardInfo) -> str:
+    """Where the shard job stores ``sample_offsets`` of a shard (raw little-endian int64)."""
+    return join(root, PROGRESS_DIR, f"{info.name}.offsets")
+
+
+def read_samples(url: str, index: ShardIndex, info: ShardInfo, positions: list[int]) -> dict[int, Sample] | None:
+    """Samples at ``positions`` of one shard, reading only their bytes (two rounds of
+    concurrent ranged reads: their offsets, then their members), checked against the
+    index (id and label); None for a shard written without offsets (an older catkd),
+    which the caller reads whole with ``load_shard``."""
+    fs, root = filesystem(url)
+    path = join(root, info.name)
+    bounds = fs.cat_ranges(
+        [offsets_path(root, info)] * len(positions), [8 * k for k in positions], [8 * k + 16 for k in positions]
+    )
+    if any(isinstance(b, FileNotFoundError) for b in bounds):
+        return None
+    failed = next((b for b in bounds if isinstance(b, BaseException)), None)
+    if failed is not None:
+        raise failed
+    out = {}
+    spans = [np.frombuffer(b, "<i8") for b in bounds]
+    if any(len(span) != 2 for span in spans):
+        raise ShardError(f"{offsets_path(root, info)}: cut short (expected {info.count + 1} offsets)")
+    chunks = fs.cat_ranges([path] * len(positions), [int(s[0]) for s in spans], [int(s[1]) for s in spans])
+    for k, chunk in zip(positions, chunks, strict=True):
+        if isinstance(chunk, BaseException):
+            raise ShardError(f"{path}: cannot read sample {sample_key(info.first_id + k)} ({type(chunk).__name__})")
+        found = list(decode_shard(chunk + b"\0" * 1024, f"{path} (sample {k})"))
+        expected = info.first_id + k
+        if len(found) != 1 or found[0].id != expected:
+            raise ShardError(
+                f"{path}: the bytes its offsets give for sample {sample_key(expected)} hold "
+                f"{[sample_key(s.id) for s in found]}; the offsets are stale (reshard, or read the shard whole)"
+            )
+        if not 0 <= found[0].label < index.num_classes:
+            raise ShardError(
+                f"{path}: sample {sample_key(expected)}: label {found[0].label} outside 0..{index.num_classes - 1}"
+            )
+        out[k] = found[0]
+    return out
+
+
 def decode_shard(data: bytes, source: str) -> Iterator[Sample]:
     """Samples of one shard's bytes, in order; a damaged tar raises ``ShardError``."""
     current: dict[str, Any] = {}
-    for name, payload in _tar_members(data, source):
+    for name, payload, _ in _tar_members(data, source):
         key, _, ext = name.partition(".")
         if current and key != current["key"]:
             yield _to_sample(current, source)

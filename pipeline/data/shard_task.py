@@ -15,20 +15,22 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.data.shard_format import (
+    PROGRESS_DIR,
     RAW_FORMAT,
     Sample,
     ShardError,
     ShardInfo,
     decode_image,
     encode_shard,
+    offsets_path,
     sample_key,
+    sample_offsets,
     shard_name,
 )
 from pipeline.data.sources import Record, SourceError, SourceSlice
 from pipeline.storage import filesystem, join, write_atomic
 
 Encoding = Literal["keep", "raw"]
-PROGRESS_DIR = "_progress"
 
 
 @dataclass(frozen=True)
@@ -122,5 +124,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "shapes": sorted(shapes),
         "has_boxes": all(s.box is not None for s in samples),
     }
+    # each sample's byte range, for readers of a few samples (verify); before the record,
+    # which says the shard is complete
+    write_atomic(fs, offsets_path(root, info), sample_offsets(data, name).astype("<i8").tobytes())
     write_atomic(fs, join(root, PROGRESS_DIR, f"{name}.json"), json.dumps(record).encode())
     return record
