@@ -59,30 +59,40 @@ def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
             fs.rm(tmp)
 
 
-def list_folder(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:
-    """The files directly in ``folder`` by base name, with their info (size, and on S3
-    the ETag), from one listing (one request per 1,000 keys on S3) instead of a request
-    per file; {} when the folder does not exist. Read fresh: a listing fsspec cached
-    earlier in this process may predate another writer's files."""
+def list_entries(fs: AbstractFileSystem, folder: str) -> list[dict]:
+    """What is directly in ``folder`` (files and folders, with their info), from one
+    listing (one request per 1,000 keys on S3); [] when the folder does not exist. Read
+    fresh, and not kept: a listing fsspec cached earlier in this process may predate
+    another writer's files, and a job-long listing cache grows with the file count."""
     fs.invalidate_cache(folder)
     try:
-        entries = fs.ls(folder, detail=True)
+        return fs.ls(folder, detail=True)
     except FileNotFoundError:
-        return {}
+        return []
     finally:
-        fs.invalidate_cache(folder)  # a job-long listing cache grows with the file count
+        fs.invalidate_cache(folder)
+
+
+def list_folder(fs: AbstractFileSystem, folder: str) -> dict[str, dict]:
+    """The files directly in ``folder`` by base name, with their info (size, and on S3
+    the ETag): one listing instead of a request per file."""
+    entries = list_entries(fs, folder)
     return {posixpath.basename(e["name"].rstrip("/")): e for e in entries if e.get("type") == "file"}
+
+
+def whole_object_reads(fs: AbstractFileSystem) -> dict:
+    """Options that read a small object in one request. s3fs asks for an object's size
+    (a HEAD) before each whole-object read, to split a large one into concurrent ranges;
+    for small objects (records, images, zarr chunks) that only doubles the requests."""
+    return {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
 
 
 def cat_small(fs: AbstractFileSystem, paths: list[str]) -> list[bytes | BaseException]:
     """The contents of small objects (records, images) in ``paths``' order, or the error
-    of each that failed, through one batched ``cat``. s3fs asks for an object's size (a
-    HEAD) before each whole-object read, to split a large one into concurrent ranges;
-    for small objects that only doubles the requests, so it is told not to."""
+    of each that failed, through one batched ``cat`` (``whole_object_reads``)."""
     if not paths:
         return []
-    whole = {"max_concurrency": 1} if hasattr(fs, "max_concurrency") else {}
-    found = fs.cat(list(paths), on_error="return", **whole)
+    found = fs.cat(list(paths), on_error="return", **whole_object_reads(fs))
     return [found.get(fs._strip_protocol(path), FileNotFoundError(path)) for path in paths]
 
 
@@ -146,9 +156,7 @@ def zarr_store(url: str, *, read_only: bool = False):
     fs, path = filesystem(url)
     if is_local(fs):
         return zarr.storage.LocalStore(path, read_only=read_only)
-    options: dict = {"skip_instance_cache": True}
-    if "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)):
-        options["max_concurrency"] = 1  # no HEAD before each whole-object read (see read_many)
+    options = {"skip_instance_cache": True} | whole_object_reads(fs)
     return zarr.storage.FsspecStore.from_url(url, read_only=read_only, storage_options=options)
 
 

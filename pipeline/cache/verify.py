@@ -112,17 +112,17 @@ def verify_cache(
             return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     _say_where_recomputed(cache, sample_views)
     init_ray()
-    # The manifest is read once, here: each checker gets its head (no shard list) once and
-    # each call only its own shard's record, so the bytes moved grow with the shard count,
-    # not with its square. A checker loads the teacher and the data index once.
-    head = {key: value for key, value in cache.manifest.items() if key != "shards"}
+    # The manifest is read once, here: each checker gets its head (``cache.manifest``, no
+    # shard list) once and each call only its own shard's record, so the bytes moved grow
+    # with the shard count, not with its square. A checker loads the teacher and the data
+    # index once.
     todo = deque(sorted(cache.records))
     count = min(len(todo), max(1, int(ray.cluster_resources().get("CPU", 1))))
     weights_ref = ray.put(teacher_bytes)
     # A check mostly waits on storage (a shard's arrays, its tar): each checker runs
     # CHECKS_IN_FLIGHT of them at once in threads, with one more queued.
     checker = ray.remote(num_cpus=1, max_concurrency=CHECKS_IN_FLIGHT)(ShardChecker)
-    checkers = [checker.remote(url, head, sample_views, weights_ref, seed) for _ in range(count)]
+    checkers = [checker.remote(url, cache.manifest, sample_views, weights_ref, seed) for _ in range(count)]
     pending: dict[Any, tuple[int, Any]] = {}  # call -> (data shard, its checker)
 
     def submit(actor) -> None:
@@ -258,7 +258,7 @@ class ShardChecker:
     once, in the build's precision (on a GPU when the build used one and one is here)."""
 
     def __init__(self, url: str, head: dict[str, Any], sample_views: int, weights: bytes, seed: int) -> None:
-        self.url, self.head, self.sample_views, self.weights, self.seed = url, head, sample_views, weights, seed
+        self.url, self.sample_views, self.weights, self.seed = url, sample_views, weights, seed
         self.runner: TeacherRunner | None = None
         self.index: ShardIndex | None = None
         # one store and head weight for every call, made here before calls run in threads

@@ -37,7 +37,7 @@ import numpy as np
 from catkd.errors import CatkdError
 from pipeline.data import synthetic
 from pipeline.data.shard_format import sample_key
-from pipeline.storage import cat_small, filesystem, is_local, join
+from pipeline.storage import cat_small, filesystem, is_local, join, list_entries
 
 IMAGE_EXTENSIONS = {
     ".jpg": "jpg",
@@ -193,15 +193,9 @@ def _list_object_store(fs, root: str) -> tuple[list[tuple[str, int, int]], set[s
     20 ms a listing take seconds, not minutes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def entries(folder: str) -> list[dict]:
-        try:
-            return fs.ls(folder, detail=True)
-        finally:
-            fs.invalidate_cache(folder)
-
     def names(folder: str) -> tuple[list[str], list[str]]:
         """(files, folders) directly in ``folder``, relative to ``root``."""
-        found = entries(folder)
+        found = list_entries(fs, folder)
         rel = lambda e: posixpath.relpath(e["name"].rstrip("/"), root)  # noqa: E731
         return [rel(e) for e in found if e["type"] != "directory"], [rel(e) for e in found if e["type"] == "directory"]
 
