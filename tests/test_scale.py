@@ -55,17 +55,48 @@ def test_cache_records_are_listed_once_and_read_concurrently(s3_env):
     records = done_records(fs, root, SHARDS)
     counts = s3_env.counts()
     assert sorted(records) == present and records[4]["shard"] == 4
-    assert counts.get("LIST", 0) <= 2, counts  # one listing of done/ (a page per 1,000 keys)
+    assert counts.get("LIST", 0) <= 3, counts  # done/ (a page per 1,000 keys) and done_batches/
     assert counts.get("GET", 0) == len(present), counts  # no read of an absent record
     assert counts.get("HEAD", 0) == 0, counts
     assert s3_env.peak_in_flight > 4, "the records were read one after another"
     assert fs.ls(f"{root}/{DONE_DIR}")  # and nothing was removed
 
 
+def test_cache_records_come_from_batches_and_loose_records_fill_the_rest(s3_env):
+    """A resume reads the driver's batches (one request per 256 shards) and only the
+    records no batch holds; a batched record whose own record is gone does not count,
+    and retiring shards removes the batches, which would name the retired folders."""
+    from pipeline.cache.commit import DONE_BATCH_DIR, done_path, done_records, retire_shards
+    from pipeline.record_batches import RecordBatcher
+    from pipeline.storage import filesystem, list_folder
+
+    fs, root = filesystem("s3://scale/cache-batched")
+    record = lambda j: {"shard": j, "path": f"data/x{j}/shard-{j:06d}.zarr"}  # noqa: E731
+    s3_env.filesystem().pipe({done_path(root, j): json.dumps(record(j)).encode() for j in range(SHARDS)})
+    batcher = RecordBatcher(fs, f"{root}/{DONE_BATCH_DIR}", every=64)
+    for j in range(SHARDS - 10):  # the last 10 committed after the last batch was written
+        batcher.add(record(j) | {"batched": True})
+    batcher.flush()  # batches of 64, 64 and 62
+    fs.rm(done_path(root, 7))  # a batched shard without its own record
+    s3_env.reset()
+    s3_env.delay_s = 0.005
+    records = done_records(fs, root, SHARDS)
+    counts = s3_env.counts()
+    assert sorted(records) == [j for j in range(SHARDS) if j != 7]
+    assert all(records[j].get("batched") for j in range(SHARDS - 10) if j != 7)
+    assert not any(records[j].get("batched") for j in range(SHARDS - 10, SHARDS))
+    assert counts.get("GET", 0) == 3 + 10, counts  # the three full batches, then the loose records
+    assert counts.get("LIST", 0) <= 3, counts
+    s3_env.delay_s = 0.0
+    retire_shards(fs, root, [3])
+    assert not list_folder(fs, f"{root}/{DONE_BATCH_DIR}")
+    assert 3 not in done_records(fs, root, SHARDS)
+
+
 def test_shard_job_resume_plans_from_listings(s3_env, tmp_path):
-    """A shard job over 200 shards whose index was lost resumes from two listings and
-    one concurrent read of the records: no request per shard in turn, nothing rewritten."""
-    from pipeline.data.shard_format import index_name
+    """A shard job over 200 shards whose index was lost resumes from listings and the
+    driver's batches of records: no request per shard, nothing rewritten."""
+    from pipeline.data.shard_format import PROGRESS_DIR, index_name
     from pipeline.data.shard_writer import ShardConfig, shard_dataset
     from pipeline.storage import filesystem
 
@@ -88,9 +119,19 @@ def test_shard_job_resume_plans_from_listings(s3_env, tmp_path):
     counts = s3_env.counts()
     assert again.shards == first.shards
     assert counts.get("PUT", 0) <= 3, counts  # the index (and its temporary name), no shard written again
-    assert counts.get("GET", 0) <= SHARDS + 5, counts  # each record once
+    assert counts.get("GET", 0) <= 5, counts  # the records come from the driver's batches (256 a batch)
     assert counts.get("LIST", 0) <= 10, counts
     assert counts.get("HEAD", 0) <= 10, counts  # no stat per shard
+
+    # A kill before a batch was written leaves loose records only: read concurrently.
+    fs.rm(f"{root}/{index_name('train')}")
+    fs.rm(fs.ls(f"{root}/{PROGRESS_DIR}/batches"))
+    s3_env.reset()
+    with ThreadPoolExecutor(8) as pool:
+        assert shard_dataset(cfg, pool)["train"].shards == first.shards
+    counts = s3_env.counts()
+    assert counts.get("PUT", 0) <= 4, counts  # the index and a new batch
+    assert counts.get("GET", 0) <= SHARDS + 5, counts  # each record once
     assert s3_env.peak_in_flight > 4, "the records were read one after another"
 
 

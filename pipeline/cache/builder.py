@@ -41,7 +41,15 @@ from tqdm import tqdm
 
 from catkd.errors import ConfigError, user_error
 from catkd.models import load_checkpoint
-from pipeline.cache.commit import MANIFEST, commit_shard, done_records, remove_orphans, start_cache, write_manifest
+from pipeline.cache.commit import (
+    DONE_BATCH_DIR,
+    MANIFEST,
+    commit_shard,
+    done_records,
+    remove_orphans,
+    start_cache,
+    write_manifest,
+)
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
 from pipeline.cache.identity import check_topk, file_sha256
@@ -55,6 +63,7 @@ from pipeline.cache.teacher import (
 from pipeline.data.host_images import FALLBACK_REASONS, describe_fallbacks
 from pipeline.data.shard_format import ShardIndex, read_index
 from pipeline.ray_setup import check_request_fits, init_ray
+from pipeline.record_batches import RecordBatcher
 from pipeline.storage import check_location, filesystem, join
 
 
@@ -94,11 +103,13 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     if records:
         bar.write(f"[cache] resuming: {len(records)} of {len(index.shards)} data shards already complete")
     if todo:
+        batcher = RecordBatcher(fs, join(root, DONE_BATCH_DIR))
         try:
             timing.teachers = _run_actors(
-                cfg, index, url, weights, todo, records, lambda n: bar.update(n * cfg.num_views)
+                cfg, index, url, weights, todo, records, batcher, lambda n: bar.update(n * cfg.num_views)
             )
         finally:
+            batcher.flush()
             bar.close()
     remove_orphans(fs, root, records, cfg.orphan_lease_s)
     if resumed and todo:  # a resumed or repaired cache: say how much was redone
@@ -176,11 +187,12 @@ def _run_actors(
     weights: bytes,
     todo: list[int],
     records: dict[int, dict[str, Any]],
+    batcher: RecordBatcher,
     progress: Callable[[int], None],
 ) -> list[TeacherTiming]:
     """Feed tasks render the data shards in ``todo``; teacher actors turn them into
-    committed targets (``records`` gets each shard's completion record). Returns the
-    timing of each actor that took part."""
+    committed targets (``records`` and ``batcher`` get each shard's completion record).
+    Returns the timing of each actor that took part."""
     resources = ray.cluster_resources()
     if cfg.gpus_per_actor > 0 and resources.get("GPU", 0) < cfg.gpus_per_actor:
         raise CacheBuildError(
@@ -250,6 +262,7 @@ def _run_actors(
             progress(samples)
             for record in committed:
                 records[record["shard"]] = record
+                batcher.add(record)
 
     try:
         with ThreadPoolExecutor(len(actors)) as pool:

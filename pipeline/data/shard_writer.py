@@ -49,6 +49,7 @@ from pipeline.data.shard_format import (
 )
 from pipeline.data.shard_task import PROGRESS_DIR, Encoding, ShardTask, etag, write_shard
 from pipeline.data.sources import Source, SourceError, SubsetSource, open_source
+from pipeline.record_batches import RecordBatcher, read_batched
 from pipeline.settings import check_fields
 from pipeline.storage import check_location, filesystem, join, list_folder, read_many, write_atomic
 
@@ -174,10 +175,13 @@ def _shard_split(cfg: ShardConfig, source: Source, split: str, pool: Executor | 
         )
         for j, first, count in todo
     )
+    batcher = RecordBatcher(fs, _batch_folder(root))
     try:
         for record in _run_bounded(tasks, bar, pool):
             done[record["j"]] = record
+            batcher.add(record)
     finally:
+        batcher.flush()
         bar.close()
     records = [done[j] for j, _, _ in plan]
     index = ShardIndex(
@@ -267,32 +271,47 @@ def _check_settings(out: str, split: str, settings: dict[str, Any]) -> ShardInde
 
 def _completed(fs, root: str, split: str, plan: list[tuple[int, int, int]], digest: str) -> dict[int, dict[str, Any]]:
     """The completion records of the planned shards whose files still have the size (and
-    ETag) recorded when they were written. Two listings (the shard files and the records)
-    and one batched read of the listed records, concurrent on object storage: never a
-    request per shard in turn. Bytes are not read again: ``--verify`` does that."""
+    ETag) recorded when they were written. Three listings (the shard files, the records
+    and their batches), one batched read of the batches and one of the loose records no
+    batch holds, concurrent on object storage: never a request per shard in turn, and
+    about one request per ``RecordBatcher.every`` shards. Bytes are not read again:
+    ``--verify`` does that."""
     files = list_folder(fs, root)
     records_listed = list_folder(fs, join(root, PROGRESS_DIR))
+    batched = {r["info"]["name"]: r for r in read_batched(fs, _batch_folder(root)) if "info" in r}
+
+    def holds(record: dict[str, Any] | None, j: int, first: int, count: int) -> bool:
+        if record is None:
+            return False
+        info, stat = record["info"], files[shard_name(split, j)]
+        if record.get("settings") != digest or (info["first_id"], info["count"]) != (first, count):
+            return False
+        return stat["size"] == info["bytes"] and not (record.get("etag") and etag(stat) != record["etag"])
+
     wanted = [
         (j, first, count)
         for j, first, count in plan
         if shard_name(split, j) in files and f"{shard_name(split, j)}.json" in records_listed
     ]
-    paths = [join(root, PROGRESS_DIR, f"{shard_name(split, j)}.json") for j, _, _ in wanted]
-    done: dict[int, dict[str, Any]] = {}
-    for (j, first, count), data in zip(wanted, read_many(fs, paths), strict=True):
+    done = {
+        j: batched[shard_name(split, j)]
+        for j, first, count in wanted
+        if holds(batched.get(shard_name(split, j)), j, first, count)
+    }
+    unbatched = [p for p in wanted if p[0] not in done]
+    paths = [join(root, PROGRESS_DIR, f"{shard_name(split, j)}.json") for j, _, _ in unbatched]
+    for (j, first, count), data in zip(unbatched, read_many(fs, paths), strict=True):
         try:
             record = json.loads(data) if data is not None else None
         except ValueError:
             record = None  # a damaged record: the shard is written again
-        if record is None:
-            continue
-        info, stat = record["info"], files[shard_name(split, j)]
-        if record.get("settings") != digest or (info["first_id"], info["count"]) != (first, count):
-            continue
-        if stat["size"] != info["bytes"] or (record.get("etag") and etag(stat) != record["etag"]):
-            continue
-        done[j] = record
+        if holds(record, j, first, count):
+            done[j] = record
     return done
+
+
+def _batch_folder(root: str) -> str:
+    return join(root, PROGRESS_DIR, "batches")
 
 
 def _one_or_mixed(formats: set[str]) -> str:
