@@ -13,6 +13,10 @@ from PIL import Image
 
 SESSION_CPUS = 4
 
+# Nothing in the suite downloads: pretrained weights come from hub caches the tests make
+# (tests/test_pretrained.py). Set before any hub client is imported, which reads it once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
@@ -40,6 +44,25 @@ def ray_local(tmp_path_factory):
 def _save(img: Image.Image, path: str, fmt: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     img.save(path, format=fmt)
+
+
+@pytest.fixture(scope="session")
+def shapes_64(tmp_path_factory) -> str:
+    """Shards of 24 training images of 64 x 64 in two shards (and 8 to test): data for
+    ImageNet-spec teachers and students (timm, hub names). Read only."""
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+
+    data = str(tmp_path_factory.mktemp("shapes64") / "shapes")
+    shard_dataset(
+        ShardConfig(
+            "synthetic:shapes",
+            data,
+            samples_per_shard=12,
+            synthetic={"train_samples": 24, "test_samples": 8, "image_size": 64, "seed": 3},
+            progress=False,
+        )
+    )
+    return data
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from catkd.models import build_model
-from catkd.models.convert import checkpoint_payload
+from catkd.models.checkpoints import checkpoint_payload
 from pipeline.data.synthetic import CLASSES, make_sample
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -105,23 +105,13 @@ def test_normalisation_comes_from_the_pretrained_cfg_unless_set():
         CacheBuildConfig(data="d", teacher="resnet8", weights="w", root="r", mean=[0.5])
 
 
-def test_timm_teacher_cache_and_timm_student_training(ray_local, tmp_path):
+def test_timm_teacher_cache_and_timm_student_training(ray_local, tmp_path, shapes_64):
     """A timm teacher (state dict from timm) builds an imagenet-spec cache; a timm student
     of another family and normalisation trains from it with CAT-KD."""
     from pipeline.cache import TargetCache, build_cache
-    from pipeline.data.shard_writer import ShardConfig, shard_dataset
     from pipeline.train.run import train
 
-    data = str(tmp_path / "shapes")
-    shard_dataset(
-        ShardConfig(
-            "synthetic:shapes",
-            data,
-            samples_per_shard=12,
-            synthetic={"train_samples": 24, "test_samples": 8, "image_size": 64, "seed": 3},
-            progress=False,
-        )
-    )
+    data = shapes_64
     torch.manual_seed(0)
     weights = str(tmp_path / "teacher.safetensors")
     teacher = timm.create_model("resnet10t", pretrained=False, num_classes=10)

@@ -3,15 +3,8 @@ gives ``(logits, cam)``. Importing this package registers the whole zoo."""
 
 from catkd.models import cifar_mobilenet, cifar_resnet, cifar_resnetv2, cifar_shufflenet, cifar_vgg, cifar_wrn, imagenet  # noqa: F401
 from catkd.models.cam import CAMClassifier
-from catkd.models.convert import (
-    CheckpointMismatchError,
-    ConversionError,
-    cam_from_classifier,
-    checkpoint_payload,
-    load_checkpoint,
-    load_state_into,
-    read_checkpoint,
-)
+from catkd.models.checkpoints import checkpoint_payload, load_checkpoint, load_state_into, read_checkpoint
+from catkd.models.convert import CheckpointMismatchError, ConversionError, cam_from_classifier
 from catkd.models.identify import identify_architecture
 from catkd.models.registry import build_model, list_models, model_entry, model_normalization, model_problem
 

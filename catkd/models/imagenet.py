@@ -25,11 +25,17 @@ TORCHVISION_MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def _builder(factory: Callable[..., nn.Module]):
     def build(num_classes: int = 1000, bias: bool = False) -> CAMClassifier:
-        # weights=None: nothing is downloaded; load weights with load_checkpoint.
+        # weights=None: random here; tv_NAME:weights=ENUM is loaded by catkd.models.pretrained.
         return cam_from_classifier(factory(weights=None, num_classes=num_classes), bias=bias)
 
     return build
 
 
 for _name, _factory in TORCHVISION_MODELS.items():
-    register_model(_name, _builder(_factory), input_size=224, family="imagenet")
+    register_model(
+        _name,
+        _builder(_factory),
+        input_size=224,
+        family="imagenet",
+        weights_enum=lambda factory=_factory: torchvision.models.get_model_weights(factory),
+    )

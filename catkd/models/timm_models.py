@@ -1,8 +1,10 @@
-"""timm models as teachers and students: ``timm:NAME`` (optionally
-``timm:NAME:key=value,...`` for ``timm.create_model`` arguments, such as ConvNeXt's
-``head_norm_first=true``), built with random weights and put in CAM form by the conversion's own head
-check (``gap_linear_head``: global average pooling, then one Linear layer); weights come from a local file only
-(``load_checkpoint``: a state dict or ``.safetensors``), nothing is downloaded.
+"""timm models as teachers and students: ``timm:NAME[.TAG]``, ``timm:hf-hub:ORG/NAME`` or
+``timm:local-dir:PATH``, optionally followed by ``:key=value,...``: ``timm.create_model``
+arguments (such as ConvNeXt's ``head_norm_first=true``) and catkd's own ``pretrained=true``
+(the hub weights the name points to: ``catkd.models.hub``). Built here with random
+weights and put in CAM form by the conversion's own head check (``gap_linear_head``:
+global average pooling, then one Linear layer); weights are loaded afterwards
+(``catkd.models.checkpoints``), from a file the user gives or the resolved hub file.
 
 The families whose head is global average pooling then one Linear layer convert:
 ResNet, EfficientNet, RegNet, ConvNeXt with ``head_norm_first``. Other heads are
@@ -18,13 +20,18 @@ from typing import Any
 
 import torch
 import torch.fx
-import yaml
 
 from catkd.errors import CatkdError
 from catkd.models.cam import CAMClassifier
 from catkd.models.convert import ConversionError, cam_around, gap_linear_head
+from catkd.models.hub_env import hf_cache_dir
+from catkd.models.spec import parse_options
 
 PREFIX = "timm:"
+# timm's own name prefixes, whose architecture comes from a config.json (timm reads it)
+SOURCE_PREFIXES = ("hf-hub:", "local-dir:")
+# catkd's options, not create_model's
+CATKD_OPTIONS = ("pretrained",)
 
 # Why a family's head has no CAM form, by the model's class name.
 NO_CAM = {
@@ -50,15 +57,16 @@ def is_timm_name(name: str) -> bool:
 
 
 def parse_timm_name(name: str) -> tuple[str, dict[str, Any]]:
-    """``timm:convnext_atto:head_norm_first=true`` -> ("convnext_atto", {"head_norm_first": True})."""
-    model, _, options = name.removeprefix(PREFIX).partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, options.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConversionError(f"{name}: expected timm:NAME:key=value[,key=value], got option {item!r}")
-        kwargs[key] = yaml.safe_load(value)
-    return model, kwargs
+    """``timm:convnext_atto:head_norm_first=true`` -> ("convnext_atto", {"head_norm_first": True});
+    ``timm:hf-hub:timm/resnet18.a1_in1k:pretrained=true`` -> ("hf-hub:timm/resnet18.a1_in1k", {"pretrained": True})."""
+    rest = name.removeprefix(PREFIX)
+    source = next((p for p in SOURCE_PREFIXES if rest.startswith(p)), "")
+    model, _, options = rest.removeprefix(source).partition(":")
+    return source + model, parse_options(options, name)
+
+
+def wants_pretrained(name: str) -> bool:
+    return is_timm_name(name) and parse_timm_name(name)[1].get("pretrained") is True
 
 
 def _timm():
@@ -76,10 +84,21 @@ def _names() -> frozenset[str]:
 
 def timm_name_problem(name: str) -> str | None:
     """Why ``name`` is not a timm model this timm can build (with close matches), or None."""
-    model, _ = parse_timm_name(name)
-    if model in _names():
+    model, options = parse_timm_name(name)
+    if options.get("pretrained", False) not in (True, False):
+        return f"pretrained: expected true or false, got {options['pretrained']!r}"
+    if model.startswith(SOURCE_PREFIXES):
+        return None  # its architecture is in its config.json, read when it is built
+    if _timm().is_model(model):
+        if "." in model:  # a pretrained tag: timm must know it
+            try:
+                _timm().models.get_pretrained_cfg(model)
+            except RuntimeError as exc:
+                return (
+                    f"{exc} (timm {_timm().__version__}); `timm.list_pretrained('{model.split('.')[0]}*')` lists them"
+                )
         return None
-    close = difflib.get_close_matches(model, sorted(_names()), n=5, cutoff=0.6)
+    close = difflib.get_close_matches(model.split(".")[0], sorted(_names()), n=5, cutoff=0.6)
     hint = f"; close matches: {', '.join(PREFIX + c for c in close)}" if close else ""
     return f"unknown timm model {model!r} (timm {_timm().__version__}){hint}"
 
@@ -89,10 +108,15 @@ def build_timm(name: str, num_classes: int, *, bias: bool = False) -> CAMClassif
     if problem := timm_name_problem(name):
         raise ConversionError(f"{name}: {problem}")
     model_name, kwargs = parse_timm_name(name)
+    kwargs = {k: v for k, v in kwargs.items() if k not in CATKD_OPTIONS}
     try:
-        model = _timm().create_model(model_name, pretrained=False, num_classes=num_classes, **kwargs)
+        model = _timm().create_model(
+            model_name, pretrained=False, num_classes=num_classes, cache_dir=hf_cache_dir(), **kwargs
+        )
     except TypeError as exc:  # an option the family does not take
         raise ConversionError(f"{name}: timm cannot build it with {kwargs} ({exc})") from None
+    except (OSError, RuntimeError) as exc:  # hf-hub: / local-dir: without its config.json
+        raise ConversionError(f"{name}: timm cannot read its config ({str(exc).splitlines()[0][:300]})") from None
     family = type(model).__name__
     try:
         head, source_head = _linear_after_gap(model, family)
@@ -131,17 +155,30 @@ def _linear_after_gap(model: torch.nn.Module, family: str) -> tuple[torch.nn.Lin
     return head, qualified.removeprefix("model.")
 
 
+def pretrained_cfg(model_name: str) -> dict[str, Any]:
+    """timm's pretrained config of ``NAME[.TAG]`` (its default tag when none is given),
+    or the config.json of an ``hf-hub:`` repo or a ``local-dir:`` folder."""
+    from timm.models import _hub
+
+    if model_name.startswith("hf-hub:"):
+        cfg = _hub.load_model_config_from_hf(model_name.removeprefix("hf-hub:"), cache_dir=hf_cache_dir())[0]
+    elif model_name.startswith("local-dir:"):
+        cfg = _hub.load_model_config_from_path(model_name.removeprefix("local-dir:"))[0]
+    else:
+        cfg = _timm().models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return {}
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
 def timm_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
     """The (mean, std) the model's pretrained_cfg names: what its weights were trained
     with, so what its inputs must be normalised by. None when the config has none."""
     model_name, _ = parse_timm_name(name)
     try:
-        cfg = _timm().get_pretrained_cfg(model_name)
-    except Exception:  # a model without a pretrained config
-        cfg = None
-    if cfg is None:
+        cfg = pretrained_cfg(model_name)
+    except Exception:  # a model without a pretrained config, or a repo not cached
         return None
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     if "mean" not in cfg or "std" not in cfg:
         return None
     return tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
@@ -150,7 +187,6 @@ def timm_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]
 def timm_input_size(name: str) -> int:
     model_name, _ = parse_timm_name(name)
     try:
-        cfg = _timm().get_pretrained_cfg(model_name)
-        return int((cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))["input_size"][-1])
+        return int(pretrained_cfg(model_name)["input_size"][-1])
     except Exception:
         return 224

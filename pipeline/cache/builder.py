@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from catkd.errors import ConfigError, user_error
 from catkd.models import load_checkpoint
+from catkd.models.hub_env import hub_env
 from pipeline.cache.commit import (
     DONE_BATCH_DIR,
     MANIFEST,
@@ -65,6 +66,7 @@ from pipeline.data.shard_format import ShardIndex, read_index
 from pipeline.ray_setup import check_request_fits, init_ray
 from pipeline.record_batches import RecordBatcher
 from pipeline.storage import check_location, filesystem, join
+from pipeline.weights import read_weights
 
 
 def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str:
@@ -75,11 +77,9 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     check_location(cfg.root)
     index = read_index(cfg.data, cfg.split)
     check_topk(cfg.storage, index.num_classes)
-    wfs, wpath = filesystem(cfg.weights)
-    try:
-        weights = wfs.cat_file(wpath)
-    except FileNotFoundError:
-        raise ConfigError(f"weights: {cfg.weights}: no such file") from None
+    weights, source = read_weights(cfg.teacher, cfg.weights)
+    if cfg.weights is None:
+        print(f"[cache] teacher {cfg.teacher}: pretrained weights {source}", file=sys.stderr)
     identity = expected_identity(cfg, index, file_sha256(weights))
     if cfg.storage == "features" and cfg.binarize:
         raise ConfigError("the features form stores pooled features; binarised targets are not linear in them")
@@ -224,9 +224,9 @@ def _run_actors(
         todo, lambda j: render.remote(cfg.data, index_ref, j, spec, cfg.num_views, chunk_samples), ahead=feed_tasks
     )
     actors = [
-        TeacherActor.options(num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor).remote(
-            cfg, weights_ref, index_ref, url
-        )
+        TeacherActor.options(
+            num_gpus=cfg.gpus_per_actor, num_cpus=cfg.cpus_per_actor, runtime_env={"env_vars": hub_env()}
+        ).remote(cfg, weights_ref, index_ref, url)
         for _ in range(actor_count)
     ]
     lock, stop = threading.Lock(), threading.Event()

@@ -13,6 +13,7 @@ from pipeline.data.shard_format import ShardIndex
 from pipeline.data.stages import parse_stages
 from pipeline.data.views import DECODERS, MEAN_STD, RENDERERS, AugmentSpec
 from pipeline.settings import check_fields, check_normalization
+from pipeline.weights import check_weights_given
 
 
 @dataclass
@@ -21,8 +22,11 @@ class CacheBuildConfig:
     # each comment is its --help line, each default the only one.
     data: str  # shards URL (from catkd shard)
     teacher: str  # teacher architecture (catkd models)
-    weights: str  # teacher checkpoint URL (ours, torchvision's, or the reference code base's)
     root: str  # cache root URL; the cache goes to ROOT/<cache_id>
+    # teacher checkpoint URL (ours, torchvision's, timm's, or the reference code base's);
+    # default: the hub weights of a pretrained teacher spec (timm:NAME.TAG:pretrained=true,
+    # tv_NAME:weights=ENUM), whose sha256 identifies the cache as a file's would
+    weights: str | None = None
     split: str = "train"  # the split whose samples get targets
     num_views: int = 4  # augmentation views per sample (S)
     resolution: int = 2  # CAM pooling resolution r
@@ -87,6 +91,7 @@ class CacheBuildConfig:
             raise ConfigError(f"spec: expected one of {', '.join(MEAN_STD)}, got {self.spec!r}")
         if problem := model_problem(self.teacher):
             raise ConfigError(f"teacher: {problem}")
+        check_weights_given(self.teacher, self.weights, "weights")
         check_normalization(self)
         parse_stages(self.ops, self.erase, self.mix)
 

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from catkd.models import load_checkpoint
+from catkd.models.hub_env import hub_env
 from pipeline.cache.commit import array_checksums, retire_shards
 from pipeline.cache.identity import file_sha256, parse_storage
 from pipeline.cache.layout import ArrayReadError, decode_view, raw_bytes_per_view, read_arrays, stored_arrays
@@ -34,6 +35,7 @@ from pipeline.data.shard_format import (
 )
 from pipeline.data.views import AugmentSpec, ViewMismatchError, render_views
 from pipeline.storage import filesystem, join
+from pipeline.weights import read_weights
 
 # Tolerances for recomputed targets, relative to the largest |value| of the sample's
 # maps: the storage form's rounding plus what the compute precision lets a recompute
@@ -103,11 +105,11 @@ def verify_cache(
     from pipeline.ray_setup import init_ray
 
     cache = TargetCache(url)
-    weights_url = weights or cache.manifest["teacher_weights"]
     teacher_bytes = b""
     if sample_views:
-        wfs, wpath = filesystem(weights_url)
-        teacher_bytes = wfs.cat_file(wpath)
+        # the URL given, else the one the build read, else (a pretrained teacher) the hub file
+        weights_url = weights or cache.manifest.get("teacher_weights")
+        teacher_bytes, weights_url = read_weights(cache.identity.teacher_arch, weights_url)
         if file_sha256(teacher_bytes) != cache.identity.teacher_sha256:
             return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     _say_where_recomputed(cache, sample_views)
@@ -121,7 +123,9 @@ def verify_cache(
     weights_ref = ray.put(teacher_bytes)
     # A check mostly waits on storage (a shard's arrays, its tar): each checker runs
     # CHECKS_IN_FLIGHT of them at once in threads, with one more queued.
-    checker = ray.remote(num_cpus=1, max_concurrency=CHECKS_IN_FLIGHT)(ShardChecker)
+    checker = ray.remote(num_cpus=1, max_concurrency=CHECKS_IN_FLIGHT, runtime_env={"env_vars": hub_env()})(
+        ShardChecker
+    )
     checkers = [checker.remote(url, cache.manifest, sample_views, weights_ref, seed) for _ in range(count)]
     pending: dict[Any, tuple[int, Any]] = {}  # call -> (data shard, its checker)
 
@@ -173,7 +177,7 @@ def rebuild_command(cache: TargetCache) -> str:
         "catkd cache build",
         f"--data {shlex.quote(manifest['data'])}",
         f"--teacher {shlex.quote(ident.teacher_arch)}",
-        f"--weights {shlex.quote(manifest['teacher_weights'])}",
+        *([f"--weights {shlex.quote(manifest['teacher_weights'])}"] if manifest.get("teacher_weights") else []),
         f"--root {shlex.quote(root)}",
         f"--split {ident.split}",
         f"--num-views {ident.num_views}",

@@ -14,6 +14,7 @@ from catkd.models import model_normalization, model_problem
 from pipeline.data.stages import parse_stages
 from pipeline.data.views import MEAN_STD, AugmentSpec
 from pipeline.settings import check_fields, check_normalization, load_settings
+from pipeline.weights import check_weights_given
 
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
 MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
@@ -26,7 +27,9 @@ class TrainConfig:
     # comments (pipeline.settings.field_table), so each field says what it is on its line.
     # what to train
     mode: Mode = "catkd"  # ce (alone, also teachers), kd, catkd, cat (CAT only, no labels), online-catkd
-    student: str = "resnet20"  # architecture (`catkd models`, or timm:NAME)
+    # architecture (`catkd models`, or timm:NAME); a pretrained spec
+    # (timm:NAME.TAG:pretrained=true, tv_NAME:weights=ENUM) starts from the hub's weights
+    student: str = "resnet20"
     # data
     data: str = ""  # shards URL (from catkd shard)
     train_split: str = "train"  # split trained on
@@ -56,7 +59,7 @@ class TrainConfig:
     # teacher side
     cache: str | None = None  # cache URL (kd, catkd, cat)
     teacher: str | None = None  # architecture (online-catkd; also checked against the cache)
-    teacher_weights: str | None = None  # checkpoint URL (online-catkd)
+    teacher_weights: str | None = None  # checkpoint URL (online-catkd; default: a pretrained spec's hub file)
     # loss
     beta: float = 1.0  # weight of the CAT loss (aim for a CAT loss of 1-50 after epoch 1)
     ce_weight: float = 1.0  # weight of cross-entropy on the labels (0: no labels)
@@ -133,8 +136,10 @@ class TrainConfig:
         parse_stages(self.ops, self.erase, self.mix)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
-        if self.mode == "online-catkd" and not (self.teacher and self.teacher_weights):
-            raise ConfigError("teacher: mode online-catkd runs a live teacher: set teacher= and teacher_weights=")
+        if self.mode == "online-catkd":
+            if not self.teacher:
+                raise ConfigError("teacher: mode online-catkd runs a live teacher: set teacher= (and teacher_weights=)")
+            check_weights_given(self.teacher, self.teacher_weights, "teacher_weights")
         if not self.data:
             raise ConfigError("data: set data=URL (the shards from catkd shard)")
         if self.mode == "cat":

@@ -16,7 +16,9 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from catkd.models import CAMClassifier, build_model, load_checkpoint
+from catkd.models import CAMClassifier, load_checkpoint
+from catkd.models.hub_env import apply_hub_env
+from catkd.models.pretrained import build_pretrained
 from pipeline.cache.reader import TargetCache
 from pipeline.console import Console
 from pipeline.data.device_render import batch_views
@@ -27,6 +29,7 @@ from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
+from pipeline.weights import read_weights
 
 
 def _reader(
@@ -71,6 +74,7 @@ def _quiet_ray_train() -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
+    apply_hub_env(config.get("hub_env", {}))  # where the driver finds pretrained weights
     cfg = TrainConfig(**config["cfg"])
     console: Console = config.get("console") or Console()
     if not cfg.verbose:
@@ -91,7 +95,7 @@ def train_loop(config: dict[str, Any]) -> None:
     num_classes = train_stream.index.num_classes
     spec = train_stream.cfg.spec
 
-    model = build_model(cfg.student, num_classes).to(device)
+    model = build_pretrained(cfg.student, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
@@ -118,8 +122,8 @@ def train_loop(config: dict[str, Any]) -> None:
 
     teacher: CAMClassifier | None = None
     if cfg.mode == "online-catkd":
-        fs, path = filesystem(cfg.teacher_weights)
-        teacher = load_checkpoint(io.BytesIO(fs.cat_file(path)), cfg.teacher, num_classes).eval().to(device)
+        weights, _ = read_weights(cfg.teacher, cfg.teacher_weights, "teacher_weights")
+        teacher = load_checkpoint(io.BytesIO(weights), cfg.teacher, num_classes).eval().to(device)
         if cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from catkd.errors import CatkdError, user_error
 from catkd.models import build_model
+from catkd.models.hub_env import hub_env
 from pipeline.cache.identity import CacheIdentity, CacheMismatchError, file_sha256, identity_of, parse_storage
 from pipeline.cache.reader import TargetCache
 from pipeline.console import Console, Relay
@@ -215,7 +216,7 @@ def _fit(
 ) -> Result:
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": asdict(cfg), "console": console},
+        train_loop_config={"cfg": asdict(cfg), "console": console, "hub_env": hub_env()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,
