@@ -159,7 +159,7 @@ def test_imagenet_timm_topk_config_loads_and_its_models_build():
     path = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "imagenet_timm_resnet50_resnet18_topk.yaml"
     cfg = load_config(str(path), ["data=/data", "cache=/cache"])
     assert (cfg.teacher, cfg.student, cfg.resolution, cfg.batch_size * cfg.num_workers) == (
-        "timm:resnet50",
+        "timm:resnet50.a1_in1k:pretrained=true",
         "timm:resnet18",
         4,
         512,
