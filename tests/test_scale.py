@@ -299,6 +299,36 @@ def test_tar_on_s3_is_listed_as_one_stream(s3_env, tmp_path):
     assert [(r.image, r.label) for r in records] == [(r.image, r.label) for r in local]
 
 
+def test_webdataset_on_s3_shards_like_local_listing_shards_concurrently(s3_env, tmp_path):
+    """WebDataset shards with their _info.json on the object store give the same output
+    shards (fingerprint) as on local disk; each source shard is listed as one stream,
+    several at once, and the output is resumable from its records."""
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+    from tests.helpers.hub_datasets import write_wds
+
+    write_wds(str(tmp_path / "wds"), {"train": 40, "validation": 8}, per_shard=4)
+    s3_env.filesystem().put(str(tmp_path / "wds"), "scale/wds", recursive=True)
+
+    def run(source: str, out: str) -> dict:
+        with ThreadPoolExecutor(4) as pool:
+            return shard_dataset(ShardConfig(source, out, samples_per_shard=8, progress=False), pool)
+
+    local = run(f"webdataset:{tmp_path / 'wds'}", str(tmp_path / "out"))
+    s3_env.reset()
+    s3_env.delay_s = 0.005
+    remote = run("webdataset:s3://scale/wds", "s3://scale/wds-out")
+    counts = s3_env.counts()
+    assert {k: v.fingerprint for k, v in remote.items()} == {k: v.fingerprint for k, v in local.items()}
+    # the info file, each of the 12 source shards streamed, then the 48 images by range
+    assert counts.get("GET", 0) <= 1 + 12 * 2 + 48 + 4, counts
+    assert s3_env.peak_in_flight > 4, "the source shards were listed one after another"
+    s3_env.delay_s = 0.0
+    s3_env.filesystem().rm("scale/wds-out/train.index.json")
+    s3_env.reset()
+    assert run("webdataset:s3://scale/wds", "s3://scale/wds-out")["train"].fingerprint == local["train"].fingerprint
+    assert s3_env.counts().get("PUT", 0) <= 3  # the index again; no shard rewritten
+
+
 # ---------------------------------------------------------------- verify reads only the sampled samples
 
 

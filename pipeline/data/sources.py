@@ -323,7 +323,13 @@ class ImageFolderSource(Source):
         if self.archive is None:
             return _FolderSlice(self.url, names, labels)
         return _ArchiveSlice(
-            self.archive, self.url, names, labels, part.offsets[positions].tolist(), part.sizes[positions].tolist()
+            [self.archive],
+            [self.url],
+            names,
+            labels,
+            [0] * len(names),
+            part.offsets[positions].tolist(),
+            part.sizes[positions].tolist(),
         )
 
 
@@ -354,33 +360,53 @@ class _FolderSlice(SourceSlice):
 
 @dataclass
 class _ArchiveSlice(SourceSlice):
-    archive: str  # the plain tar read (the source itself, or its decompressed copy)
-    origin: str  # the archive the user named, for messages
+    """Members of plain tars, read by byte range: one forward pass per tar on local disk,
+    one concurrent batch of ranged reads on an object store."""
+
+    archives: list[str]  # the plain tars read (the sources themselves, or decompressed copies)
+    origins: list[str]  # the archives the user named, for messages
     names: list[str]
     labels: list[int]
+    archive_of: list[int]  # index into archives of each member
     offsets: list[int]
     sizes: list[int]
+    formats: list[str] | None = None  # default: from each name's extension
 
     def read(self) -> list[Record]:
-        fs, path = filesystem(self.archive)
+        fs, _ = filesystem(self.archives[0])
+        paths = [filesystem(a)[1] for a in self.archives]
         data: list[bytes] = [b""] * len(self.names)
-        order = sorted(range(len(self.names)), key=self.offsets.__getitem__)  # one forward pass
+        # one forward pass per archive
+        order = sorted(range(len(self.names)), key=lambda k: (self.archive_of[k], self.offsets[k]))
         if is_local(fs):
-            with open(path, "rb") as f:
+            current, f = None, None
+            try:
                 for k in order:
+                    if self.archive_of[k] != current:
+                        if f is not None:
+                            f.close()
+                        current = self.archive_of[k]
+                        f = open(paths[current], "rb")
                     f.seek(self.offsets[k])
                     data[k] = f.read(self.sizes[k])
+            finally:
+                if f is not None:
+                    f.close()
         else:
             starts = [self.offsets[k] for k in order]
             ends = [self.offsets[k] + self.sizes[k] for k in order]
-            for k, payload in zip(order, fs.cat_ranges([path] * len(order), starts, ends), strict=True):
+            members = fs.cat_ranges([paths[self.archive_of[k]] for k in order], starts, ends)
+            for k, payload in zip(order, members, strict=True):
                 data[k] = payload
         records = []
-        for name, label, payload, size in zip(self.names, self.labels, data, self.sizes, strict=True):
-            origin = f"{self.origin}:{name}"
+        for k, (name, label, payload, size) in enumerate(zip(self.names, self.labels, data, self.sizes, strict=True)):
+            origin = f"{self.origins[self.archive_of[k]]}:{name}"
+            if isinstance(payload, BaseException):
+                raise SourceError(f"{origin}: cannot read ({type(payload).__name__}: {payload})")
             if len(payload) != size:
                 raise SourceError(f"{origin}: archive member is truncated ({len(payload)} of {size} bytes)")
-            records.append(Record(payload, _format_of(name), label, origin))
+            fmt = self.formats[k] if self.formats is not None else _format_of(name)
+            records.append(Record(payload, fmt, label, origin))
         return records
 
 
@@ -564,13 +590,28 @@ class SubsetSource(Source):
         return self.inner.slice(split, self._positions(split)[positions])
 
 
-def open_source(spec: str, *, staging: str | None = None, **options: Any) -> Source:
-    """Parse ``kind:PATH`` (``imagefolder:``, ``cifar10:``, ``cifar100:``, ``synthetic:shapes``)."""
+def open_source(
+    spec: str,
+    *,
+    staging: str | None = None,
+    label: str | None = None,
+    source_split: str | None = None,
+    **options: Any,
+) -> Source:
+    """Parse ``kind:PATH`` (``imagefolder:``, ``webdataset:``, ``cifar10:``, ``cifar100:``,
+    ``synthetic:shapes``). ``label`` and ``source_split`` are for the sources that take them."""
     kind, sep, rest = spec.partition(":")
     if not sep:
         raise SourceError(
-            f"{spec}: a source is written kind:PATH (imagefolder:, cifar10:, cifar100:, synthetic:shapes)"
+            f"{spec}: a source is written kind:PATH (imagefolder:, webdataset:, cifar10:, cifar100:, synthetic:shapes)"
         )
+    if kind == "webdataset":
+        from pipeline.data.wds_source import WebDatasetSource
+
+        return WebDatasetSource(rest, label, source_split)
+    for name, value in (("label", label), ("source_split", source_split)):
+        if value is not None:
+            raise SourceError(f"{name}: only a webdataset: source takes it, not {kind}:")
     if kind == "imagefolder":
         return ImageFolderSource(rest, staging)
     if kind in ("cifar10", "cifar100"):
