@@ -1,5 +1,5 @@
 """ImageNet in the forms it ships in (issue 40): WebDataset shards as timm's converter
-writes them. Sharded with a local thread pool (no Ray), checked sample by sample:
+writes them, and Hugging Face's parquet files. Sharded with a local thread pool (no Ray), checked sample by sample:
 ids from the seeded permutation of the source order, labels, bytes, class names, and
 one line naming the file and key for a bad sample."""
 
@@ -15,7 +15,7 @@ import pytest
 from pipeline.data.shard_format import load_shard, read_index
 from pipeline.data.shard_writer import ShardConfig, id_order, shard_dataset
 from pipeline.data.sources import SourceError
-from tests.helpers.hub_datasets import write_wds
+from tests.helpers.hub_datasets import write_hf_parquet, write_wds
 
 
 def shard(source: str, out: str, **options) -> dict:
@@ -102,3 +102,29 @@ def test_webdataset_info_file_naming_a_missing_shard_is_refused(tmp_path):
     (tmp_path / "wds" / "_info.json").write_text(json.dumps(info))
     with pytest.raises(SourceError, match="imagenet1k-train-0009.tar: listed in _info.json but not in"):
         shard(f"webdataset:{tmp_path / 'wds'}", str(tmp_path / "out"))
+
+
+def test_hf_parquet_folder_shards_every_split_with_its_class_names(tmp_path):
+    expected = write_hf_parquet(str(tmp_path / "data"), {"train": 21, "validation": 6})
+    indexes = shard(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out"))
+    assert sorted(indexes) == ["train", "validation"]
+    for split in indexes:
+        check_against_source(str(tmp_path / "out"), split, expected[split])
+        assert indexes[split].classes == [f"n{c:08d}" for c in range(7)]  # the dataset's metadata
+    assert not os.path.exists(tmp_path / "out" / "_staging")  # the staged images are gone
+
+
+def test_bad_parquet_input_is_one_line_naming_file_and_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_hf_parquet(str(tmp_path / "data"), {"train": 8}, files_per_split=1)
+    with pytest.raises(SourceError, match=r"train-00000-of-00001.parquet: no column 'lbl' \(has image, label\)"):
+        shard(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out"), label="lbl")
+    path = tmp_path / "data" / "train-00000-of-00001.parquet"
+    table = pq.read_table(path).to_pylist()
+    table[5]["image"] = {"bytes": None, "path": "x.JPEG"}
+    pq.write_table(pa.Table.from_pylist(table), path)
+    with pytest.raises(SourceError, match=r"train-00000-of-00001.parquet: row 5: no image bytes in column 'image'"):
+        shard(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out2"))
+    assert not os.path.exists(tmp_path / "out2" / "train.index.json")

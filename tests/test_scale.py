@@ -329,6 +329,30 @@ def test_webdataset_on_s3_shards_like_local_listing_shards_concurrently(s3_env, 
     assert s3_env.counts().get("PUT", 0) <= 3  # the index again; no shard rewritten
 
 
+def test_hf_parquet_on_s3_shards_like_local_reading_each_file_once(s3_env, tmp_path):
+    """Hugging Face parquet files on the object store give the same output shards as on
+    local disk; each file is staged once (its row groups read once, several files at
+    once) into the output's staging folder, which is gone when the job completes."""
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+    from tests.helpers.hub_datasets import write_hf_parquet
+
+    write_hf_parquet(str(tmp_path / "data"), {"train": 30, "validation": 6}, files_per_split=3)
+    fs = s3_env.filesystem()
+    fs.put(str(tmp_path / "data"), "scale/hf", recursive=True)
+
+    def run(source: str, out: str) -> dict:
+        with ThreadPoolExecutor(4) as pool:
+            return shard_dataset(ShardConfig(source, out, samples_per_shard=8, progress=False), pool)
+
+    local = run(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out"))
+    s3_env.reset()
+    s3_env.delay_s = 0.005
+    remote = run("parquet:s3://scale/hf", "s3://scale/hf-out")
+    assert {k: v.fingerprint for k, v in remote.items()} == {k: v.fingerprint for k, v in local.items()}
+    assert s3_env.peak_in_flight > 4, "the files were staged one after another"
+    assert not fs.exists("scale/hf-out/_staging")
+
+
 # ---------------------------------------------------------------- verify reads only the sampled samples
 
 

@@ -61,7 +61,8 @@ class ShardConfig:
     # The flags of `catkd shard` are these fields (pipeline.settings.add_flags): each
     # comment is its --help line, each default the only one.
     # imagefolder:URL (a folder or .tar/.tar.gz), webdataset:URL (a folder of shards with
-    # its info.json, or a brace pattern), cifar10:PATH, cifar100:PATH or synthetic:shapes
+    # its info.json, or a brace pattern), parquet:URL (Hugging Face's data/ folder),
+    # cifar10:PATH, cifar100:PATH or synthetic:shapes
     source: str
     out: str  # output URL (path, file://, s3://, ...)
     splits: list[str] | None = None  # the splits to shard (default: every split the source has)
@@ -72,9 +73,10 @@ class ShardConfig:
     # store images with the shorter side at most N (re-encoded as JPEG); 256-320 for ImageNet
     max_short_side: int | None = None
     jpeg_quality: int = 90  # JPEG quality of images re-encoded after a resize
-    # where a webdataset sample's label is: cls (default) or json:FIELD
+    # where a sample's label is: webdataset: cls (default) or json:FIELD; parquet: its column (default label)
     label: str | None = None
-    # the split of a webdataset brace pattern's shards (default: from their names)
+    image_column: str | None = None  # parquet: the image column (default image)
+    # the split of a webdataset brace pattern's shards or of parquet files (default: from their names)
     source_split: str | None = None
     # options of synthetic:shapes (the fields of pipeline.data.sources.ShapesSource)
     synthetic: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +94,12 @@ def shard_dataset(cfg: ShardConfig, pool: Executor | None = None) -> dict[str, S
     one ``pool`` task per shard (a local process pool, where Ray is not installed)."""
     check_location(cfg.out)
     source = open_source(
-        cfg.source, staging=join(cfg.out, STAGING_DIR), label=cfg.label, source_split=cfg.source_split, **cfg.synthetic
+        cfg.source,
+        staging=join(cfg.out, STAGING_DIR),
+        label=cfg.label,
+        source_split=cfg.source_split,
+        image_column=cfg.image_column,
+        **cfg.synthetic,
     )
     if cfg.subset is not None:
         source = SubsetSource(source, cfg.subset)

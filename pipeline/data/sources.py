@@ -596,22 +596,31 @@ def open_source(
     staging: str | None = None,
     label: str | None = None,
     source_split: str | None = None,
+    image_column: str | None = None,
     **options: Any,
 ) -> Source:
-    """Parse ``kind:PATH`` (``imagefolder:``, ``webdataset:``, ``cifar10:``, ``cifar100:``,
-    ``synthetic:shapes``). ``label`` and ``source_split`` are for the sources that take them."""
+    """Parse ``kind:PATH`` (``imagefolder:``, ``webdataset:``, ``parquet:``, ``cifar10:``,
+    ``cifar100:``, ``synthetic:shapes``). ``label``, ``source_split`` and ``image_column``
+    are for the sources that take them."""
     kind, sep, rest = spec.partition(":")
     if not sep:
         raise SourceError(
-            f"{spec}: a source is written kind:PATH (imagefolder:, webdataset:, cifar10:, cifar100:, synthetic:shapes)"
+            f"{spec}: a source is written kind:PATH (imagefolder:, webdataset:, parquet:, cifar10:, cifar100:, "
+            "synthetic:shapes)"
         )
+    if image_column is not None and kind != "parquet":
+        raise SourceError(f"image_column: only a parquet: source takes it, not {kind}:")
     if kind == "webdataset":
         from pipeline.data.wds_source import WebDatasetSource
 
         return WebDatasetSource(rest, label, source_split)
+    if kind == "parquet":
+        from pipeline.data.parquet_source import ParquetSource
+
+        return ParquetSource(rest, staging, label, image_column, source_split)
     for name, value in (("label", label), ("source_split", source_split)):
         if value is not None:
-            raise SourceError(f"{name}: only a webdataset: source takes it, not {kind}:")
+            raise SourceError(f"{name}: only webdataset: and parquet: sources take it, not {kind}:")
     if kind == "imagefolder":
         return ImageFolderSource(rest, staging)
     if kind in ("cifar10", "cifar100"):

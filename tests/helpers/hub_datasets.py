@@ -72,3 +72,43 @@ def write_wds(
         with open(os.path.join(folder, info), "w") as f:
             json.dump({"name": prefix, "splits": layout}, f)
     return expected
+
+
+def write_hf_parquet(
+    folder: str,
+    splits: dict[str, int],
+    *,
+    num_classes: int = 7,
+    files_per_split: int = 2,
+    row_group_size: int = 4,
+    seed: int = 0,
+) -> dict[str, list[SourceSample]]:
+    """Hugging Face's layout (``train-00000-of-00002.parquet``, ...) with its schema:
+    ``image`` a ``{"bytes", "path"}`` struct, ``label`` an int64 ClassLabel whose names
+    are in the ``huggingface`` schema metadata; several row groups a file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    names = [f"n{c:08d}" for c in range(num_classes)]
+    features = {"image": {"_type": "Image"}, "label": {"names": names, "_type": "ClassLabel"}}
+    schema = pa.schema(
+        [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+    expected: dict[str, list[SourceSample]] = {}
+    for split, count in splits.items():
+        labels = rng.permutation(np.arange(count) % num_classes)
+        bounds = np.linspace(0, count, files_per_split + 1).astype(int)
+        expected[split] = []
+        for f in range(files_per_split):
+            name = f"{split}-{f:05d}-of-{files_per_split:05d}.parquet"
+            rows = []
+            for i in range(bounds[f], bounds[f + 1]):
+                image, label = jpeg(rng), int(labels[i])
+                rows.append({"image": {"bytes": image, "path": f"{names[label]}_{i}.JPEG"}, "label": label})
+                expected[split].append(SourceSample(image, label, f"{name}:row {i - bounds[f]}"))
+            table = pa.Table.from_pylist(rows, schema=schema)
+            pq.write_table(table, os.path.join(folder, name), row_group_size=row_group_size)
+    return expected
