@@ -69,13 +69,19 @@ def cam_agreement(teacher_cams: torch.Tensor, student_cams: torch.Tensor, *, res
 
 
 def load_split(
-    data: str, split: str = "test", spec: str = "cifar"
+    data: str, split: str = "test", spec: str = "cifar", limit: int | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
-    """A whole (small) split in evaluation views: the raw batch (uint8 images, labels and
-    boxes where the dataset has them), the normalised inputs and the class names."""
+    """A whole (small) split in evaluation views, or its first ``limit`` samples (in id
+    order: class-mixed): the raw batch (uint8 images, labels and boxes where the dataset
+    has them), the normalised inputs and the class names."""
     stream = ShardStream(
         ReaderConfig(
-            data=data, split=split, batch_size=10**9, train=False, spec=AugmentSpec.preset(spec), normalize=False
+            data=data,
+            split=split,
+            batch_size=limit or 10**9,
+            train=False,
+            spec=AugmentSpec.preset(spec),
+            normalize=False,
         )
     )
     batch = next(iter(stream))
@@ -131,13 +137,20 @@ def save_cam_grid(
 
 
 def render_cam_report(
-    data: str, checkpoints: dict[str, str], out: str, *, split: str = "test", shown: int = 6, spec: str = "cifar"
+    data: str,
+    checkpoints: dict[str, str],
+    out: str,
+    *,
+    split: str = "test",
+    shown: int = 6,
+    spec: str = "cifar",
+    limit: int | None = None,
 ) -> dict[str, float]:
     """Draw ``shown`` test images, evenly spaced over the split (folder datasets are
     class-sorted), with every model's CAM for the true class and its prediction, into
     ``out`` (PNG); return each model's CAM-peak-in-box rate over the whole split (needs a
-    dataset with boxes)."""
-    batch, inputs, classes = load_split(data, split, spec)
+    dataset with boxes); ``limit``: from the split's first ``limit`` samples only."""
+    batch, inputs, classes = load_split(data, split, spec, limit)
     picked = torch.linspace(0, len(inputs) - 1, min(shown, len(inputs))).round().long()
     cams, captions = {}, {}
     for label, url in checkpoints.items():

@@ -17,20 +17,7 @@ from catkd.models import build_model, checkpoint_payload
 from catkd.models.hub import WeightsUnavailableError, resolve_weights, wants_pretrained
 from catkd.models.pretrained import build_pretrained
 from pipeline.cli import main
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def put_in_hf_cache(cache: Path, repo: str, files: dict[str, bytes]) -> Path:
-    """Lay ``files`` out as huggingface_hub's cache holds a repo's main revision."""
-    folder = cache / f"models--{repo.replace('/', '--')}"
-    snapshot = folder / "snapshots" / COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(COMMIT)
-    for name, data in files.items():
-        (snapshot / name).write_bytes(data)
-    return snapshot
+from tests.helpers.hub_datasets import COMMIT, put_in_hf_cache, timm_repo_files
 
 
 def safetensors_bytes(model: torch.nn.Module, tmp: Path) -> bytes:
@@ -51,7 +38,9 @@ def hub_env(tmp_path, monkeypatch):
 def test_timm_tag_resolves_from_the_hf_cache_and_loads_backbone_and_head(hub_env):
     torch.manual_seed(0)
     source = timm.create_model("resnet10t", num_classes=1000)
-    put_in_hf_cache(hub_env / "hf", "timm/resnet10t.c3_in1k", {"model.safetensors": safetensors_bytes(source, hub_env)})
+    put_in_hf_cache(
+        str(hub_env / "hf"), "timm/resnet10t.c3_in1k", {"model.safetensors": safetensors_bytes(source, hub_env)}
+    )
     name = "timm:resnet10t.c3_in1k:pretrained=true"
     assert wants_pretrained(name) and not wants_pretrained("timm:resnet10t.c3_in1k")
     assert resolve_weights(name).endswith(f"snapshots/{COMMIT}/model.safetensors")
@@ -125,11 +114,9 @@ def test_pretrained_teacher_builds_a_cache_identified_by_its_file_and_verifies(r
     from pipeline.cache.config import CacheBuildConfig
     from pipeline.cache.verify import verify_cache
 
-    torch.manual_seed(1)
-    teacher = timm.create_model("resnet10t", num_classes=10)
-    weights = safetensors_bytes(teacher, hub_env)
-    config = b'{"architecture": "resnet10t", "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}'
-    put_in_hf_cache(hub_env / "hf", "acme/resnet10t-shapes", {"config.json": config, "model.safetensors": weights})
+    files = timm_repo_files("resnet10t", 10, seed=1, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    weights = files["model.safetensors"]
+    put_in_hf_cache(str(hub_env / "hf"), "acme/resnet10t-shapes", files)
     cfg = CacheBuildConfig(
         data=shapes_64,
         teacher="timm:hf-hub:acme/resnet10t-shapes:pretrained=true",

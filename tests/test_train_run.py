@@ -94,7 +94,11 @@ def runs(env):
         "catkd-stages": _cfg(env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], **STAGES),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
         "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
+        # the team's trackers: MLflow on a local SQLite store, W&B offline
+        "mlflow": _cfg(env, "mlflow", num_workers=1, tracking="mlflow", tracking_uri=_mlflow_uri(env)),
+        "wandb": _cfg(env, "wandb", epochs=1, num_workers=1, tracking="wandb", experiment="catkd-tests"),
     }
+    os.environ["WANDB_MODE"] = "offline"  # no account, no network: the run folder only
 
     def outcome(cfg):
         try:
@@ -104,6 +108,10 @@ def runs(env):
 
     with ThreadPoolExecutor(len(configs)) as pool:
         return dict(zip(configs, pool.map(outcome, configs.values()), strict=True))
+
+
+def _mlflow_uri(env) -> str:
+    return f"sqlite:///{env['base']}/mlflow.db"
 
 
 def _result(runs, name):
@@ -268,6 +276,50 @@ def test_a_cache_with_augmentation_stages_trains_and_must_match_the_runs_stages(
         resolve(_cfg(env, "stages-other", cache=env["stage_cache"], **(STAGES | {"erase": 0.5})))
 
 
+def test_mlflow_run_has_the_config_the_cache_every_epoch_and_the_student(env, runs):
+    import mlflow
+
+    result = _result(runs, "mlflow")
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(env))
+    (run,) = client.search_runs([client.get_experiment_by_name("catkd").experiment_id], "tags.`catkd.run` = 'mlflow'")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["student"] == "resnet8" and run.data.params["beta"] == "0.5"
+    assert run.data.tags["catkd.teacher"] == "resnet8" and run.data.tags["catkd.cache"] == env["cache"]
+    assert run.data.tags["catkd.cache_id"] in env["cache"]
+    history = client.get_metric_history(run.info.run_id, "test_top1")
+    assert [(m.step, m.value) for m in history] == [(h["epoch"], h["test_top1"]) for h in result["history"]]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"student_cam.pt", "student_classifier.pt", "metrics.jsonl", "student_cams.png"} <= artifacts
+
+
+def test_wandb_offline_run_folder_holds_the_metrics_and_the_student(env, runs):
+    """Rank 0's offline run holds every epoch's metrics; the driver's, the artifacts."""
+    from tests.helpers.hub_datasets import wandb_history
+
+    result = _result(runs, "wandb")
+    folders = sorted(glob.glob(str(env["base"] / "runs" / "wandb" / "wandb" / "offline-run-*")))
+    rows = [row for folder in folders for row in wandb_history(glob.glob(f"{folder}/run-*.wandb")[0])]
+    assert [(int(r["epoch"]), float(r["test_top1"])) for r in rows] == [
+        (h["epoch"], pytest.approx(h["test_top1"])) for h in result["history"]
+    ]
+    saved = {os.path.basename(p) for folder in folders for p in glob.glob(f"{folder}/files/*")}
+    assert {"student_cam.pt", "metrics.jsonl", "student_cams.png"} <= saved
+
+
+def test_a_sweep_logs_its_trials_as_runs_of_one_mlflow_experiment(env):
+    import mlflow
+
+    from pipeline.train.sweep import SweepConfig, run_sweep
+
+    uri = f"sqlite:///{env['base']}/sweep-mlflow.db"
+    base = _cfg(env, "tracked-sweep", epochs=1, num_workers=1, tracking="mlflow", tracking_uri=uri)
+    run_sweep(base, SweepConfig(space=["beta=grid:0.5,2"], scheduler="none", max_concurrent=2))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tracked-sweep").experiment_id])
+    assert sorted(r.data.params["beta"] for r in runs) == ["0.5", "2.0"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics.get("test_top1") is not None for r in runs)
+
+
 def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(env):
     """Every value of the space is checked against the data and the cache at start."""
     from pipeline.train.sweep import SweepConfig, run_sweep
@@ -301,3 +353,19 @@ def test_paper_config_loads_and_validates(path):
 def test_nonfinite_loss_names_the_sample_ids(runs):
     with pytest.raises(Exception, match=r"training loss became non-finite at sample ids \[\d+"):
         _result(runs, "diverges")
+
+
+def test_tracking_settings_are_refused_in_one_line(monkeypatch):
+    from catkd.errors import ConfigError
+    from pipeline.train.tracking import TrackingUnavailableError
+
+    with pytest.raises(ConfigError, match="tracking: expected one of none, mlflow, wandb, got 'neptune'"):
+        TrainConfig(data="d", mode="ce", tracking="neptune")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="tracking_uri: set it"):
+        TrainConfig(data="d", mode="ce", tracking="mlflow")
+    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # as if the extra were not installed
+    with pytest.raises(
+        TrackingUnavailableError, match=r"tracking: wandb needs its client: pip install 'catkd\[wandb\]'"
+    ):
+        TrainConfig(data="d", mode="ce", tracking="wandb")

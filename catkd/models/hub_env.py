@@ -36,8 +36,3 @@ def hub_env() -> dict[str, str]:
     teacher actors, verify's checkers, training's ranks): a worker started before they
     were set, or on another node, would look for the files elsewhere."""
     return {name: os.environ[name] for name in HUB_ENV_VARS if name in os.environ}
-
-
-def apply_hub_env(env: dict[str, str]) -> None:
-    """In a worker: take the driver's hub settings (``hub_env``)."""
-    os.environ.update(env)

@@ -14,6 +14,7 @@ from catkd.models import model_normalization, model_problem
 from pipeline.data.stages import parse_stages
 from pipeline.data.views import MEAN_STD, AugmentSpec
 from pipeline.settings import check_fields, check_normalization, load_settings
+from pipeline.train.tracking import check_tracking
 from pipeline.weights import check_weights_given
 
 Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
@@ -95,6 +96,10 @@ class TrainConfig:
     channels_last: bool = False  # channels-last memory format
     storage_path: str = "runs"  # where runs live (checkpoints, metrics, exports): path or URL
     name: str = "run"  # the run's folder under storage_path; the same name resumes
+    # the team's tracker as well: none, mlflow (catkd[mlflow]) or wandb (catkd[wandb])
+    tracking: str = "none"
+    tracking_uri: str | None = None  # MLflow's tracking URI (default: MLFLOW_TRACKING_URI)
+    experiment: str | None = None  # the tracker's experiment / W&B project (default: catkd; a sweep's name)
     max_failures: int = 0  # worker-group restarts after a lost worker or node (-1: unlimited)
     shuffle_buffer: int = 2048  # samples pooled across consecutive shards before shuffling
     verbose: bool = False  # Ray's own output on the console too (worker logs, Ray Train's INFO lines)
@@ -134,6 +139,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: {problem}")
         check_normalization(self)
         parse_stages(self.ops, self.erase, self.mix)
+        check_tracking(self)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
         if self.mode == "online-catkd":
@@ -217,6 +223,9 @@ RESUMABLE = (
     "name",
     "verbose",
     "compile",
+    "tracking",
+    "tracking_uri",
+    "experiment",
 )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
@@ -17,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from catkd.models import CAMClassifier, load_checkpoint
-from catkd.models.hub_env import apply_hub_env
 from catkd.models.pretrained import build_pretrained
 from pipeline.cache.reader import TargetCache
 from pipeline.console import Console
@@ -29,6 +29,7 @@ from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
+from pipeline.train.tracking import open_tracker
 from pipeline.weights import read_weights
 
 
@@ -74,7 +75,7 @@ def _quiet_ray_train() -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    apply_hub_env(config.get("hub_env", {}))  # where the driver finds pretrained weights
+    os.environ.update(config.get("env", {}))  # the driver's hub and tracker settings
     cfg = TrainConfig(**config["cfg"])
     console: Console = config.get("console") or Console()
     if not cfg.verbose:
@@ -134,6 +135,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # shared-memory epoch counter (ShardStream.set_epoch).
     train_loader = make_loader(train_stream, cfg.loader_workers, pin_memory=device.type == "cuda")
     test_loader = make_loader(test_stream, cfg.loader_workers)
+    tracker = open_tracker(cfg, first=True) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
         progress = _Progress(console, rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
@@ -149,9 +151,13 @@ def train_loop(config: dict[str, Any]) -> None:
             if rank == 0:
                 save_training_state(folder, model, optimizer, scheduler, epoch + 1, cfg, history)
                 _write_run_logs(cfg, history)
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step=epoch + 1)
                 console.say(_format(metrics, cfg.epochs))
             # report() is a barrier: every rank calls it once per epoch.
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
+    if tracker is not None:
+        tracker.end_of_training()
 
 
 # Steps between checks of the device-side non-finite flag (each check is one host sync).

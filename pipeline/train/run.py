@@ -40,6 +40,7 @@ from pipeline.storage import absolute, check_location, filesystem, join, write_a
 from pipeline.train.checkpoint import load_training_state
 from pipeline.train.config import TrainConfig, resume_conflicts
 from pipeline.train.loop import train_loop
+from pipeline.train.tracking import log_run_end, tracker_env, with_tracking_uri
 
 
 class ResumeError(CatkdError, ValueError):
@@ -166,7 +167,7 @@ def train(cfg: TrainConfig, callbacks: Sequence[UserCallback] = ()) -> dict[str,
     """Run (or resume) ``cfg`` on Ray Train; ``callbacks`` are Ray Train's (a sweep's
     trial passes the one that reports each epoch to Tune)."""
     check_location(cfg.storage_path)
-    cfg = resolve(cfg)
+    cfg = with_tracking_uri(resolve(cfg))
     check_resume(cfg)
     init_ray(verbose=cfg.verbose)
     storage = cfg.storage_path
@@ -176,12 +177,15 @@ def train(cfg: TrainConfig, callbacks: Sequence[UserCallback] = ()) -> dict[str,
         try:
             result = _fit(cfg, resources, console, callbacks)
         except TrainingFailedError as exc:  # Ray Train V2's fit raises what its workers failed with
+            log_run_end(cfg, {}, failed=True)
             raise worker_user_error(exc) from None
     if result.error:
+        log_run_end(cfg, {}, failed=True)
         raise worker_user_error(result.error)
     with result.checkpoint.as_directory() as folder:
         state = load_training_state(folder)
     exported = export_student(cfg, state)
+    log_run_end(cfg, exported)
     return {"history": state["history"], "exported": exported, "run": join(storage, cfg.name)}
 
 
@@ -216,7 +220,8 @@ def _fit(
 ) -> Result:
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": asdict(cfg), "console": console, "hub_env": hub_env()},
+        # the driver's hub and tracker settings, for workers started without them
+        train_loop_config={"cfg": asdict(cfg), "console": console, "env": hub_env() | tracker_env()},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.name,

@@ -36,6 +36,7 @@ from pipeline.train.config import TrainConfig
 from pipeline.train.run import ResumeError, cpus_per_worker, resolve, train
 from pipeline.train.search_space import Dimension, check_against, grid_size, parse_space, space_items
 from pipeline.train.sweep_report import report, run_history, trial_rows
+from pipeline.train.tracking import with_tracking_uri
 
 
 @dataclass
@@ -79,6 +80,10 @@ STATE_PERIOD_S = "1"
 def run_sweep(base: TrainConfig, sweep: SweepConfig) -> list[dict[str, Any]]:
     """Run (or resume) the sweep; returns the table's rows, best first."""
     check_location(base.storage_path)
+    # The trials are runs of one tracker experiment, named after the sweep.
+    base = with_tracking_uri(
+        dataclasses.replace(base, experiment=base.experiment or posixpath.basename(base.name.rstrip("/")))
+    )
     dims = parse_space(sweep.space, TrainConfig)
     check_against(dims, base)
     base = _check_inputs(base, dims)
@@ -135,7 +140,16 @@ SWEEP_CONFIG = "sweep_config.json"
 # What a rerun may change without mixing two sweeps: how many trials run at once, and how
 # each trial's run executes (not what it computes).
 SWEEP_RESUMABLE = ("max_concurrent",)
-BASE_RESUMABLE = ("loader_workers", "cpus_per_worker", "max_failures", "verbose", "compile")
+BASE_RESUMABLE = (
+    "loader_workers",
+    "cpus_per_worker",
+    "max_failures",
+    "verbose",
+    "compile",
+    "tracking",
+    "tracking_uri",
+    "experiment",
+)
 
 
 def check_sweep_resume(folder: str, base: TrainConfig, sweep: SweepConfig) -> None:

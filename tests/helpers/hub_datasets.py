@@ -112,3 +112,73 @@ def write_hf_parquet(
             table = pa.Table.from_pylist(rows, schema=schema)
             pq.write_table(table, os.path.join(folder, name), row_group_size=row_group_size)
     return expected
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def put_in_hf_cache(cache: str, repo: str, files: dict[str, bytes]) -> str:
+    """Lay ``files`` out as huggingface_hub's cache holds a repo's main revision; returns
+    the snapshot folder."""
+    folder = os.path.join(cache, f"models--{repo.replace('/', '--')}")
+    snapshot = os.path.join(folder, "snapshots", COMMIT)
+    os.makedirs(snapshot, exist_ok=True)
+    os.makedirs(os.path.join(folder, "refs"), exist_ok=True)
+    with open(os.path.join(folder, "refs", "main"), "w") as f:
+        f.write(COMMIT)
+    for name, data in files.items():
+        with open(os.path.join(snapshot, name), "wb") as f:
+            f.write(data)
+    return snapshot
+
+
+def timm_repo_files(architecture: str, num_classes: int, seed: int = 0, **config) -> dict[str, bytes]:
+    """A timm model's Hugging Face repo (``config.json``, ``model.safetensors``) with
+    random weights: the files timm's own hub export writes."""
+    import tempfile
+
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(architecture, num_classes=num_classes)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+        weights = open(path, "rb").read()
+    meta = {"architecture": architecture, "num_classes": num_classes} | config
+    return {"config.json": json.dumps(meta).encode(), "model.safetensors": weights}
+
+
+def wandb_history(path: str) -> list[dict[str, str]]:
+    """The history rows (``wandb.log`` calls) of an offline run's ``run-ID.wandb`` file,
+    values as W&B's JSON text. The file is LevelDB's log format (32 KiB blocks of chunks:
+    crc32, length, type; full records or first/middle/last pieces) after a 7-byte
+    header; each record a ``wandb_internal_pb2.Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+    records, pending, position, block = [], b"", 7, 32768
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # the block's tail is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        chunk = data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(pending)
+    rows = []
+    for raw in records:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or ".".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows

@@ -1,0 +1,266 @@
+"""Runs in the team's tracker: ``tracking=mlflow`` or ``tracking=wandb``.
+
+Ray's documentation for Train V2 has rank 0 of the training function talk to the
+tracker itself (its ``setup_mlflow``/``setup_wandb`` helpers belong to the V1 API), and
+so does catkd: rank 0 opens the run when training starts (the config as parameters, the
+cache identity and teacher as tags) and logs every epoch's metrics; the driver adds the
+exported student, the metrics file and a picture of the student's CAMs as artifacts
+when training ends, and closes the run. A run is found again by its catkd run name
+(tag ``catkd.run``), so a restarted rank 0 or a resumed training continues the same
+tracker run. A sweep's trials are runs of one experiment, named after the sweep.
+
+MLflow: the tracking URI is ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` (a server, or
+``sqlite:///PATH`` offline: artifacts then go beside the database). W&B: the project is
+the experiment; ``WANDB_MODE=offline`` writes the run folder under the run's storage
+folder without an account. Both are optional extras (``catkd[mlflow]``,
+``catkd[wandb]``); a missing one is refused in one line before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+from catkd.errors import CatkdError, ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.train.config import TrainConfig
+
+TRACKERS = ("none", "mlflow", "wandb")
+DEFAULT_EXPERIMENT = "catkd"
+RUN_TAG = "catkd.run"
+
+
+class TrackingUnavailableError(CatkdError, ImportError):
+    """A tracker asked for whose client is not installed."""
+
+
+def check_tracking(cfg: TrainConfig) -> None:
+    """Refuse an unknown tracker, or one whose client is not installed (one line)."""
+    if cfg.tracking not in TRACKERS:
+        raise ConfigError(f"tracking: expected one of {', '.join(TRACKERS)}, got {cfg.tracking!r}")
+    if cfg.tracking == "none":
+        return
+    try:
+        __import__(cfg.tracking)
+    except ImportError:
+        raise TrackingUnavailableError(
+            f"tracking: {cfg.tracking} needs its client: pip install 'catkd[{cfg.tracking}]'"
+        ) from None
+    if cfg.tracking == "mlflow" and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
+        raise ConfigError("tracking_uri: set it (or MLFLOW_TRACKING_URI) to an MLflow server or sqlite:///PATH")
+
+
+def experiment_name(cfg: TrainConfig) -> str:
+    return cfg.experiment or DEFAULT_EXPERIMENT
+
+
+def run_params(cfg: TrainConfig) -> dict[str, str]:
+    """The config as flat string parameters (lists and dicts as JSON)."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(cfg).items()}
+
+
+def run_tags(cfg: TrainConfig) -> dict[str, str]:
+    """What the run learns from: its cache's identity and teacher, its data."""
+    tags = {RUN_TAG: cfg.name, "catkd.mode": cfg.mode, "catkd.student": cfg.student, "catkd.data": cfg.data}
+    if cfg.teacher:
+        tags["catkd.teacher"] = cfg.teacher
+    if cfg.cache:
+        from pipeline.cache.reader import TargetCache
+
+        identity = TargetCache(cfg.cache).identity
+        tags |= {
+            "catkd.cache": cfg.cache,
+            "catkd.cache_id": identity.cache_id,
+            "catkd.teacher": identity.teacher_arch,
+            "catkd.teacher_sha256": identity.teacher_sha256,
+            "catkd.cache_storage": identity.storage,
+        }
+    return tags
+
+
+class Tracker:
+    """One tracker run: opened by rank 0 (``start``) or the driver (``reopen``)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, path: str) -> None:
+        raise NotImplementedError
+
+    def end_of_training(self) -> None:
+        """Rank 0's last call; the driver closes the run after adding its artifacts."""
+
+    def finish(self, failed: bool = False) -> None:
+        raise NotImplementedError
+
+
+def open_tracker(cfg: TrainConfig, *, first: bool) -> Tracker | None:
+    """The tracker run of ``cfg`` (None for tracking=none); ``first`` (rank 0 at the start
+    of training) also records the parameters and tags."""
+    if cfg.tracking == "mlflow":
+        return MlflowTracker(cfg, first)
+    if cfg.tracking == "wandb":
+        return WandbTracker(cfg, first)
+    return None
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, cfg: TrainConfig, first: bool) -> None:
+        import mlflow
+
+        self.mlflow = mlflow
+        self.client, experiment_id = _mlflow_experiment(cfg)
+        found = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{RUN_TAG}` = '{cfg.name}'",
+            max_results=1,
+            order_by=["start_time DESC"],
+        )
+        if found:
+            self.run_id = found[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            self.run_id = self.client.create_run(experiment_id, run_name=cfg.name, tags={RUN_TAG: cfg.name}).info.run_id
+        if first:
+            for key, value in run_tags(cfg).items():
+                self.client.set_tag(self.run_id, key, value)
+            if not found:  # parameters cannot change once logged
+                from mlflow.entities import Param
+
+                self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in run_params(cfg).items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_artifact(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
+
+    def finish(self, failed: bool = False) -> None:
+        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _mlflow_experiment(cfg: TrainConfig):
+    """The client of ``cfg``'s tracking URI and its experiment's id (created if new)."""
+    import mlflow
+
+    uri = cfg.tracking_uri or os.environ["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name(cfg))
+    if experiment is not None:
+        return client, experiment.experiment_id
+    return client, client.create_experiment(experiment_name(cfg), artifact_location=_beside_database(uri))
+
+
+def prepare_tracking(cfg: TrainConfig) -> None:
+    """On the driver, before any worker starts: MLflow's store opened (a new SQLite
+    database is created and migrated here, once, not by a sweep's trials at once) and
+    the experiment made."""
+    if cfg.tracking == "mlflow":
+        _mlflow_experiment(cfg)
+
+
+def _beside_database(uri: str) -> str | None:
+    """Artifacts of a SQLite store go in a folder beside the database (MLflow's default,
+    ./mlruns of the process, would be a Ray worker's temporary folder)."""
+    if uri.startswith("sqlite:///"):
+        return os.path.join(os.path.dirname(os.path.abspath(uri.removeprefix("sqlite:///"))), "mlflow-artifacts")
+    return None
+
+
+class WandbTracker(Tracker):
+    def __init__(self, cfg: TrainConfig, first: bool) -> None:
+        import wandb
+
+        from pipeline.storage import filesystem, is_local, join
+
+        fs, root = filesystem(cfg.storage_path)
+        folder = join(root, cfg.name) if is_local(fs) else None  # the run folder beside the run's own logs
+        if folder:
+            os.makedirs(folder, exist_ok=True)
+        # One W&B run per catkd run, found again by an id made from its name.
+        run_id = hashlib.sha256(f"{cfg.storage_path}|{cfg.name}".encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=experiment_name(cfg),
+            name=cfg.name,
+            id=run_id,
+            resume="allow",
+            dir=folder,
+            config=run_params(cfg) if first else None,
+            tags=None,
+            reinit="finish_previous",
+        )
+        if first:
+            self.run.summary.update({k.replace(".", "_"): v for k, v in run_tags(cfg).items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def log_artifact(self, path: str) -> None:
+        self.run.save(path, base_path=os.path.dirname(path), policy="now")
+
+    def end_of_training(self) -> None:
+        self.run.finish()  # one process holds a W&B run at a time: the driver reopens it
+
+    def finish(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+
+
+# W&B settings a worker needs from the driver (never a key: that is the cluster's own)
+TRACKER_ENV_VARS = ("WANDB_MODE", "WANDB_BASE_URL", "WANDB_ENTITY")
+
+
+def tracker_env() -> dict[str, str]:
+    return {name: os.environ[name] for name in TRACKER_ENV_VARS if name in os.environ}
+
+
+def with_tracking_uri(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with MLflow's URI taken from the driver's environment, so that the
+    workers (started without it) find the same server; the store prepared."""
+    if cfg.tracking == "mlflow" and not cfg.tracking_uri:
+        cfg = dataclasses.replace(cfg, tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+    prepare_tracking(cfg)
+    return cfg
+
+
+def log_run_end(cfg: TrainConfig, exported: dict[str, str], *, failed: bool = False) -> None:
+    """On the driver when training ends: the exported student, the metrics file and a
+    picture of the student's CAMs on test images as artifacts, then the run closed."""
+    if cfg.tracking == "none":
+        return
+    tracker = open_tracker(cfg, first=False)
+    assert tracker is not None
+    with tempfile.TemporaryDirectory() as folder:
+        from pipeline.storage import filesystem, join
+
+        fs, root = filesystem(cfg.storage_path)
+        sources = dict(exported) | {"metrics.jsonl": join(root, cfg.name, "metrics.jsonl")}
+        for name, url in sources.items():
+            sfs, path = filesystem(url) if "://" in url else (fs, url)
+            if sfs.exists(path):
+                local = os.path.join(folder, os.path.basename(name))
+                sfs.get(path, local)
+                tracker.log_artifact(local)
+        if "student_cam.pt" in exported:
+            from pipeline.viz import render_cam_report
+
+            picture = os.path.join(folder, "student_cams.png")
+            render_cam_report(
+                cfg.data,
+                {"student": exported["student_cam.pt"]},
+                picture,
+                split=cfg.test_split,
+                spec=cfg.spec,
+                limit=64,
+            )
+            tracker.log_artifact(picture)
+    tracker.finish(failed)
