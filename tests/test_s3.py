@@ -332,18 +332,24 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
     assert SECRET not in repair.stdout + repair.stderr + rebuild.stdout + rebuild.stderr
 
 
-def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s3_cache):
+def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s3_cache, tmp_path):
     """catkd sweep with storage_path on the object store: Tune's experiment state, every
     trial's run and the report land there, and rerunning the same command restores the
-    sweep from there without running a finished trial again."""
+    sweep from there without running a finished trial again. The trials are also runs of
+    one MLflow experiment (a local SQLite store), named after the sweep."""
+    import mlflow
+
     env, fs = s3
     url, _ = s3_cache
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
         "sweep",
         *_one_epoch_from(url),
         "cpus_per_worker=1",
         "storage_path=s3://catkd-bucket/sweeps",
         "name=s3sweep",
+        "tracking=mlflow",
+        f"tracking_uri={tracking}",
         "--space",
         "beta=grid:1,4",
         "--scheduler",
@@ -358,6 +364,11 @@ def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s
     for row in summary["trials"]:
         assert fs.exists(f"catkd-bucket/sweeps/s3sweep/{row['trial']}/metrics.jsonl")
     assert fs.cat_file("catkd-bucket/sweeps/s3sweep/sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    tracked = client.search_runs([client.get_experiment_by_name("s3sweep").experiment_id])
+    assert sorted(r.data.params["beta"] for r in tracked) == ["1.0", "4.0"]
+    assert all(r.info.status == "FINISHED" and r.data.metrics.get("test_top1") is not None for r in tracked)
+    assert all("student_cam.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in tracked)
     rerun = _catkd(env, *command)
     output = rerun.stdout + rerun.stderr
     assert rerun.returncode == 0 and "resuming" in output, output[-3000:]

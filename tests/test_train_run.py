@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -77,6 +78,8 @@ def _mode_cfg(env, mode):
     extra = {"teacher": "resnet8", "teacher_weights": env["weights"]} if mode == "online-catkd" else {}
     if mode in ("ce", "online-catkd"):
         extra["cache"] = None
+    if mode == "ce":  # also in the team's tracker (W&B offline)
+        extra |= {"tracking": "wandb", "experiment": "catkd-tests"}
     if mode == "kd":  # KD from a top-k cache's logits (the full cache's: test_train_parity)
         extra["cache"] = env["topk_cache"]
     return _cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra)
@@ -90,13 +93,19 @@ def runs(env):
     configs = {
         "catkd": _cfg(env, "catkd"),
         **{f"mode-{mode}": _mode_cfg(env, mode) for mode in MODES},
-        "catkd-topk": _cfg(env, "catkd-topk", epochs=1, num_workers=1, cache=env["topk_cache"]),
+        # also in the team's tracker (MLflow on a local SQLite store)
+        "catkd-topk": _cfg(
+            env,
+            "catkd-topk",
+            epochs=1,
+            num_workers=1,
+            cache=env["topk_cache"],
+            tracking="mlflow",
+            tracking_uri=_mlflow_uri(env),
+        ),
         "catkd-stages": _cfg(env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], **STAGES),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
         "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
-        # the team's trackers: MLflow on a local SQLite store, W&B offline
-        "mlflow": _cfg(env, "mlflow", num_workers=1, tracking="mlflow", tracking_uri=_mlflow_uri(env)),
-        "wandb": _cfg(env, "wandb", epochs=1, num_workers=1, tracking="wandb", experiment="catkd-tests"),
     }
     os.environ["WANDB_MODE"] = "offline"  # no account, no network: the run folder only
 
@@ -112,6 +121,10 @@ def runs(env):
 
 def _mlflow_uri(env) -> str:
     return f"sqlite:///{env['base']}/mlflow.db"
+
+
+def _mlflow(env) -> dict:
+    return {"tracking": "mlflow", "tracking_uri": _mlflow_uri(env)}
 
 
 def _result(runs, name):
@@ -279,13 +292,14 @@ def test_a_cache_with_augmentation_stages_trains_and_must_match_the_runs_stages(
 def test_mlflow_run_has_the_config_the_cache_every_epoch_and_the_student(env, runs):
     import mlflow
 
-    result = _result(runs, "mlflow")
+    result = _result(runs, "catkd-topk")
     client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(env))
-    (run,) = client.search_runs([client.get_experiment_by_name("catkd").experiment_id], "tags.`catkd.run` = 'mlflow'")
+    experiment = client.get_experiment_by_name("catkd").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`catkd.run` = 'catkd-topk'")
     assert run.info.status == "FINISHED"
     assert run.data.params["student"] == "resnet8" and run.data.params["beta"] == "0.5"
-    assert run.data.tags["catkd.teacher"] == "resnet8" and run.data.tags["catkd.cache"] == env["cache"]
-    assert run.data.tags["catkd.cache_id"] in env["cache"]
+    assert run.data.tags["catkd.teacher"] == "resnet8" and run.data.tags["catkd.cache"] == env["topk_cache"]
+    assert run.data.tags["catkd.cache_id"] in env["topk_cache"] and run.data.tags["catkd.cache_storage"] == "topk:2"
     history = client.get_metric_history(run.info.run_id, "test_top1")
     assert [(m.step, m.value) for m in history] == [(h["epoch"], h["test_top1"]) for h in result["history"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -296,28 +310,14 @@ def test_wandb_offline_run_folder_holds_the_metrics_and_the_student(env, runs):
     """Rank 0's offline run holds every epoch's metrics; the driver's, the artifacts."""
     from tests.helpers.hub_datasets import wandb_history
 
-    result = _result(runs, "wandb")
-    folders = sorted(glob.glob(str(env["base"] / "runs" / "wandb" / "wandb" / "offline-run-*")))
+    result = _result(runs, "mode-ce")
+    folders = sorted(glob.glob(str(env["base"] / "runs" / "mode-ce" / "wandb" / "offline-run-*")))
     rows = [row for folder in folders for row in wandb_history(glob.glob(f"{folder}/run-*.wandb")[0])]
     assert [(int(r["epoch"]), float(r["test_top1"])) for r in rows] == [
         (h["epoch"], pytest.approx(h["test_top1"])) for h in result["history"]
     ]
     saved = {os.path.basename(p) for folder in folders for p in glob.glob(f"{folder}/files/*")}
     assert {"student_cam.pt", "metrics.jsonl", "student_cams.png"} <= saved
-
-
-def test_a_sweep_logs_its_trials_as_runs_of_one_mlflow_experiment(env):
-    import mlflow
-
-    from pipeline.train.sweep import SweepConfig, run_sweep
-
-    uri = f"sqlite:///{env['base']}/sweep-mlflow.db"
-    base = _cfg(env, "tracked-sweep", epochs=1, num_workers=1, tracking="mlflow", tracking_uri=uri)
-    run_sweep(base, SweepConfig(space=["beta=grid:0.5,2"], scheduler="none", max_concurrent=2))
-    client = mlflow.MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("tracked-sweep").experiment_id])
-    assert sorted(r.data.params["beta"] for r in runs) == ["0.5", "2.0"]
-    assert all(r.info.status == "FINISHED" and r.data.metrics.get("test_top1") is not None for r in runs)
 
 
 def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(env):
@@ -364,7 +364,7 @@ def test_tracking_settings_are_refused_in_one_line(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="tracking_uri: set it"):
         TrainConfig(data="d", mode="ce", tracking="mlflow")
-    monkeypatch.setitem(__import__("sys").modules, "wandb", None)  # as if the extra were not installed
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if the extra were not installed
     with pytest.raises(
         TrackingUnavailableError, match=r"tracking: wandb needs its client: pip install 'catkd\[wandb\]'"
     ):

@@ -130,8 +130,17 @@ def commit_shard(url: str, j: int, first_id: int, arrays: dict[str, np.ndarray])
     }
     if create_exclusive(fs, done_path(root, j), json.dumps(record).encode()):
         return record
-    fs.rm(join(root, posixpath.dirname(rel)), recursive=True)  # another build committed this shard first
+    _remove_folder(fs, join(root, posixpath.dirname(rel)))  # another build committed this shard first
     return read_done(fs, root, j)
+
+
+def _remove_folder(fs, folder: str) -> None:
+    """Remove ``folder`` and what it holds; one already gone (removed by a concurrent
+    build's orphan sweep) is not an error."""
+    try:
+        fs.rm(folder, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def retire_shards(fs, root: str, shards: list[int]) -> None:
@@ -170,10 +179,15 @@ def remove_orphans(fs, root: str, records: dict[int, dict[str, Any]], lease_s: f
         name = posixpath.join(DATA_DIR, posixpath.basename(folder.rstrip("/")))
         if name in kept:
             continue
-        files = fs.find(folder, detail=True).values()
-        newest = max((_mtime(info) for info in files), default=0.0)
+        try:
+            # the folder's own time too: a writer's folder exists before its first file,
+            # and a folder with no file yet is not old (it counted as written at time 0)
+            infos = [*fs.find(folder, detail=True, withdirs=True).values(), fs.info(folder)]
+        except FileNotFoundError:
+            continue  # removed meanwhile by the build that lost its race for it
+        newest = max(_mtime(info) for info in infos)
         if now - newest > lease_s:
-            fs.rm(folder, recursive=True)
+            _remove_folder(fs, folder)
     fs.invalidate_cache(data_dir)
 
 

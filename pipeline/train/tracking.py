@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -234,33 +235,41 @@ def with_tracking_uri(cfg: TrainConfig) -> TrainConfig:
 
 def log_run_end(cfg: TrainConfig, exported: dict[str, str], *, failed: bool = False) -> None:
     """On the driver when training ends: the exported student, the metrics file and a
-    picture of the student's CAMs on test images as artifacts, then the run closed."""
+    picture of the student's CAMs on test images as artifacts, then the run closed. The
+    training's own outputs are written by then: a tracker that fails here costs a line
+    on stderr, not the run."""
     if cfg.tracking == "none":
         return
+    try:
+        _log_run_end(cfg, exported, failed)
+    except Exception as exc:  # the tracker's clients raise many types (network, store, auth)
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        print(
+            f"[train] {cfg.name}: {cfg.tracking}: the run's artifacts were not logged ({type(exc).__name__}: {text})",
+            file=sys.stderr,
+        )
+
+
+def _log_run_end(cfg: TrainConfig, exported: dict[str, str], failed: bool) -> None:
     tracker = open_tracker(cfg, first=False)
     assert tracker is not None
     with tempfile.TemporaryDirectory() as folder:
         from pipeline.storage import filesystem, join
 
+        # export_student's paths are the storage filesystem's own (no protocol)
         fs, root = filesystem(cfg.storage_path)
         sources = dict(exported) | {"metrics.jsonl": join(root, cfg.name, "metrics.jsonl")}
-        for name, url in sources.items():
-            sfs, path = filesystem(url) if "://" in url else (fs, url)
-            if sfs.exists(path):
-                local = os.path.join(folder, os.path.basename(name))
-                sfs.get(path, local)
-                tracker.log_artifact(local)
-        if "student_cam.pt" in exported:
+        local: dict[str, str] = {}
+        for name, path in sources.items():
+            if fs.exists(path):
+                local[name] = os.path.join(folder, os.path.basename(name))
+                fs.get(path, local[name])
+                tracker.log_artifact(local[name])
+        if "student_cam.pt" in local:
             from pipeline.viz import render_cam_report
 
             picture = os.path.join(folder, "student_cams.png")
-            render_cam_report(
-                cfg.data,
-                {"student": exported["student_cam.pt"]},
-                picture,
-                split=cfg.test_split,
-                spec=cfg.spec,
-                limit=64,
-            )
+            student = {"student": local["student_cam.pt"]}
+            render_cam_report(cfg.data, student, picture, split=cfg.test_split, spec=cfg.spec, limit=64)
             tracker.log_artifact(picture)
     tracker.finish(failed)
