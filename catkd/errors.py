@@ -16,6 +16,13 @@ class ConfigError(CatkdError, ValueError):
     """A configuration value of the wrong type, out of range, or an unknown key."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type's
+    name when it has no message): what a one-line error quotes of a library's own error."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 def user_error(exc: BaseException) -> BaseException:
     """What to raise for an exception that came back from a worker (a Ray task error, or
     a pool future's): the user error it carries as its cause, rebuilt plain so that it

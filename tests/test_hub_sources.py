@@ -8,19 +8,17 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from pipeline.data.shard_format import load_shard, read_index
-from pipeline.data.shard_writer import ShardConfig, id_order, shard_dataset
+from pipeline.data.shard_writer import id_order
 from pipeline.data.sources import SourceError
-from tests.helpers.hub_datasets import write_hf_parquet, write_wds
+from tests.helpers.hub_datasets import shard_in_threads, write_hf_parquet, write_wds
 
 
 def shard(source: str, out: str, **options) -> dict:
-    with ThreadPoolExecutor(4) as pool:
-        return shard_dataset(ShardConfig(source, out, samples_per_shard=4, progress=False, **options), pool)
+    return shard_in_threads(source, out, samples_per_shard=4, **options)
 
 
 def check_against_source(out: str, split: str, expected: list) -> None:

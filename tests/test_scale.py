@@ -303,20 +303,15 @@ def test_webdataset_on_s3_shards_like_local_listing_shards_concurrently(s3_env, 
     """WebDataset shards with their _info.json on the object store give the same output
     shards (fingerprint) as on local disk; each source shard is listed as one stream,
     several at once, and the output is resumable from its records."""
-    from pipeline.data.shard_writer import ShardConfig, shard_dataset
-    from tests.helpers.hub_datasets import write_wds
+    from tests.helpers.hub_datasets import shard_in_threads, write_wds
 
     write_wds(str(tmp_path / "wds"), {"train": 40, "validation": 8}, per_shard=4)
     s3_env.filesystem().put(str(tmp_path / "wds"), "scale/wds", recursive=True)
 
-    def run(source: str, out: str) -> dict:
-        with ThreadPoolExecutor(4) as pool:
-            return shard_dataset(ShardConfig(source, out, samples_per_shard=8, progress=False), pool)
-
-    local = run(f"webdataset:{tmp_path / 'wds'}", str(tmp_path / "out"))
+    local = shard_in_threads(f"webdataset:{tmp_path / 'wds'}", str(tmp_path / "out"), samples_per_shard=8)
     s3_env.reset()
     s3_env.delay_s = 0.005
-    remote = run("webdataset:s3://scale/wds", "s3://scale/wds-out")
+    remote = shard_in_threads("webdataset:s3://scale/wds", "s3://scale/wds-out", samples_per_shard=8)
     counts = s3_env.counts()
     assert {k: v.fingerprint for k, v in remote.items()} == {k: v.fingerprint for k, v in local.items()}
     # the info file, each of the 12 source shards streamed, then the 48 images by range
@@ -325,7 +320,8 @@ def test_webdataset_on_s3_shards_like_local_listing_shards_concurrently(s3_env, 
     s3_env.delay_s = 0.0
     s3_env.filesystem().rm("scale/wds-out/train.index.json")
     s3_env.reset()
-    assert run("webdataset:s3://scale/wds", "s3://scale/wds-out")["train"].fingerprint == local["train"].fingerprint
+    again = shard_in_threads("webdataset:s3://scale/wds", "s3://scale/wds-out", samples_per_shard=8)
+    assert again["train"].fingerprint == local["train"].fingerprint
     assert s3_env.counts().get("PUT", 0) <= 3  # the index again; no shard rewritten
 
 
@@ -333,21 +329,16 @@ def test_hf_parquet_on_s3_shards_like_local_reading_each_file_once(s3_env, tmp_p
     """Hugging Face parquet files on the object store give the same output shards as on
     local disk; each file is staged once (its row groups read once, several files at
     once) into the output's staging folder, which is gone when the job completes."""
-    from pipeline.data.shard_writer import ShardConfig, shard_dataset
-    from tests.helpers.hub_datasets import write_hf_parquet
+    from tests.helpers.hub_datasets import shard_in_threads, write_hf_parquet
 
     write_hf_parquet(str(tmp_path / "data"), {"train": 30, "validation": 6}, files_per_split=3)
     fs = s3_env.filesystem()
     fs.put(str(tmp_path / "data"), "scale/hf", recursive=True)
 
-    def run(source: str, out: str) -> dict:
-        with ThreadPoolExecutor(4) as pool:
-            return shard_dataset(ShardConfig(source, out, samples_per_shard=8, progress=False), pool)
-
-    local = run(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out"))
+    local = shard_in_threads(f"parquet:{tmp_path / 'data'}", str(tmp_path / "out"), samples_per_shard=8)
     s3_env.reset()
     s3_env.delay_s = 0.005
-    remote = run("parquet:s3://scale/hf", "s3://scale/hf-out")
+    remote = shard_in_threads("parquet:s3://scale/hf", "s3://scale/hf-out", samples_per_shard=8)
     assert {k: v.fingerprint for k, v in remote.items()} == {k: v.fingerprint for k, v in local.items()}
     assert s3_env.peak_in_flight > 4, "the files were staged one after another"
     assert not fs.exists("scale/hf-out/_staging")

@@ -11,6 +11,7 @@ from typing import IO, Any
 
 import torch
 
+from catkd.errors import first_line
 from catkd.models.cam import CAMClassifier
 from catkd.models.convert import CheckpointMismatchError, ConversionError
 from catkd.models.identify import identify_architecture
@@ -107,7 +108,7 @@ def _key_difference(module: torch.nn.Module, state: Mapping[str, torch.Tensor], 
         for keys, what in ((missing, "missing"), (unexpected, "unexpected"), (reshaped, "of another shape"))
         if keys
     ]
-    return ", ".join(parts) or str(exc).strip().splitlines()[0][:200]
+    return ", ".join(parts) or first_line(exc)
 
 
 def read_checkpoint(file: str | IO[bytes]) -> dict[str, Any]:
@@ -122,8 +123,7 @@ def read_checkpoint(file: str | IO[bytes]) -> dict[str, Any]:
         obj = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch's first line says what is wrong; the rest is advice about weights_only
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConversionError(f"{source}: cannot be read as a PyTorch checkpoint ({reason[:200]})") from None
+        raise ConversionError(f"{source}: cannot be read as a PyTorch checkpoint ({first_line(exc)})") from None
     if isinstance(obj, Mapping) and obj.get("format") == CHECKPOINT_FORMAT:
         return {"state": obj["state_dict"], "arch": obj["arch"], "num_classes": obj["num_classes"]}
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):  # the reference code base

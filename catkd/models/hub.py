@@ -24,7 +24,7 @@ import posixpath
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from catkd.errors import CatkdError
+from catkd.errors import CatkdError, first_line
 from catkd.models import timm_models
 from catkd.models.hub_env import hf_cache_dir, offline, torch_checkpoints_dir
 from catkd.models.registry import zoo_weights
@@ -115,7 +115,7 @@ def _hf_file(name: str, source: WeightsSource) -> str:
             except EntryNotFoundError:
                 continue  # timm's order: the next file the repo may hold
             except Exception as exc:  # the hub client raises many types for a network failure
-                reason = f"download failed: {_first_line(exc)}"
+                reason = f"download failed: {first_line(exc)}"
                 break
     raise WeightsUnavailableError(
         f"{name}: pretrained weights not found: expected {source.filenames[0]} of Hugging Face repo {repo} in "
@@ -137,15 +137,8 @@ def _url_file(name: str, url: str) -> str:
             torch.hub.download_url_to_file(url, path, progress=True)
             return path
         except Exception as exc:  # urllib raises many types for a network failure
-            reason = (
-                f"download failed: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
-            )
+            reason = f"download failed: {first_line(exc)}"
     raise WeightsUnavailableError(
         f"{name}: pretrained weights not found: expected {path} ({reason}); fetch it with: "
         f"mkdir -p {folder} && curl -L -o {path} {url}"
     )
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from catkd.errors import CatkdError
+from catkd.errors import CatkdError, first_line
 from catkd.models.cam import CAMClassifier
 from catkd.models.convert import ConversionError, cam_around, gap_linear_head
 from catkd.models.hub_env import hf_cache_dir
@@ -116,7 +116,7 @@ def build_timm(name: str, num_classes: int, *, bias: bool = False) -> CAMClassif
     except TypeError as exc:  # an option the family does not take
         raise ConversionError(f"{name}: timm cannot build it with {kwargs} ({exc})") from None
     except (OSError, RuntimeError) as exc:  # hf-hub: / local-dir: without its config.json
-        raise ConversionError(f"{name}: timm cannot read its config ({str(exc).splitlines()[0][:300]})") from None
+        raise ConversionError(f"{name}: timm cannot read its config ({first_line(exc, 300)})") from None
     family = type(model).__name__
     try:
         head, source_head = _linear_after_gap(model, family)

@@ -32,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.sources import Source, SourceError, SourceSlice, _ArchiveSlice, _format_of
+from pipeline.data.sources import (
+    Source,
+    SourceError,
+    SourceSlice,
+    _ArchiveSlice,
+    _format_of,
+    digest_lines,
+    label_id_classes,
+)
 from pipeline.storage import filesystem, join, list_entries, write_atomic
 
 READERS = 8  # parquet files staged at once (each holds one row group's images)
@@ -230,33 +238,28 @@ class ParquetSource(Source):
     def classes(self, split: str) -> list[str]:
         if self._class_names is not None:
             return self._class_names
-        top = max(int(part.labels.max(initial=-1)) for part in self._listing.values())
-        return [str(i) for i in range(top + 1)]
+        return label_id_classes(part.labels for part in self._listing.values())
 
     def size(self, split: str) -> int:
         return len(self._listing[split].labels)
 
     def listing_digest(self, split: str) -> str:
-        import hashlib
-
         part = self._listing[split]
-        h = hashlib.sha256()
-        for f, row, label in zip(part.file_of.tolist(), part.rows.tolist(), part.labels.tolist(), strict=True):
-            h.update(f"{posixpath.basename(part.files[f])}\0{row}\0{label}\n".encode())
-        return h.hexdigest()[:16]
+        rows = zip(part.file_of.tolist(), part.rows.tolist(), part.labels.tolist(), strict=True)
+        return digest_lines(f"{posixpath.basename(part.files[f])}\0{row}\0{label}" for f, row, label in rows)
 
     def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
         part = self._listing[split]
-        used, file_of = np.unique(part.file_of[positions], return_inverse=True)
-        return _ArchiveSlice(
-            [part.staged[f] for f in used.tolist()],
-            [part.files[f] for f in used.tolist()],
+        return _ArchiveSlice.select(
+            part.staged,
+            part.files,
+            positions,
             [f"row {row}" for row in part.rows[positions].tolist()],
-            part.labels[positions].tolist(),
-            file_of.tolist(),
-            part.offsets[positions].tolist(),
-            part.sizes[positions].tolist(),
             [part.formats[p] for p in positions.tolist()],
+            archive_of=part.file_of,
+            labels=part.labels,
+            offsets=part.offsets,
+            sizes=part.sizes,
         )
 
 

@@ -28,6 +28,7 @@ import pickle
 import posixpath
 import shutil
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -105,6 +106,21 @@ class Source:
 
 def _format_of(name: str) -> str | None:
     return IMAGE_EXTENSIONS.get(os.path.splitext(name)[1].lower())
+
+
+def digest_lines(lines: Iterable[str]) -> str:
+    """``Source.listing_digest`` of a listing given as one line per sample."""
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(f"{line}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def label_id_classes(labels: Iterable[np.ndarray]) -> list[str]:
+    """Class names for a source that has none: the label ids, as many as the largest label
+    of every split plus one, so that label i means the same class in every split."""
+    top = max(int(split_labels.max(initial=-1)) for split_labels in labels)
+    return [str(i) for i in range(top + 1)]
 
 
 # ---------------------------------------------------------------- image folders
@@ -302,11 +318,8 @@ class ImageFolderSource(Source):
         return len(self._split(split).names)
 
     def listing_digest(self, split: str) -> str:
-        h = hashlib.sha256()
         part = self._split(split)
-        for name, label in zip(part.names, part.labels.tolist(), strict=True):
-            h.update(f"{name}\0{label}\n".encode())
-        return h.hexdigest()[:16]
+        return digest_lines(f"{name}\0{label}" for name, label in zip(part.names, part.labels.tolist(), strict=True))
 
     def notes(self) -> list[str]:
         skipped = self._listing[1]
@@ -371,6 +384,36 @@ class _ArchiveSlice(SourceSlice):
     offsets: list[int]
     sizes: list[int]
     formats: list[str] | None = None  # default: from each name's extension
+
+    @classmethod
+    def select(
+        cls,
+        archives: list[str],
+        origins: list[str],
+        positions: np.ndarray,
+        names: list[str],
+        formats: list[str] | None,
+        *,
+        archive_of: np.ndarray,
+        labels: np.ndarray,
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+    ) -> _ArchiveSlice:
+        """The members at ``positions`` of a listing over several archives (its columns
+        ``archive_of``, ``labels``, ``offsets``, ``sizes``; ``names`` and ``formats``
+        already those of the positions). Only the archives the members lie in travel with
+        the slice."""
+        used, local = np.unique(archive_of[positions], return_inverse=True)
+        return cls(
+            [archives[a] for a in used.tolist()],
+            [origins[a] for a in used.tolist()],
+            names,
+            labels[positions].tolist(),
+            local.tolist(),
+            offsets[positions].tolist(),
+            sizes[positions].tolist(),
+            formats,
+        )
 
     def read(self) -> list[Record]:
         fs, _ = filesystem(self.archives[0])

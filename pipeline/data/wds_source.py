@@ -38,7 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.data.sources import TAR_BLOCK, Source, SourceError, SourceSlice, _ArchiveSlice
+from pipeline.data.sources import (
+    TAR_BLOCK,
+    Source,
+    SourceError,
+    SourceSlice,
+    _ArchiveSlice,
+    digest_lines,
+    label_id_classes,
+)
 from pipeline.storage import filesystem, is_local, join, list_entries
 
 IMAGE_MEMBERS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}  # in the order they are preferred
@@ -253,38 +261,27 @@ class WebDatasetSource(Source):
 
     def classes(self, split: str) -> list[str]:
         names = self._layout[1]
-        if names is not None:
-            return names
-        # Label ids as names; the class count is the largest label of every split plus
-        # one, so that label i means the same class in every split.
-        top = max(int(part.labels.max(initial=-1)) for part in self._listing.values())
-        return [str(i) for i in range(top + 1)]
+        return names if names is not None else label_id_classes(part.labels for part in self._listing.values())
 
     def size(self, split: str) -> int:
         return len(self._listing[split].names)
 
     def listing_digest(self, split: str) -> str:
-        import hashlib
-
         part = self._listing[split]
-        h = hashlib.sha256()
-        for a, name, label in zip(part.archive_of.tolist(), part.names, part.labels.tolist(), strict=True):
-            h.update(f"{posixpath.basename(part.archives[a])}\0{name}\0{label}\n".encode())
-        return h.hexdigest()[:16]
+        rows = zip(part.archive_of.tolist(), part.names, part.labels.tolist(), strict=True)
+        return digest_lines(f"{posixpath.basename(part.archives[a])}\0{name}\0{label}" for a, name, label in rows)
 
     def slice(self, split: str, positions: np.ndarray) -> SourceSlice:
         part = self._listing[split]
         chosen = positions.tolist()
-        # only the shards this slice reads travel with it
-        used, archive_of = np.unique(part.archive_of[positions], return_inverse=True)
-        archives = [part.archives[a] for a in used.tolist()]
-        return _ArchiveSlice(
-            archives,
-            archives,
+        return _ArchiveSlice.select(
+            part.archives,
+            part.archives,
+            positions,
             [part.names[p] for p in chosen],
-            part.labels[positions].tolist(),
-            archive_of.tolist(),
-            part.offsets[positions].tolist(),
-            part.sizes[positions].tolist(),
             [part.formats[p] for p in chosen],
+            archive_of=part.archive_of,
+            labels=part.labels,
+            offsets=part.offsets,
+            sizes=part.sizes,
         )

@@ -87,7 +87,8 @@ def run_tags(cfg: TrainConfig) -> dict[str, str]:
 
 
 class Tracker:
-    """One tracker run: opened by rank 0 (``start``) or the driver (``reopen``)."""
+    """One tracker run, opened by ``open_tracker``: by rank 0 when training starts, by the
+    driver when it ends."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -114,9 +115,6 @@ def open_tracker(cfg: TrainConfig, *, first: bool) -> Tracker | None:
 
 class MlflowTracker(Tracker):
     def __init__(self, cfg: TrainConfig, first: bool) -> None:
-        import mlflow
-
-        self.mlflow = mlflow
         self.client, experiment_id = _mlflow_experiment(cfg)
         found = self.client.search_runs(
             [experiment_id],
@@ -197,7 +195,6 @@ class WandbTracker(Tracker):
             resume="allow",
             dir=folder,
             config=run_params(cfg) if first else None,
-            tags=None,
             reinit="finish_previous",
         )
         if first:

@@ -22,6 +22,17 @@ class SourceSample:
     origin: str  # the file it is in and its key
 
 
+def shard_in_threads(source: str, out: str, samples_per_shard: int, **options) -> dict:
+    """``catkd shard`` of ``source`` into ``out`` with a local thread pool (no Ray)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.shard_writer import ShardConfig, shard_dataset
+
+    config = ShardConfig(source, out, samples_per_shard=samples_per_shard, progress=False, **options)
+    with ThreadPoolExecutor(4) as pool:
+        return shard_dataset(config, pool)
+
+
 def jpeg(rng: np.random.Generator, side: int = 12) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (side, side + 2, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
