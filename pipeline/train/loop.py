@@ -29,7 +29,7 @@ from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
 from pipeline.train.config import TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
-from pipeline.train.tracking import open_tracker
+from pipeline.train.tracking import open_tracker, run_tags
 from pipeline.weights import read_weights
 
 
@@ -135,7 +135,7 @@ def train_loop(config: dict[str, Any]) -> None:
     # shared-memory epoch counter (ShardStream.set_epoch).
     train_loader = make_loader(train_stream, cfg.loader_workers, pin_memory=device.type == "cuda")
     test_loader = make_loader(test_stream, cfg.loader_workers)
-    tracker = open_tracker(cfg, first=True) if rank == 0 else None
+    tracker = open_tracker(cfg, run_tags(cfg, targets.identity if targets is not None else None)) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
         progress = _Progress(console, rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from catkd.errors import CatkdError, ConfigError
 
 if TYPE_CHECKING:
+    from pipeline.cache.identity import CacheIdentity
     from pipeline.train.config import TrainConfig
 
 TRACKERS = ("none", "mlflow", "wandb")
@@ -67,15 +68,13 @@ def run_params(cfg: TrainConfig) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in asdict(cfg).items()}
 
 
-def run_tags(cfg: TrainConfig) -> dict[str, str]:
-    """What the run learns from: its cache's identity and teacher, its data."""
+def run_tags(cfg: TrainConfig, identity: CacheIdentity | None) -> dict[str, str]:
+    """What the run learns from: its cache's identity (the one the training opened) and
+    teacher, its data."""
     tags = {RUN_TAG: cfg.name, "catkd.mode": cfg.mode, "catkd.student": cfg.student, "catkd.data": cfg.data}
     if cfg.teacher:
         tags["catkd.teacher"] = cfg.teacher
-    if cfg.cache:
-        from pipeline.cache.reader import TargetCache
-
-        identity = TargetCache(cfg.cache).identity
+    if cfg.cache and identity is not None:
         tags |= {
             "catkd.cache": cfg.cache,
             "catkd.cache_id": identity.cache_id,
@@ -103,18 +102,18 @@ class Tracker:
         raise NotImplementedError
 
 
-def open_tracker(cfg: TrainConfig, *, first: bool) -> Tracker | None:
-    """The tracker run of ``cfg`` (None for tracking=none); ``first`` (rank 0 at the start
-    of training) also records the parameters and tags."""
+def open_tracker(cfg: TrainConfig, tags: dict[str, str] | None = None) -> Tracker | None:
+    """The tracker run of ``cfg`` (None for tracking=none); ``tags`` (``run_tags``, given
+    by rank 0 at the start of training) are recorded with the parameters."""
     if cfg.tracking == "mlflow":
-        return MlflowTracker(cfg, first)
+        return MlflowTracker(cfg, tags)
     if cfg.tracking == "wandb":
-        return WandbTracker(cfg, first)
+        return WandbTracker(cfg, tags)
     return None
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, cfg: TrainConfig, first: bool) -> None:
+    def __init__(self, cfg: TrainConfig, tags: dict[str, str] | None) -> None:
         self.client, experiment_id = _mlflow_experiment(cfg)
         found = self.client.search_runs(
             [experiment_id],
@@ -127,8 +126,8 @@ class MlflowTracker(Tracker):
             self.client.update_run(self.run_id, status="RUNNING")
         else:
             self.run_id = self.client.create_run(experiment_id, run_name=cfg.name, tags={RUN_TAG: cfg.name}).info.run_id
-        if first:
-            for key, value in run_tags(cfg).items():
+        if tags is not None:
+            for key, value in tags.items():
                 self.client.set_tag(self.run_id, key, value)
             if not found:  # parameters cannot change once logged
                 from mlflow.entities import Param
@@ -177,7 +176,7 @@ def _beside_database(uri: str) -> str | None:
 
 
 class WandbTracker(Tracker):
-    def __init__(self, cfg: TrainConfig, first: bool) -> None:
+    def __init__(self, cfg: TrainConfig, tags: dict[str, str] | None) -> None:
         import wandb
 
         from pipeline.storage import filesystem, is_local, join
@@ -194,11 +193,11 @@ class WandbTracker(Tracker):
             id=run_id,
             resume="allow",
             dir=folder,
-            config=run_params(cfg) if first else None,
+            config=run_params(cfg) if tags is not None else None,
             reinit="finish_previous",
         )
-        if first:
-            self.run.summary.update({k.replace(".", "_"): v for k, v in run_tags(cfg).items()})
+        if tags is not None:
+            self.run.summary.update({k.replace(".", "_"): v for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)
@@ -248,7 +247,7 @@ def log_run_end(cfg: TrainConfig, exported: dict[str, str], *, failed: bool = Fa
 
 
 def _log_run_end(cfg: TrainConfig, exported: dict[str, str], failed: bool) -> None:
-    tracker = open_tracker(cfg, first=False)
+    tracker = open_tracker(cfg)
     assert tracker is not None
     with tempfile.TemporaryDirectory() as folder:
         from pipeline.storage import filesystem, join
