@@ -372,8 +372,8 @@ def test_a_few_samples_are_read_by_their_offsets_alone(where, tmp_path, request)
         if s3:
             s3.reset()
         some = read_samples(out, index, info, positions)
-        if s3:  # two rounds of ranged reads: the samples' offsets, then their bytes
-            assert s3.counts() == {"GET": 2 * len(set(positions))}, s3.counts()
+        if s3:  # two rounds of ranged reads: the samples' offsets in one, then their bytes
+            assert s3.counts() == {"GET": 1 + len(set(positions))}, s3.counts()
         assert sorted(some) == sorted(set(positions))
         for k in positions:
             got, want = some[k], whole[k]
@@ -387,3 +387,45 @@ def test_a_few_samples_are_read_by_their_offsets_alone(where, tmp_path, request)
     fs, root = filesystem(out)
     fs.rm(offsets_path(root, index.shards[0]))  # a shard written by an older catkd: read it whole
     assert read_samples(out, index, index.shards[0], [1]) is None
+
+
+# ---------------------------------------------------------------- a cache shard opens in one request
+
+
+def test_a_cache_shard_opens_with_one_metadata_read(s3_env):
+    """The group's zarr.json carries every array's metadata: reading a shard's arrays is
+    one metadata GET and one GET per array, in two rounds; a shard written before (each
+    array's metadata in its own zarr.json only) reads the same arrays the old way."""
+    import zarr
+
+    from pipeline.cache.layout import read_arrays, read_view, write_group
+    from pipeline.storage import filesystem, zarr_store
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "ids": np.arange(5, dtype=np.int64),
+        "params": rng.integers(0, 9, (5, 2, 5)).astype(np.int32),
+        "logits": rng.standard_normal((5, 2, 3)).astype(np.float16),
+        "cam": rng.standard_normal((5, 2, 3, 2, 2)).astype(np.float16),
+    }
+    write_group("s3://scale/consolidated/0", arrays)
+    fs, root = filesystem("s3://scale/consolidated")
+    s3_env.reset()
+    store = zarr.storage.StorePath(zarr_store("s3://scale/consolidated", read_only=True), "0")
+    got = read_arrays(store, dict.fromkeys(arrays, slice(None)))
+    assert s3_env.counts() == {"GET": 1 + len(arrays)}, s3_env.counts()
+    for name, want in arrays.items():
+        np.testing.assert_array_equal(got[name], want)
+
+    s3_env.reset()
+    read_view(store, "float16", 1, None)
+    consolidated = s3_env.counts()["GET"]
+
+    # the same shard without the consolidated copy: every array's own zarr.json is read too
+    group = json.loads(fs.cat_file(f"{root}/0/zarr.json"))
+    group.pop("consolidated_metadata")
+    fs.pipe_file(f"{root}/0/zarr.json", json.dumps(group).encode())
+    s3_env.reset()
+    view = read_view(store, "float16", 1, None)
+    assert s3_env.counts()["GET"] == consolidated + len(arrays), (s3_env.counts(), consolidated)
+    np.testing.assert_array_equal(view["cam"], arrays["cam"][:, 1].astype(np.float32))

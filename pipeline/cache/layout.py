@@ -9,6 +9,8 @@ Per data shard ``j`` one zarr v3 group holds, for its ``n`` samples and ``S`` vi
 
 Each array is one zarr shard (one object on storage) whose inner chunks hold one view
 index, so reading the targets of one view of one data shard is one range read per array.
+The group's zarr.json also holds every array's metadata (zarr's consolidated metadata), so
+opening a shard's group is one request.
 
 Storage forms (``logits`` in float16, float32 for the float32 form):
   float16 / float32  the pooled CAMs as they are;
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import posixpath
+import warnings
 from typing import Any
 
 import numpy as np
@@ -162,6 +165,14 @@ def _write_arrays(store: Any, arrays: dict[str, np.ndarray]) -> None:
     group = zarr.open_group(store=store, mode="w", zarr_format=3)
     for name, data in arrays.items():
         _array(group, name, data, view_axis=name != "ids")
+    # Every array's metadata copied into the group's zarr.json: a reader (verify, the
+    # training loaders) opens a shard with one metadata request instead of one per array
+    # plus the group's (verify's requests a shard: 7 from 11). Each array keeps its own
+    # zarr.json, so readers that ignore the consolidated copy read the shard as before,
+    # and shards written before this are read the old way.
+    with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" yet
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(store)
 
 
 class ArrayReadError(Exception):

@@ -135,23 +135,24 @@ def offsets_path(root: str, info: ShardInfo) -> str:
 
 def read_samples(url: str, index: ShardIndex, info: ShardInfo, positions: list[int]) -> dict[int, Sample] | None:
     """Samples at ``positions`` of one shard, reading only their bytes (two rounds of
-    concurrent ranged reads: their offsets, then their members), checked against the
-    index (id and label); None for a shard written without offsets (an older catkd),
-    which the caller reads whole with ``load_shard``."""
+    ranged reads: the offsets from the first position's to the last's in one read, 8
+    bytes a sample, then the samples' members concurrently), checked against the index
+    (id and label); None for a shard written without offsets (an older catkd), which the
+    caller reads whole with ``load_shard``."""
     fs, root = filesystem(url)
     path = join(root, info.name)
-    bounds = fs.cat_ranges(
-        [offsets_path(root, info)] * len(positions), [8 * k for k in positions], [8 * k + 16 for k in positions]
-    )
-    if any(isinstance(b, FileNotFoundError) for b in bounds):
+    if not positions:
+        return {}
+    low, high = min(positions), max(positions)
+    try:
+        raw = fs.cat_file(offsets_path(root, info), start=8 * low, end=8 * high + 16)
+    except FileNotFoundError:
         return None
-    failed = next((b for b in bounds if isinstance(b, BaseException)), None)
-    if failed is not None:
-        raise failed
-    out = {}
-    spans = [np.frombuffer(b, "<i8") for b in bounds]
-    if any(len(span) != 2 for span in spans):
+    offsets = np.frombuffer(raw, "<i8")
+    if len(offsets) != high - low + 2:
         raise ShardError(f"{offsets_path(root, info)}: cut short (expected {info.count + 1} offsets)")
+    out = {}
+    spans = [offsets[k - low : k - low + 2] for k in positions]
     chunks = fs.cat_ranges([path] * len(positions), [int(s[0]) for s in spans], [int(s[1]) for s in spans])
     for k, chunk in zip(positions, chunks, strict=True):
         if isinstance(chunk, BaseException):
