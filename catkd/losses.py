@@ -1,4 +1,4 @@
-"""CAT-KD and baseline losses (DESIGN section 1).
+"""CAT-KD and the logit methods it is compared with (DESIGN section 1).
 
     loss = ce_weight * CE(student_logits, y) + beta * MSE(P(student_cam), P(teacher_cam))
 
@@ -101,6 +101,77 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     log_student = F.log_softmax(student_logits.float() / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True) * temperature**2
+
+
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardisation (Sun et al., CVPR 2024): each sample's logits as z-scores,
+    (z - mean(z)) / (std(z) + eps) over the classes (the unbiased std, as the paper's
+    code), so that the student matches the teacher's logit relations rather than their
+    range; the KD temperature then acts as the paper's base temperature."""
+    logits = logits.float()
+    mean = logits.mean(dim=1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=1, keepdim=True) + eps)
+
+
+def dkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    temperature: float = 4.0,
+) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): alpha TCKD + beta NCKD, each times T^2.
+
+    TCKD is the KL divergence between the binary (target, every other class)
+    probabilities of teacher and student; NCKD the KL divergence between their
+    distributions over the non-target classes alone (the target's logit pushed out of
+    the softmax). Both at temperature T, mean over samples; the warm-up of the loss
+    weight is the caller's (``dkd_warmup_factor``)."""
+    s, t = student_logits.float() / temperature, teacher_logits.float() / temperature
+    target = F.one_hot(labels, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(t, dim=1)
+    binary_s = torch.stack([(p_s * target).sum(1), (p_s * ~target).sum(1)], dim=1)
+    binary_t = torch.stack([(p_t * target).sum(1), (p_t * ~target).sum(1)], dim=1)
+    tckd = F.kl_div(binary_s.clamp_min(1e-12).log(), binary_t, reduction="batchmean")
+    # non-target distributions: the target class masked out of both softmaxes
+    masked_s = s.masked_fill(target, float("-inf"))
+    masked_t = t.masked_fill(target, float("-inf"))
+    log_q_s = F.log_softmax(masked_s, dim=1).masked_fill(target, 0.0)
+    log_q_t = F.log_softmax(masked_t, dim=1).masked_fill(target, 0.0)
+    nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean()
+    return (alpha * tckd + beta * nckd) * temperature**2
+
+
+def dkd_warmup_factor(epoch: float, warmup_epochs: int) -> float:
+    """DKD's linear warm-up of its loss weight: min(epoch / warmup, 1), with ``epoch``
+    counted from 1 (the first epoch trains at 1 / warmup), as the DKD code does."""
+    return 1.0 if warmup_epochs <= 0 else min(epoch / warmup_epochs, 1.0)
+
+
+def _pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """1 - the Pearson correlation of each row of a with the same row of b, averaged."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return (1 - F.cosine_similarity(a, b, dim=1, eps=eps)).mean()
+
+
+def dist_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    beta: float = 1.0,
+    gamma: float = 1.0,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """DIST (Huang et al., NeurIPS 2022): beta inter-class + gamma intra-class relation
+    loss, each times T^2. Inter-class: 1 - Pearson correlation between student and
+    teacher probabilities over the classes of each sample; intra-class: the same over the
+    samples of the batch for each class (so it depends on the batch, as the paper's)."""
+    p_s = F.softmax(student_logits.float() / temperature, dim=1)
+    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
+    inter = _pearson_distance(p_s, p_t)
+    intra = _pearson_distance(p_s.t(), p_t.t())
+    return (beta * inter + gamma * intra) * temperature**2
 
 
 @dataclass

@@ -238,7 +238,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         }
     p = sub.add_parser(
         "train",
-        help="train a teacher or a student on Ray Train (ce, kd, catkd, cat, online-catkd)",
+        help="train a teacher or a student on Ray Train (ce; kd, dkd, dist, catkd, cat from a cache; online- twins)",
         **overrides_help,
     )
     p.add_argument("config", nargs="?", help="YAML config (jobs/configs/...); optional when overrides say everything")

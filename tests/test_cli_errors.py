@@ -222,7 +222,10 @@ def test_train_and_sweep_help_list_every_config_field(command, capsys):
     text = capsys.readouterr().out
     for line in ("epochs=240", "beta=1.0", "num_views=0", "lr_decay_epochs=[150,180,210]"):
         assert line in text
-    assert "weight of the CAT loss" in text and "{ce,kd,catkd,cat,online-catkd}" in text
+    assert (
+        "weight of the CAT loss" in text
+        and "{ce,kd,dkd,dist,catkd,cat,online-kd,online-dkd,online-dist,online-catkd}" in text
+    )
     table = text.split("config fields, each overridable as key=value:", 1)[1]  # the epilog, after the flags
     keys = [line.split("=", 1)[0].strip() for line in table.splitlines() if line.startswith("  ") and "=" in line[:40]]
     names = [f.name for f in dataclasses.fields(TrainConfig)]

@@ -130,3 +130,123 @@ def test_catkd_loss_terms_and_cat_only_needs_no_labels():
         catkd_loss(cfg, logits, cam, targets)
     with pytest.raises(ValueError, match="teacher's logits"):
         catkd_loss(CATKDConfig(select_n=1), logits, cam, targets, labels=labels)
+
+
+# ---------------------------------------------------------------- the logit methods (issue 41)
+# Each against its paper's formula written out sample by sample (and class by class) in
+# float64: values, and gradients with respect to the student's logits.
+
+
+def _softmax(z: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(z - z.max())
+    return e / e.sum()
+
+
+def _reference_dkd(s, t, labels, alpha, beta, temp):
+    """DKD (Zhao et al. 2022, eq. 7): TCKD on (p_target, 1 - p_target), NCKD on the
+    non-target probabilities renormalised, p_j / (1 - p_target)."""
+    total = 0.0
+    for i, y in enumerate(labels.tolist()):
+        p_s, p_t = _softmax(s[i] / temp), _softmax(t[i] / temp)
+        b_s = torch.stack([p_s[y], 1 - p_s[y]])
+        b_t = torch.stack([p_t[y], 1 - p_t[y]])
+        tckd = (b_t * (b_t.log() - b_s.log())).sum()
+        others = [j for j in range(s.shape[1]) if j != y]
+        q_s, q_t = p_s[others] / (1 - p_s[y]), p_t[others] / (1 - p_t[y])
+        nckd = (q_t * (q_t.log() - q_s.log())).sum()
+        total = total + alpha * tckd + beta * nckd
+    return total / len(labels) * temp**2
+
+
+def _pearson(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    return (a * b).sum() / (a.pow(2).sum().sqrt() * b.pow(2).sum().sqrt())
+
+
+def _reference_dist(s, t, beta, gamma, temp):
+    """DIST (Huang et al. 2022, eqs. 5-8): 1 - Pearson correlation of the probabilities,
+    per sample over classes (inter) and per class over the batch (intra), averaged."""
+    y_s = torch.stack([_softmax(row / temp) for row in s])
+    y_t = torch.stack([_softmax(row / temp) for row in t])
+    inter = sum(1 - _pearson(y_s[i], y_t[i]) for i in range(len(s))) / len(s)
+    intra = sum(1 - _pearson(y_s[:, c], y_t[:, c]) for c in range(s.shape[1])) / s.shape[1]
+    return (beta * inter + gamma * intra) * temp**2
+
+
+def _reference_standardize(z):
+    mean = z.mean()
+    std = ((z - mean).pow(2).sum() / (len(z) - 1)).sqrt()  # the unbiased std, as the paper's code
+    return (z - mean) / (std + 1e-7)
+
+
+def _value_and_grad(fn, s):
+    s = s.clone().requires_grad_(True)
+    value = fn(s)
+    (grad,) = torch.autograd.grad(value, s)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+def test_dkd_loss_matches_the_papers_formula(temp):
+    from catkd.losses import dkd_loss
+
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 7, generator=gen, dtype=torch.float64), 3 * torch.randn(6, 7, generator=gen).double()
+    labels = torch.tensor([0, 3, 6, 2, 2, 5])
+    got, got_grad = _value_and_grad(lambda x: dkd_loss(x, t, labels, 1.5, 8.0, temp).double(), s)
+    want, want_grad = _value_and_grad(lambda x: _reference_dkd(x, t, labels, 1.5, 8.0, temp), s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+    # the decomposition DKD starts from: KD = TCKD + (1 - p_target of the teacher) NCKD
+    from catkd.losses import kd_loss
+
+    one = labels[:1]
+    p_t = torch.softmax(t[:1] / temp, 1)[0, one[0]]
+    tckd, nckd = dkd_loss(s[:1], t[:1], one, 1.0, 0.0, temp), dkd_loss(s[:1], t[:1], one, 0.0, 1.0, temp)
+    torch.testing.assert_close(
+        kd_loss(s[:1], t[:1], temp).double(), (tckd + (1 - p_t) * nckd).double(), rtol=1e-5, atol=1e-7
+    )
+
+
+def test_dkd_warmup_rises_linearly_to_one():
+    from catkd.losses import dkd_warmup_factor
+
+    assert [dkd_warmup_factor(e, 4) for e in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
+    assert dkd_warmup_factor(1, 0) == 1.0
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+def test_dist_loss_matches_the_papers_formula(temp):
+    from catkd.losses import dist_loss
+
+    gen = torch.Generator().manual_seed(1)
+    s, t = torch.randn(5, 6, generator=gen).double(), 2 * torch.randn(5, 6, generator=gen).double()
+    got, got_grad = _value_and_grad(lambda x: dist_loss(x, t, 2.0, 0.5, temp).double(), s)
+    want, want_grad = _value_and_grad(lambda x: _reference_dist(x, t, 2.0, 0.5, temp), s)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+    assert float(dist_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_logit_standardisation_matches_the_papers_formula():
+    from catkd.losses import standardize_logits
+
+    gen = torch.Generator().manual_seed(2)
+    s = torch.randn(4, 9, generator=gen).double() * 5 + 3
+    t = torch.randn(4, 9, generator=gen).double() * 2 - 1
+    got, got_grad = _value_and_grad(lambda x: kd_loss(standardize_logits(x), standardize_logits(t), 2.0).double(), s)
+    want, want_grad = _value_and_grad(
+        lambda x: kd_loss(
+            torch.stack([_reference_standardize(r) for r in x]),
+            torch.stack([_reference_standardize(r) for r in t]),
+            2.0,
+        ).double(),
+        s,
+    )
+    assert float(want) > 0.01
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-7)
+    # z-scores ignore a logit's shift and scale: a teacher 3x sharper is the same target
+    z = standardize_logits(s)
+    torch.testing.assert_close(standardize_logits(3 * s + 7), z, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z.mean(1), torch.zeros(4, dtype=z.dtype), atol=1e-6, rtol=0)

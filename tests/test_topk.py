@@ -138,3 +138,41 @@ def test_sizes_of_the_forms():
     assert raw_bytes_per_view("topk:50", 1000, 4) == 50 * (2 + 32 + 2) + 2 + 20 <= 2048
     assert raw_bytes_per_view("topk:100", 21841, 4) <= 4096  # ImageNet-21k: int16 indices still fit
     assert raw_bytes_per_view("topk:10", 40000, 2) == 10 * (4 + 8 + 2) + 2 + 20  # int32 indices beyond 32,767
+
+
+@pytest.mark.parametrize("mode", ["kd", "dkd", "dist"])
+def test_logit_methods_from_topk_read_the_rebuilt_logits(mode):
+    """kd, dkd and dist from a topk:K cache read the C logits rebuilt from the K kept ones
+    (docs/training.md): a label outside the K reads the leftover logit like every other
+    unkept class; at TCKD and T = 1 with the label kept, DKD's target term is exact; with
+    K = C the cache serves them as a full one does."""
+    from catkd.losses import dkd_loss
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.step import loss_terms
+
+    cam, logits = _teacher(n=8, classes=10, seed=3)
+    _, rebuilt, classes = _decode(encode_targets("topk:3", cam, logits, None), 0, 10)
+    kept = torch.zeros(8, 10, dtype=torch.bool).scatter_(1, classes, True)
+    labels = classes[:, 0].clone()  # each sample's label kept (the teacher's top class) ...
+    labels[:4] = torch.nonzero(~kept[:4])[::7][:4, 1]  # ... but the first four's outside the K
+    assert not kept[torch.arange(4), labels[:4]].any() and kept[torch.arange(4, 8), labels[4:]].all()
+    student = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(mode=mode, data="unused", cache="unused", kd_temperature=1.0, dkd_warmup=0)
+    terms = loss_terms(cfg, student, None, labels, None, rebuilt)
+    assert torch.isfinite(terms[mode]) and set(terms) == {"loss", "ce", mode}
+    if mode == "dkd":
+        # TCKD at T = 1 reads p(label): exact for a kept label (float16 logits aside)
+        exact = torch.from_numpy(logits[:, 0]).float()
+        tckd = [
+            dkd_loss(student[i : i + 1], t[i : i + 1], labels[i : i + 1], 1.0, 0.0, 1.0)
+            for t in (rebuilt, exact)
+            for i in (5,)
+        ]
+        torch.testing.assert_close(tckd[0], tckd[1], rtol=2e-2, atol=1e-3)
+    # K = C: the same logits as the float16 form, so the same loss
+    _, all_kept, _ = _decode(encode_targets("topk:10", cam, logits, None), 0, 10)
+    _, dense, _ = _decode(encode_targets("float16", cam, logits, None), 0, 10)
+    torch.testing.assert_close(
+        loss_terms(cfg, student, None, labels, None, all_kept)[mode],
+        loss_terms(cfg, student, None, labels, None, dense)[mode],
+    )

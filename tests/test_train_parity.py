@@ -3,8 +3,6 @@ gradients from cached targets equal those from a live teacher, up to storage rou
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -56,10 +54,10 @@ def imagenet(ray_local, tmp_path_factory):
     return _setup(tmp_path_factory.mktemp("parity-in"), "imagenet", 64)
 
 
-def _loss_and_grads(cfg, student, x, labels, t_cam, t_logits):
+def _loss_and_grads(cfg, student, x, labels, t_cam, t_logits, epoch=0):
     student.zero_grad()
     logits, cam = student(x)
-    terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits)
+    terms = loss_terms(cfg, logits, cam, labels, t_cam, t_logits, epoch=epoch)
     terms["loss"].backward()
     return terms, [p.grad.clone() for p in student.parameters()]
 
@@ -113,19 +111,47 @@ def test_cached_equals_live(request, which, variant):
         torch.testing.assert_close(g_cached, g_live, rtol=1e-2, atol=1e-2 * float(g_live.abs().max()) + 1e-7)
 
 
-def test_kd_from_cached_logits_equals_live(cifar):
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"mode": "kd"},
+        {"mode": "kd", "logit_std": True},
+        {"mode": "dkd", "dkd_warmup": 4},
+        {"mode": "dkd", "logit_std": True},
+        {"mode": "dist", "kd_temperature": 1.0},
+    ],
+)
+def test_logit_methods_from_cached_logits_equal_their_online_twins(cifar, variant):
+    """mode=M from the cache and mode=online-M with the live teacher: the same terms and
+    gradients (within the cache's float16 logits)."""
     data, weights, cache = cifar
     spec = AugmentSpec.preset("cifar")
-    cfg = TrainConfig(mode="kd", data=data, cache=cache)
+    cached_cfg = TrainConfig(**{"data": data, "cache": cache} | variant)
+    online_cfg = TrainConfig(
+        **{"data": data, "teacher": "resnet8", "teacher_weights": weights}
+        | variant
+        | {"mode": f"online-{variant['mode']}"}
+    )
+    assert cached_cfg.needs_cache and not online_cfg.needs_cache and online_cfg.method == cached_cfg.method
     stream = ShardStream(
         ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, targets=TargetCache(cache))
     )
     batch = next(iter(stream))
     x = normalize_batch(spec, batch["image"])
-    _, live_logits = live_targets(
-        dataclasses.replace(cfg, mode="catkd"), load_checkpoint(weights, "resnet8", 10).eval(), x
-    )
+    live_cam, live_logits = live_targets(online_cfg, load_checkpoint(weights, "resnet8", 10).eval(), x)
+    t_cam, t_logits, _ = cached_targets(batch, torch.device("cpu"))
+    torch.manual_seed(0)
     student = build_model("resnet8", 10)
-    cached, _ = _loss_and_grads(cfg, student, x, batch["label"], None, cached_targets(batch, torch.device("cpu"))[1])
-    live, _ = _loss_and_grads(cfg, student, x, batch["label"], None, live_logits)
-    torch.testing.assert_close(cached["kd"], live["kd"], rtol=5e-3, atol=1e-5)
+    epoch = 1  # DKD's warm-up at 2/4
+    cached, cached_grads = _loss_and_grads(cached_cfg, student, x, batch["label"], t_cam, t_logits, epoch)
+    live, live_grads = _loss_and_grads(online_cfg, student, x, batch["label"], live_cam, live_logits, epoch)
+    method = cached_cfg.method
+    assert set(cached) == set(live) == {"loss", "ce", method}
+    assert float(cached[method].detach()) > 0
+    for name in cached:
+        torch.testing.assert_close(cached[name], live[name], rtol=5e-3, atol=1e-5)
+    for g_cached, g_live in zip(cached_grads, live_grads, strict=True):
+        torch.testing.assert_close(g_cached, g_live, rtol=1e-2, atol=1e-2 * float(g_live.abs().max()) + 1e-7)
+    if method == "dkd":  # the warm-up weighs the term: epoch 2 of a 4-epoch warm-up, half of it
+        warmup = {4: 0.5, 20: 0.1}[cached_cfg.dkd_warmup]
+        torch.testing.assert_close(cached["loss"], cached["ce"] + warmup * cached["dkd"])

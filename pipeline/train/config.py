@@ -17,9 +17,13 @@ from pipeline.settings import check_fields, check_normalization, load_settings
 from pipeline.train.tracking import check_tracking
 from pipeline.weights import check_weights_given
 
-Mode = Literal["ce", "kd", "catkd", "cat", "online-catkd"]
-MODES = ("ce", "kd", "catkd", "cat", "online-catkd")
-CACHED_MODES = ("kd", "catkd", "cat")
+Mode = Literal["ce", "kd", "dkd", "dist", "catkd", "cat", "online-kd", "online-dkd", "online-dist", "online-catkd"]
+# Each distillation method reads its teacher's targets from a cache; its online- twin
+# computes the same targets with a live teacher on the same views (cached = online).
+CACHED_MODES = ("kd", "dkd", "dist", "catkd", "cat")
+ONLINE_MODES = ("online-kd", "online-dkd", "online-dist", "online-catkd")
+MODES = ("ce", *CACHED_MODES, *ONLINE_MODES)
+LOGIT_METHODS = ("kd", "dkd", "dist")  # the methods that read only the teacher's logits
 
 
 @dataclass
@@ -27,7 +31,12 @@ class TrainConfig:
     # Every field is a key=value override; `catkd train --help` lists them with these
     # comments (pipeline.settings.field_table), so each field says what it is on its line.
     # what to train
-    mode: Mode = "catkd"  # ce (alone, also teachers), kd, catkd, cat (CAT only, no labels), online-catkd
+
+    # ce (alone, also teachers); from a cache: kd, dkd, dist, catkd, cat (CAT only, no
+    # labels); with a live teacher instead: online-kd, online-dkd, online-dist, online-catkd.
+    # From a topk:K cache kd, dkd and dist read the C logits rebuilt from the K kept ones
+    # (a label outside the K reads the even share of the rest: docs/training.md)
+    mode: Mode = "catkd"
     # architecture (`catkd models`, or timm:NAME); a pretrained spec
     # (timm:NAME.TAG:pretrained=true, tv_NAME:weights=ENUM) starts from the hub's weights
     student: str = "resnet20"
@@ -58,9 +67,9 @@ class TrainConfig:
     num_views: int = 0
     view_offset: int = 0  # epoch e uses view (e + view_offset) mod S
     # teacher side
-    cache: str | None = None  # cache URL (kd, catkd, cat)
-    teacher: str | None = None  # architecture (online-catkd; also checked against the cache)
-    teacher_weights: str | None = None  # checkpoint URL (online-catkd; default: a pretrained spec's hub file)
+    cache: str | None = None  # cache URL (kd, dkd, dist, catkd, cat)
+    teacher: str | None = None  # architecture (online- modes; also checked against the cache)
+    teacher_weights: str | None = None  # checkpoint URL (online- modes; default: a pretrained spec's hub file)
     # loss
     beta: float = 1.0  # weight of the CAT loss (aim for a CAT loss of 1-50 after epoch 1)
     ce_weight: float = 1.0  # weight of cross-entropy on the labels (0: no labels)
@@ -69,8 +78,16 @@ class TrainConfig:
     binarize: bool = False  # binarised teacher CAMs (a cache's target kind must match)
     select_n: int | None = None  # transfer only n classes' CAMs (a top-k cache: at most its K)
     select_strategy: Literal["top", "bottom"] = "top"  # the n highest or lowest teacher logits
-    kd_temperature: float = 4.0  # KD temperature T
+    kd_temperature: float = 4.0  # temperature T of kd, dkd and dist (DIST's ImageNet recipe: 1)
     kd_weight: float = 1.0  # weight of the KD loss (mode kd)
+    # z-score each sample's teacher and student logits before kd's or dkd's softmax
+    # (logit standardisation, CVPR 2024); kd_temperature is then its base temperature
+    logit_std: bool = False
+    dkd_alpha: float = 1.0  # weight of DKD's target-class term (TCKD)
+    dkd_beta: float = 8.0  # weight of DKD's non-target-class term (NCKD; the paper: 8 on CIFAR-100, 0.5 on ImageNet)
+    dkd_warmup: int = 20  # epochs over which DKD's loss weight rises linearly to 1 (0: none)
+    dist_beta: float = 1.0  # weight of DIST's inter-class relation term (the paper's CIFAR-100: 2)
+    dist_gamma: float = 1.0  # weight of DIST's intra-class relation term (the paper's CIFAR-100: 2)
     # optimisation (SGD with momentum, multi-step decay as in the paper)
     epochs: int = 240  # epochs to train (a rerun with more extends the run)
     batch_size: int = 64  # per worker
@@ -122,6 +139,7 @@ class TrainConfig:
                 "max_failures": -1,
                 "spec_seed": 0,
                 "select_n": 1,
+                "dkd_warmup": 0,
             },
         )
         if self.mode not in MODES:
@@ -129,7 +147,18 @@ class TrainConfig:
         for name in ("lr", "kd_temperature"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("beta", "ce_weight", "kd_weight", "momentum", "weight_decay", "lr_decay_rate"):
+        for name in (
+            "beta",
+            "ce_weight",
+            "kd_weight",
+            "dkd_alpha",
+            "dkd_beta",
+            "dist_beta",
+            "dist_gamma",
+            "momentum",
+            "weight_decay",
+            "lr_decay_rate",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.spec not in MEAN_STD:
@@ -142,21 +171,28 @@ class TrainConfig:
         check_tracking(self)
         if self.needs_cache and not self.cache:
             raise ConfigError(f"cache: mode {self.mode} reads teacher targets from a cache: set cache=URL")
-        if self.mode == "online-catkd":
+        if self.mode in ONLINE_MODES:
             if not self.teacher:
-                raise ConfigError("teacher: mode online-catkd runs a live teacher: set teacher= (and teacher_weights=)")
+                raise ConfigError(f"teacher: mode {self.mode} runs a live teacher: set teacher= (and teacher_weights=)")
             check_weights_given(self.teacher, self.teacher_weights, "teacher_weights")
         if not self.data:
             raise ConfigError("data: set data=URL (the shards from catkd shard)")
         if self.mode == "cat":
             self.ce_weight = 0.0  # CAT only: no labels used
+        if self.logit_std and self.method not in ("kd", "dkd"):
+            raise ConfigError(f"logit_std: standardises the logits of kd and dkd; mode {self.mode} has no KD term")
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1):
             raise ConfigError(f"warmup_epochs: must be in 0..epochs-1, got {self.warmup_epochs}")
 
     @property
     def needs_cache(self) -> bool:
-        """Whether the run reads teacher targets from a cache (kd, catkd, cat)."""
+        """Whether the run reads teacher targets from a cache (kd, dkd, dist, catkd, cat)."""
         return self.mode in CACHED_MODES
+
+    @property
+    def method(self) -> str:
+        """The loss the mode trains with: an online- mode's is its cached twin's."""
+        return self.mode.removeprefix("online-")
 
     def augment_spec(self) -> AugmentSpec:
         """The spec this run renders with; ``auto`` choices as for a run without a cache
@@ -179,7 +215,7 @@ class TrainConfig:
         )
 
     def teacher_spec(self) -> AugmentSpec:
-        """The spec with the live teacher's normalisation (online-catkd): its own model's,
+        """The spec with the live teacher's normalisation (online- modes): its own model's,
         else the spec's; the pixels are the student's."""
         own = model_normalization(self.teacher) if self.teacher else None
         base = AugmentSpec.preset(self.spec, self.spec_seed)

@@ -27,7 +27,7 @@ from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.data.views import normalize_batch, renormalize
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import ONLINE_MODES, TrainConfig
 from pipeline.train.step import cached_targets, live_targets, loss_terms
 from pipeline.train.tracking import open_tracker, run_tags
 from pipeline.weights import read_weights
@@ -122,7 +122,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model = torch.compile(model)
 
     teacher: CAMClassifier | None = None
-    if cfg.mode == "online-catkd":
+    if cfg.mode in ONLINE_MODES:
         weights, _ = read_weights(cfg.teacher, cfg.teacher_weights, "teacher_weights")
         teacher = load_checkpoint(io.BytesIO(weights), cfg.teacher, num_classes).eval().to(device)
         if cfg.channels_last:
@@ -221,7 +221,7 @@ def _train_epoch(
             if teacher is not None:
                 t_cam, t_logits = live_targets(cfg, teacher, renormalize(x, spec, teacher_spec))
             logits, cam = model(x)
-        terms = loss_terms(cfg, logits, cam, ce_labels, t_cam, t_logits, t_classes)
+        terms = loss_terms(cfg, logits, cam, ce_labels, t_cam, t_logits, t_classes, progress.epoch, labels)
         nonfinite = ~torch.isfinite(terms["loss"].detach())
         ids = torch.nn.functional.pad(batch["ids"][:4], (0, max(0, 4 - len(batch["ids"]))), value=-1).to(
             device, non_blocking=True

@@ -38,7 +38,7 @@ from pipeline.data.shard_format import read_index
 from pipeline.ray_setup import check_request_fits, init_ray
 from pipeline.storage import absolute, check_location, filesystem, join, write_atomic
 from pipeline.train.checkpoint import load_training_state
-from pipeline.train.config import TrainConfig, resume_conflicts
+from pipeline.train.config import LOGIT_METHODS, TrainConfig, resume_conflicts
 from pipeline.train.loop import train_loop
 from pipeline.train.tracking import log_run_end, tracker_env, with_tracking_uri
 
@@ -76,6 +76,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             "train with use_gpu=true, or build a cache with --renderer cpu --decoder cpu"
         )
     ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
+    if cfg.method in LOGIT_METHODS:  # the logits are the same whatever maps the cache holds beside them
+        ignore += ["resolution", "target_kind"]
     weights_sha = found.teacher_sha256
     if cfg.teacher_weights:
         fs, path = filesystem(cfg.teacher_weights)

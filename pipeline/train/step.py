@@ -8,10 +8,19 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from catkd.losses import CATKDConfig, catkd_loss, kd_loss, teacher_cam_targets
+from catkd.losses import (
+    CATKDConfig,
+    catkd_loss,
+    dist_loss,
+    dkd_loss,
+    dkd_warmup_factor,
+    kd_loss,
+    standardize_logits,
+    teacher_cam_targets,
+)
 from catkd.models import CAMClassifier
 from pipeline.cache.layout import decode_stored
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import LOGIT_METHODS, TrainConfig
 
 
 def catkd_config(cfg: TrainConfig) -> CATKDConfig:
@@ -49,16 +58,34 @@ def loss_terms(
     t_cam: torch.Tensor | None = None,
     t_logits: torch.Tensor | None = None,
     t_classes: torch.Tensor | None = None,
+    epoch: int = 0,
+    hard_labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """{"loss", and each term}; ``t_cam``/``t_logits``/``t_classes`` from the cache or
-    ``live_targets``. KD reads the C logits (a top-k cache's rebuilt ones)."""
-    if cfg.mode == "ce":
+    ``live_targets``. The logit methods read the C logits (a top-k cache's rebuilt ones:
+    docs/training.md says what each then reads exactly). ``labels`` are what
+    cross-entropy reads (soft under mixing); DKD's target class is ``hard_labels`` (the
+    sample's own label under mixing), else ``labels``. ``epoch`` (0-based) drives DKD's
+    warm-up."""
+    method = cfg.method
+    if method == "ce":
         ce = F.cross_entropy(logits.float(), labels)
         return {"loss": ce, "ce": ce}
-    if cfg.mode == "kd":
+    if method in LOGIT_METHODS:
         ce = F.cross_entropy(logits.float(), labels)
-        kd = kd_loss(logits, t_logits, cfg.kd_temperature)
-        return {"loss": cfg.ce_weight * ce + cfg.kd_weight * kd, "ce": ce, "kd": kd}
+        student, teacher = logits, t_logits
+        if cfg.logit_std:
+            student, teacher = standardize_logits(student), standardize_logits(teacher)
+        T = cfg.kd_temperature
+        if method == "kd":
+            term, weight = kd_loss(student, teacher, T), cfg.kd_weight
+        elif method == "dkd":
+            target = hard_labels if hard_labels is not None else labels
+            term = dkd_loss(student, teacher, target, cfg.dkd_alpha, cfg.dkd_beta, T)
+            weight = dkd_warmup_factor(epoch + 1, cfg.dkd_warmup)
+        else:
+            term, weight = dist_loss(student, teacher, cfg.dist_beta, cfg.dist_gamma, T), 1.0
+        return {"loss": cfg.ce_weight * ce + weight * term, "ce": ce, method: term}
     return catkd_loss(
         catkd_config(cfg),
         logits,

@@ -32,7 +32,7 @@ from catkd.errors import ConfigError
 from pipeline.ray_setup import init_ray
 from pipeline.settings import check_fields, checked_values, read_yaml
 from pipeline.storage import check_location, filesystem, join, write_atomic
-from pipeline.train.config import TrainConfig
+from pipeline.train.config import LOGIT_METHODS, TrainConfig
 from pipeline.train.run import ResumeError, cpus_per_worker, resolve, train
 from pipeline.train.search_space import Dimension, check_against, grid_size, parse_space, space_items
 from pipeline.train.sweep_report import report, run_history, trial_rows
@@ -189,7 +189,14 @@ def _check_inputs(base: TrainConfig, dims: list[Dimension]) -> TrainConfig:
 
 def _check_metric(base: TrainConfig, sweep: SweepConfig) -> None:
     """The metric must be one every epoch of this mode reports (pipeline.train.loop)."""
-    terms = {"ce": ["ce"], "kd": ["ce", "kd"]}.get(base.mode, ["cat"] + (["ce"] if base.ce_weight > 0 else []))
+    method = base.method
+    terms = (
+        ["ce"]
+        if method == "ce"
+        else ["ce", method]
+        if method in LOGIT_METHODS
+        else ["cat"] + (["ce"] if base.ce_weight > 0 else [])
+    )
     known = ["test_top1", "test_top5", "train_top1", "train_top5", "train_loss"]
     known += [f"train_{t}" for t in terms] + ["images_per_s", "data_wait_fraction"]
     if sweep.metric not in known:
