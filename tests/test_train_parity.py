@@ -155,3 +155,57 @@ def test_logit_methods_from_cached_logits_equal_their_online_twins(cifar, varian
     if method == "dkd":  # the warm-up weighs the term: epoch 2 of a 4-epoch warm-up, half of it
         warmup = {4: 0.5, 20: 0.1}[cached_cfg.dkd_warmup]
         torch.testing.assert_close(cached["loss"], cached["ce"] + warmup * cached["dkd"])
+
+
+# ---------------------------------------------------------------- one cache, every exact resolution
+
+
+def test_a_finer_cache_serves_its_exact_divisors(cifar, tmp_path):
+    """An r = 4 cache of resnet8's 8 x 8 CAMs serves r = 4, 2 and 1: its maps pooled by
+    the loss equal an r = 2 cache's (the same data, teacher and views) within float16
+    rounding, and so does the CAT loss; any other r is refused naming those it serves."""
+    from catkd.errors import CatkdError
+    from pipeline.train.run import resolve
+
+    data, weights, cache_r2 = cifar
+    cache_r4 = build_cache(
+        CacheBuildConfig(
+            data=data,
+            teacher="resnet8",
+            weights=weights,
+            root=str(tmp_path / "caches"),
+            num_views=2,
+            resolution=4,
+            progress=False,
+        )
+    )
+    opened = TargetCache(cache_r4)
+    assert opened.manifest["teacher_cam_size"] == [8, 8] and opened.served_resolutions == [4, 2, 1]
+    for r in (2, 1):
+        assert resolve(TrainConfig(data=data, cache=cache_r4, resolution=r)).resolution == r
+    with pytest.raises(CatkdError, match=r"serves resolution 4, 2, 1; got 3"):
+        resolve(TrainConfig(data=data, cache=cache_r4, resolution=3))
+    with pytest.raises(CatkdError, match=r"serves resolution 2, 1; got 4"):
+        resolve(TrainConfig(data=data, cache=cache_r2, resolution=4))
+
+    spec = AugmentSpec.preset("cifar")
+    batches = {}
+    for url in (cache_r2, cache_r4):
+        stream = ShardStream(
+            ReaderConfig(data=data, batch_size=8, spec=spec, num_views=2, normalize=False, targets=TargetCache(url))
+        )
+        stream.set_epoch(1)
+        batches[url] = next(iter(stream))
+    assert torch.equal(batches[cache_r2]["ids"], batches[cache_r4]["ids"])
+    t2, t2_logits, _ = cached_targets(batches[cache_r2], torch.device("cpu"))
+    t4, _, _ = cached_targets(batches[cache_r4], torch.device("cpu"))
+    assert t4.shape[-1] == 4
+    pooled = torch.nn.functional.avg_pool2d(t4, 2)
+    torch.testing.assert_close(pooled, t2, rtol=2e-3, atol=2e-3 * float(t2.abs().max()))
+    x = normalize_batch(spec, batches[cache_r2]["image"])
+    cfg = TrainConfig(data=data, cache=cache_r2, beta=3.0, resolution=2)
+    torch.manual_seed(0)
+    student = build_model("resnet8", 10)
+    from_r2, _ = _loss_and_grads(cfg, student, x, batches[cache_r2]["label"], t2, t2_logits)
+    from_r4, _ = _loss_and_grads(cfg, student, x, batches[cache_r2]["label"], t4, t2_logits)
+    torch.testing.assert_close(from_r4["cat"], from_r2["cat"], rtol=5e-3, atol=1e-5)

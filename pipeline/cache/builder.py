@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import torch
 from tqdm import tqdm
 
 from catkd.errors import ConfigError, user_error
@@ -114,12 +115,21 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     remove_orphans(fs, root, records, cfg.orphan_lease_s)
     if resumed and todo:  # a resumed or repaired cache: say how much was redone
         print(f"[cache] rebuilt {len(todo)} of {len(index.shards)} shards")
-    write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))])
+    cam_size = teacher_cam_size(teacher, cfg.augment_spec().size)
+    write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))], cam_size)
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()
     if timing.teachers:
         print(timing.summary(cfg.num_views))
     return url
+
+
+def teacher_cam_size(teacher: torch.nn.Module, side: int) -> tuple[int, int]:
+    """The (h, w) of the teacher's CAMs before pooling, for views of ``side`` pixels: the
+    cache serves a coarser resolution exactly where its r x r cells tile them evenly."""
+    with torch.no_grad():
+        _, cam = teacher.eval()(torch.zeros(1, 3, side, side))
+    return int(cam.shape[-2]), int(cam.shape[-1])
 
 
 @dataclass

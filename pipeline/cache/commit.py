@@ -224,13 +224,21 @@ def _versions() -> dict[str, str]:
 
 
 def write_manifest(
-    fs, root: str, identity: CacheIdentity, index: ShardIndex, cfg: CacheBuildConfig, records: list[dict[str, Any]]
+    fs,
+    root: str,
+    identity: CacheIdentity,
+    index: ShardIndex,
+    cfg: CacheBuildConfig,
+    records: list[dict[str, Any]],
+    cam_size: tuple[int, int] | None = None,
 ) -> None:
-    """Step 3's last write: the cache is complete."""
+    """Step 3's last write: the cache is complete. ``cam_size`` is the side of the
+    teacher's CAMs before pooling (which coarser resolutions the cache serves exactly)."""
     manifest = {
         "identity": asdict(identity),
         "cache_id": identity.cache_id,
         "num_samples": index.num_samples,
+        "teacher_cam_size": list(cam_size) if cam_size else None,
         "shards": records,
         "arrays": records[0]["arrays"],
         "codecs": {

@@ -144,6 +144,19 @@ class TargetCache:
             raise CacheMismatchError(f"{url}: {exc}") from None
         self.records: Mapping[int, dict[str, Any]] = ShardRecords(manifest["shards"], self.manifest.get("arrays", {}))
 
+    @property
+    def served_resolutions(self) -> list[int]:
+        """The CAT resolutions this cache serves, finest first: its own r and, where its
+        r x r cells tile the teacher's CAMs evenly (the CAM's side divisible by r), every
+        divisor of r, whose pooling of the stored average pools is then the average pool
+        a build at that resolution stores. A cache that does not record its CAM size (one
+        built before catkd recorded it) serves its own r only."""
+        r = self.identity.resolution
+        size = self.manifest.get("teacher_cam_size")
+        if not size or any(side % r for side in size):
+            return [r]
+        return [d for d in range(r, 0, -1) if r % d == 0]
+
     def check(self, expected: CacheIdentity, *, ignore: tuple[str, ...] = ()) -> None:
         """Refuse a cache made for another teacher, dataset, split, spec, S, r or classes."""
         difference = first_difference(expected, self.identity, ignore=ignore)

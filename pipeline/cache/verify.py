@@ -59,6 +59,8 @@ def cache_info(url: str) -> dict[str, Any]:
         "arrays": cache.manifest["arrays"],
         "codecs": cache.manifest["codecs"],
         "shards_complete": f"{len(cache.records)}/{len(cache.records)}",
+        # CAT resolutions a student may ask of it: r and, exactly, r's divisors (reader.py)
+        "serves_resolutions": cache.served_resolutions,
         "bytes_on_storage": stored,
         "size": f"{_human(stored)} on storage for {views:,} views: {stored / views:,.0f} B per view",
         "bytes_per_view": stored / views,

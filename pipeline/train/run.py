@@ -78,6 +78,20 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
     if cfg.method in LOGIT_METHODS:  # the logits are the same whatever maps the cache holds beside them
         ignore += ["resolution", "target_kind"]
+    elif cfg.resolution != found.resolution:
+        served = cache.served_resolutions
+        if cfg.resolution not in served:
+            raise CacheMismatchError(
+                f"resolution: {cfg.cache} holds r = {found.resolution} maps"
+                + (
+                    f" of the teacher's {'x'.join(map(str, cache.manifest['teacher_cam_size']))} CAMs"
+                    if cache.manifest.get("teacher_cam_size")
+                    else ""
+                )
+                + f" and serves resolution {', '.join(map(str, served))}; got {cfg.resolution}: use one of those, "
+                f"or build a cache with --resolution {cfg.resolution}"
+            )
+        ignore.append("resolution")  # the loss pools the stored maps to cfg.resolution (cat_loss)
     weights_sha = found.teacher_sha256
     if cfg.teacher_weights:
         fs, path = filesystem(cfg.teacher_weights)
