@@ -81,6 +81,15 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_derive(args: argparse.Namespace) -> int:
+    from pipeline.cache.derive import DeriveConfig, derive_cache
+    from pipeline.settings import flag_values
+
+    url = derive_cache(DeriveConfig(source=args.source, **flag_values(DeriveConfig, args)))
+    print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
+    return 0
+
+
 def cmd_cache_info(args: argparse.Namespace) -> int:
     import json
 
@@ -198,7 +207,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_flags(p.add_argument_group("synthetic:shapes options"), ShapesSource)
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("cache", help="teacher target caches: build, info, verify")
+    p = sub.add_parser("cache", help="teacher target caches: build, derive, info, verify")
     cache = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
     b = cache.add_parser("build", help="run the teacher once over every (sample, view); write zarr targets")
     if wanted("cache"):
@@ -206,6 +215,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
         add_flags(b, CacheBuildConfig)
     b.set_defaults(func=cmd_cache_build)
+    d = cache.add_parser(
+        "derive", help="a new cache from an existing one, without the teacher: top-k, fewer views, coarser r"
+    )
+    d.add_argument("source", help="the cache derived from (never written to)")
+    if wanted("cache"):
+        from pipeline.cache.derive import DeriveConfig
+
+        add_flags(d, DeriveConfig, skip=("source",))
+    d.set_defaults(func=cmd_cache_derive)
     i = cache.add_parser("info", help="identity, shapes, dtypes, codecs, bytes per view")
     i.add_argument("url")
     i.set_defaults(func=cmd_cache_info)

@@ -3,6 +3,7 @@ identity checks and bad teacher output, on a local Ray with a small teacher."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from catkd.errors import ConfigError
 from catkd.losses import cat_loss, teacher_cam_targets
 from catkd.models import build_model, checkpoint_payload
 from pipeline.cache import (
@@ -531,3 +533,138 @@ def test_damaged_manifest_is_one_line_naming_it_and_the_build_rewrites_it(setup,
     manifest.unlink()
     build_cache(_cfg(setup, root))
     _assert_same(_arrays(str(cache_dir)), _arrays(float16_cache))
+
+
+# ---------------------------------------------------------------- caches derived without the teacher
+
+
+@pytest.fixture(scope="module")
+def float32_cache(setup):
+    # the same root as test_storage_forms' float32 build: whichever runs second finds it complete
+    return build_cache(_cfg(setup, setup["base"] / "root-float32", storage="float32"))
+
+
+def _all_arrays(url: str) -> dict[int, dict[str, np.ndarray]]:
+    from pipeline.cache.layout import read_arrays
+
+    cache = TargetCache(url)
+    return {
+        j: read_arrays(cache.store(j), dict.fromkeys(cache.records[j]["checksums"], slice(None)))
+        for j in sorted(cache.records)
+    }
+
+
+def test_derived_caches_equal_direct_builds_and_leave_the_source_alone(setup, float32_cache, capsys):
+    """float32 -> topk:3 against the direct topk:3 build (the same kept classes, values to
+    float16 rounding: the direct build computes the kept maps from pooled features); S = 3
+    -> 2 and r = 2 -> 1 against a direct S = 2, r = 1 build (the same view parameters,
+    values to float32 rounding: the teacher's batches differ), which is also what a student
+    asking the source for r = 1 gets; the same settings again are the same cache; the
+    source is never written; a derived cache verifies against it."""
+    from pipeline.cache.derive import DeriveConfig, derive_cache
+
+    source_files = sorted(os.walk(float32_cache))
+    root = setup["base"] / "derived"
+    topk_url = derive_cache(DeriveConfig(float32_cache, str(root), storage="topk:3", progress=False))
+    direct_topk = build_cache(_cfg(setup, setup["base"] / "root-topk", storage="topk:3"))
+    derived, direct = _all_arrays(topk_url), _all_arrays(direct_topk)
+    for j in direct:
+        for name in ("ids", "params", "classes"):
+            np.testing.assert_array_equal(derived[j][name], direct[j][name])
+        for name in ("cam", "logits"):
+            want = direct[j][name].astype(np.float32)
+            np.testing.assert_allclose(
+                derived[j][name].astype(np.float32), want, rtol=2e-3, atol=1e-3 * np.abs(want).max()
+            )
+
+    fewer_url = derive_cache(DeriveConfig(float32_cache, str(root), num_views=2, resolution=1, progress=False))
+    direct_fewer = build_cache(
+        dataclasses.replace(_cfg(setup, setup["base"] / "root-s2-r1", storage="float32", resolution=1), num_views=2)
+    )
+    derived, direct = _all_arrays(fewer_url), _all_arrays(direct_fewer)
+    for j in direct:
+        for name in ("ids", "params"):
+            np.testing.assert_array_equal(derived[j][name], direct[j][name])
+        # the teacher's float32 arithmetic: a build batches S = 2 views otherwise than S = 3
+        for name in ("logits", "cam"):
+            want = direct[j][name]
+            np.testing.assert_allclose(derived[j][name], want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+    # one cache, every exact resolution: the r = 2 source of resnet8's 8 x 8 CAMs serves r = 1,
+    # its maps pooled by the CAT loss being the r = 1 build's (and so its loss)
+    from catkd.errors import CatkdError
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.run import resolve
+
+    source = TargetCache(float32_cache)
+    assert source.manifest["teacher_cam_size"] == [8, 8] and source.served_resolutions == [2, 1]
+    assert resolve(TrainConfig(data=setup["data"], cache=float32_cache, resolution=1)).resolution == 1
+    with pytest.raises(
+        CatkdError, match=r"holds r = 2 maps of the teacher's 8x8 CAMs and serves resolution 2, 1; got 4"
+    ):
+        resolve(TrainConfig(data=setup["data"], cache=float32_cache, resolution=4))
+    fine = torch.from_numpy(source.read(0, 1)["cam"])
+    coarse = torch.from_numpy(TargetCache(direct_fewer).read(0, 1)["cam"])
+    student = torch.randn(fine.shape[0], 10, 8, 8, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(cat_loss(student, fine, 1), cat_loss(student, coarse, 1), rtol=1e-5, atol=1e-7)
+    assert resolve(TrainConfig(data=setup["data"], cache=fewer_url, resolution=1)).num_views == 2
+
+    ident = TargetCache(topk_url).identity
+    assert ident.derived_from == {
+        "cache_id": TargetCache(float32_cache).identity.cache_id,
+        "transform": {"storage": "topk:3", "num_views": 3, "resolution": 2},
+    }
+    capsys.readouterr()
+    assert derive_cache(DeriveConfig(float32_cache, str(root), storage="topk:3", progress=False)) == topk_url
+    assert "complete" in capsys.readouterr().out
+    assert sorted(os.walk(float32_cache)) == source_files  # nothing written under the source
+    info = cache_info(topk_url)
+    assert info["derived_from"]["url"] == float32_cache and info["derived_from"]["transform"]["storage"] == "topk:3"
+
+    # verify derives every shard again from the source: a shard rewritten with sound
+    # checksums but other values is found
+    assert verify_cache(fewer_url, sample_views=1) == []
+    assert "every shard is derived again" in capsys.readouterr().err
+    _rewrite_shard(fewer_url, 1, lambda arrays: arrays | {"cam": arrays["cam"] * np.float32(1.5)})
+    problems = verify_cache(fewer_url, sample_views=0)
+    assert problems == [f"{fewer_url}: data shard 1: array cam differs from what {float32_cache} derives"], problems
+
+
+def _rewrite_shard(url: str, j: int, change) -> None:
+    """Data shard ``j`` replaced by ``change(arrays)`` with a matching record and manifest:
+    damage that checksums cannot see."""
+    from pipeline.cache.commit import array_checksums, done_path
+    from pipeline.cache.layout import read_arrays, write_group
+
+    cache = TargetCache(url)
+    record = dict(cache.records[j])
+    arrays = change(read_arrays(cache.store(j), dict.fromkeys(record["checksums"], slice(None))))
+    record["path"] = f"data/rewritten/shard-{j:06d}.zarr"
+    record["checksums"] = array_checksums(arrays)
+    write_group(os.path.join(url, record["path"]), arrays)
+    with open(done_path(url, j), "w") as f:
+        json.dump(record, f)
+    manifest_path = os.path.join(url, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["shards"][j] = record
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_what_a_cache_cannot_give_is_refused_naming_the_option(setup, float16_cache, tmp_path):
+    from pipeline.cache.derive import DeriveConfig, derive_cache
+
+    topk = build_cache(_cfg(setup, setup["base"] / "root-topk", storage="topk:3"))
+    cases = [
+        (DeriveConfig(topk, str(tmp_path), storage="float16"), "storage: .* keeps the top 3 classes per view"),
+        (DeriveConfig(topk, str(tmp_path), storage="topk:5"), "gives topk:K for K <= 3 only"),
+        (DeriveConfig(float16_cache, str(tmp_path), storage="features"), "needs the teacher's pooled features"),
+        (DeriveConfig(float16_cache, str(tmp_path), num_views=4), "num_views: .* holds 3 views per sample; got 4"),
+        (DeriveConfig(float16_cache, str(tmp_path), resolution=3), "resolution: .* serves resolution 2, 1 exactly"),
+        (DeriveConfig(float16_cache, str(tmp_path)), "nothing to derive"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            derive_cache(cfg)
+    assert not os.listdir(tmp_path)

@@ -326,9 +326,8 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
     fs.invalidate_cache()
     after = {j: json.loads(fs.cat_file(f"{root}/done/shard-{j:06d}.json")) for j in range(4)}
     assert after[1]["checksums"] == done[1]["checksums"] and after[1]["path"] != done[1]["path"]
+    # the rebuilt shard holds the same values (its arrays' sha256s), the others are untouched
     assert {j: after[j] for j in (0, 2, 3)} == {j: done[j] for j in (0, 2, 3)}
-    verify = _catkd(env, "cache", "verify", url, "--samples", "2")
-    assert verify.returncode == 0, verify.stderr[-3000:]
     assert SECRET not in repair.stdout + repair.stderr + rebuild.stdout + rebuild.stderr
 
 

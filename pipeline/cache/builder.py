@@ -46,6 +46,7 @@ from catkd.models.hub_env import hub_env
 from pipeline.cache.commit import (
     DONE_BATCH_DIR,
     MANIFEST,
+    build_settings,
     commit_shard,
     done_records,
     remove_orphans,
@@ -115,8 +116,17 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     remove_orphans(fs, root, records, cfg.orphan_lease_s)
     if resumed and todo:  # a resumed or repaired cache: say how much was redone
         print(f"[cache] rebuilt {len(todo)} of {len(index.shards)} shards")
-    cam_size = teacher_cam_size(teacher, cfg.augment_spec().size)
-    write_manifest(fs, root, identity, index, cfg, [records[j] for j in range(len(index.shards))], cam_size)
+    write_manifest(
+        fs,
+        root,
+        identity,
+        index.num_samples,
+        [records[j] for j in range(len(index.shards))],
+        teacher_weights=cfg.weights,
+        data=cfg.data,
+        build=build_settings(cfg),
+        cam_size=teacher_cam_size(teacher, cfg.augment_spec().size),
+    )
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()
     if timing.teachers:

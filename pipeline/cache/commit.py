@@ -41,7 +41,6 @@ import torch
 from pipeline.cache.identity import CacheIdentity
 from pipeline.cache.layout import write_group
 from pipeline.cache.teacher import CacheBuildError
-from pipeline.data.shard_format import ShardIndex
 from pipeline.record_batches import read_batched, remove_batches
 from pipeline.storage import create_exclusive, filesystem, join, list_folder, read_many, write_atomic
 
@@ -223,21 +222,37 @@ def _versions() -> dict[str, str]:
     }
 
 
+def build_settings(cfg: CacheBuildConfig) -> dict[str, Any]:
+    """How a build computed its targets, as its manifest records them."""
+    return {
+        "precision": cfg.precision,
+        "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+        "channels_last": cfg.channels_last,
+        "batch_size": cfg.batch_size,
+        "chunk_views": cfg.chunk_views,  # with batch_size, what a bitwise-equal rebuild batches by
+    }
+
+
 def write_manifest(
     fs,
     root: str,
     identity: CacheIdentity,
-    index: ShardIndex,
-    cfg: CacheBuildConfig,
+    num_samples: int,
     records: list[dict[str, Any]],
-    cam_size: tuple[int, int] | None = None,
+    *,
+    teacher_weights: str | None,
+    data: str,
+    build: dict[str, Any],
+    cam_size: tuple[int, int] | list[int] | None = None,
+    derived_from: dict[str, Any] | None = None,
 ) -> None:
     """Step 3's last write: the cache is complete. ``cam_size`` is the side of the
-    teacher's CAMs before pooling (which coarser resolutions the cache serves exactly)."""
+    teacher's CAMs before pooling (which coarser resolutions the cache serves exactly);
+    ``derived_from`` a derived cache's source (URL, cache_id, transform)."""
     manifest = {
         "identity": asdict(identity),
         "cache_id": identity.cache_id,
-        "num_samples": index.num_samples,
+        "num_samples": num_samples,
         "teacher_cam_size": list(cam_size) if cam_size else None,
         "shards": records,
         "arrays": records[0]["arrays"],
@@ -245,17 +260,13 @@ def write_manifest(
             "compressor": "blosc zstd clevel 5 bitshuffle, then crc32c per chunk",
             "layout": "one zarr shard per array, one inner chunk per view",
         },
-        "teacher_weights": cfg.weights,
-        "data": cfg.data,
-        "build": {
-            "precision": cfg.precision,
-            "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
-            "channels_last": cfg.channels_last,
-            "batch_size": cfg.batch_size,
-            "chunk_views": cfg.chunk_views,  # with batch_size, what a bitwise-equal rebuild batches by
-        },
+        "teacher_weights": teacher_weights,
+        "data": data,
+        "build": build,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": _versions(),
         "complete": True,
     }
+    if derived_from is not None:
+        manifest["derived_from"] = derived_from
     write_atomic(fs, join(root, MANIFEST), json.dumps(manifest, indent=1).encode())

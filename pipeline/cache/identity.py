@@ -45,9 +45,16 @@ class CacheIdentity:
     storage: StorageForm = "float16"
     precision: str = "fp32"  # fp32, tf32 or bf16: what the teacher computed in
     format_version: int = FORMAT_VERSION
+    # a cache computed from another (``catkd cache derive``): the source's cache_id and the
+    # transform; None for a build (and then left out of the canonical form, so that the
+    # ids of caches built before the field existed stay what they were)
+    derived_from: dict[str, Any] | None = None
 
     def canonical(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if fields["derived_from"] is None:
+            del fields["derived_from"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @property
     def cache_id(self) -> str:

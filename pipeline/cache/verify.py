@@ -15,9 +15,11 @@ import ray
 import torch
 from tqdm import tqdm
 
+from catkd.errors import CatkdError, first_line
 from catkd.models import load_checkpoint
 from catkd.models.hub_env import hub_env
 from pipeline.cache.commit import array_checksums, retire_shards
+from pipeline.cache.derive import derive_arrays
 from pipeline.cache.identity import file_sha256, parse_storage
 from pipeline.cache.layout import ArrayReadError, decode_view, raw_bytes_per_view, read_arrays, stored_arrays
 from pipeline.cache.reader import TargetCache
@@ -61,6 +63,8 @@ def cache_info(url: str) -> dict[str, Any]:
         "shards_complete": f"{len(cache.records)}/{len(cache.records)}",
         # CAT resolutions a student may ask of it: r and, exactly, r's divisors (reader.py)
         "serves_resolutions": cache.served_resolutions,
+        # a derived cache's lineage: its source (URL and cache_id) and the transform
+        "derived_from": cache.manifest.get("derived_from"),
         "bytes_on_storage": stored,
         "size": f"{_human(stored)} on storage for {views:,} views: {stored / views:,.0f} B per view",
         "bytes_per_view": stored / views,
@@ -115,6 +119,7 @@ def verify_cache(
         if file_sha256(teacher_bytes) != cache.identity.teacher_sha256:
             return [f"{weights_url}: not the teacher this cache was built with (sha256 differs)"]
     _say_where_recomputed(cache, sample_views)
+    source = _reachable_source(cache)
     init_ray()
     # The manifest is read once, here: each checker gets its head (``cache.manifest``, no
     # shard list) once and each call only its own shard's record, so the bytes moved grow
@@ -128,12 +133,14 @@ def verify_cache(
     checker = ray.remote(num_cpus=1, max_concurrency=CHECKS_IN_FLIGHT, runtime_env={"env_vars": hub_env()})(
         ShardChecker
     )
-    checkers = [checker.remote(url, cache.manifest, sample_views, weights_ref, seed) for _ in range(count)]
+    source_head = (source.url, source.manifest) if source is not None else None
+    checkers = [checker.remote(url, cache.manifest, sample_views, weights_ref, seed, source_head) for _ in range(count)]
     pending: dict[Any, tuple[int, Any]] = {}  # call -> (data shard, its checker)
 
     def submit(actor) -> None:
         j = todo.popleft()
-        pending[actor.check.remote(j, cache.records[j])] = (j, actor)
+        source_record = source.records.get(j) if source is not None else None
+        pending[actor.check.remote(j, cache.records[j], source_record)] = (j, actor)
 
     for actor in checkers:
         for _ in range(CHECKS_IN_FLIGHT + 1):
@@ -158,6 +165,31 @@ def verify_cache(
     if damaged is not None:
         damaged.sort()
     return sorted(problems)
+
+
+def _reachable_source(cache: TargetCache) -> TargetCache | None:
+    """A derived cache's source, opened, where it can be: verify then also derives each
+    shard again from it and compares (``catkd cache derive`` is deterministic)."""
+    lineage = cache.manifest.get("derived_from")
+    if not lineage:
+        return None
+    try:
+        source = TargetCache(lineage["url"])
+    except (CatkdError, OSError) as exc:
+        print(
+            f"[verify] derived from {lineage['url']}, which cannot be opened ({first_line(exc)}): checked without it",
+            file=sys.stderr,
+        )
+        return None
+    if source.identity.cache_id != lineage["cache_id"]:
+        print(
+            f"[verify] derived from cache {lineage['cache_id']}, but {lineage['url']} now holds "
+            f"{source.identity.cache_id}: checked without it",
+            file=sys.stderr,
+        )
+        return None
+    print(f"[verify] derived from {lineage['url']}: every shard is derived again from it and compared", file=sys.stderr)
+    return source
 
 
 def repair_cache(url: str, damaged: list[int]) -> str:
@@ -263,15 +295,25 @@ class ShardChecker:
     then recomputes ``sample_views`` random (sample, view) pairs with the teacher, loaded
     once, in the build's precision (on a GPU when the build used one and one is here)."""
 
-    def __init__(self, url: str, head: dict[str, Any], sample_views: int, weights: bytes, seed: int) -> None:
+    def __init__(
+        self,
+        url: str,
+        head: dict[str, Any],
+        sample_views: int,
+        weights: bytes,
+        seed: int,
+        source: tuple[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.url, self.sample_views, self.weights, self.seed = url, sample_views, weights, seed
+        # a derived cache's source (URL, manifest head), reachable: each shard is derived again
+        self.source = TargetCache(source[0], source[1] | {"shards": []}).with_records([]) if source else None
         self.runner: TeacherRunner | None = None
         self.index: ShardIndex | None = None
         # one store and head weight for every call, made here before calls run in threads
         self.cache = TargetCache(url, head | {"shards": []}).with_records([])
         self.loading = threading.Lock()  # calls run in threads: the teacher is loaded once
 
-    def check(self, j: int, record: dict[str, Any]) -> list[str]:
+    def check(self, j: int, record: dict[str, Any], source_record: dict[str, Any] | None = None) -> list[str]:
         url, cache = self.url, self.cache.with_records([record])
         try:  # every array's shard in one round of concurrent reads
             arrays = read_arrays(cache.store(j), {name: slice(None) for name in record["checksums"]})
@@ -285,9 +327,30 @@ class ShardChecker:
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 k = int(np.argwhere(~np.isfinite(values))[0][0])
                 problems.append(f"{url}: data shard {j}: sample {sample_key(int(arrays['ids'][k]))}: non-finite {name}")
+        if self.source is not None and not problems:
+            problems += self._against_source(cache, j, record, source_record)
         if self.sample_views and not problems and recompute_skipped(cache) is None:
             problems += self._recompute(cache, j, arrays)
         return problems
+
+    def _against_source(
+        self, cache: TargetCache, j: int, record: dict[str, Any], source_record: dict[str, Any] | None
+    ) -> list[str]:
+        """Data shard ``j`` derived again from the source's, compared array by array."""
+        where = f"{self.url}: data shard {j}"
+        if source_record is None:
+            return [f"{where}: its source {self.source.url} has no data shard {j}"]
+        source = self.source.with_records([source_record])
+        try:
+            arrays = read_arrays(source.store(j), {name: slice(None) for name in source_record["checksums"]})
+        except ArrayReadError as exc:
+            return [f"{where}: its source's shard is unreadable ({exc}): derive from a sound source"]
+        derived = derive_arrays(arrays, source.identity, cache.identity, source.head_weight)
+        return [
+            f"{where}: array {name} differs from what {self.source.url} derives"
+            for name, digest in array_checksums(derived).items()
+            if digest != record["checksums"].get(name)
+        ]
 
     def _load_teacher(self, cache: TargetCache) -> None:
         ident = cache.identity

@@ -75,7 +75,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             "but has no GPU (use_gpu=false): "
             "train with use_gpu=true, or build a cache with --renderer cpu --decoder cpu"
         )
-    ignore = ["storage", "precision"]  # any storage form serves, whatever precision the teacher computed in
+    # any storage form serves, whatever precision the teacher computed in, built or derived
+    ignore = ["storage", "precision", "derived_from"]
     if cfg.method in LOGIT_METHODS:  # the logits are the same whatever maps the cache holds beside them
         ignore += ["resolution", "target_kind"]
     elif cfg.resolution != found.resolution:
