@@ -50,7 +50,11 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
     ]
     return [
         (train + ["epochs=abc"], "epochs: expected an integer, got 'abc'"),
-        (train + ["mode=cee"], "mode: expected one of ce, kd, catkd, cat, online-catkd, got 'cee'"),
+        (
+            train + ["mode=cee"],
+            "mode: expected one of ce, kd, dkd, dist, catkd, cat, online-kd, online-dkd, online-dist, online-catkd, "
+            "got 'cee'",
+        ),
         (train + ["bogus_key=1"], "bogus_key: unknown key"),
         (train + ["epochs=-1"], "epochs: must be at least 1, got -1"),
         (train + ["resolution=0"], "resolution: must be at least 1, got 0"),
