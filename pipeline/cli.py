@@ -85,7 +85,7 @@ def cmd_cache_derive(args: argparse.Namespace) -> int:
     from pipeline.cache.derive import DeriveConfig, derive_cache
     from pipeline.settings import flag_values
 
-    url = derive_cache(DeriveConfig(source=args.source, **flag_values(DeriveConfig, args)))
+    url = derive_cache(DeriveConfig(**flag_values(DeriveConfig, args)))
     print(f"cache_id {url.rstrip('/').rsplit('/', 1)[-1]}\nurl {url}")
     return 0
 

@@ -80,6 +80,8 @@ def _cases(shards: str, tmp: str) -> list[tuple[list[str], str]]:
         (["eval", f"{tmp}/missing.pt", "--data", shards], f"{tmp}/missing.pt: no such checkpoint"),
         (["cache", "info", f"{tmp}"], f"{tmp}: not a catkd cache"),
         (["cache", "verify", f"{tmp}"], f"{tmp}: not a catkd cache"),
+        (["cache", "derive", f"{tmp}", "--root", f"{tmp}/d", "--storage", "topk:2"], f"{tmp}: not a catkd cache"),
+        (["cache", "derive", f"{tmp}", "--root", f"{tmp}/d", "--num-views", "0"], "num_views: must be at least 1"),
         (["shard", f"imagefolder:{tmp}/nowhere", f"{tmp}/out"], f"{tmp}/nowhere: source path does not exist"),
         (build + ["--num-views", "abc"], "num_views: expected an integer, got 'abc'"),
         (

@@ -70,7 +70,7 @@ def _cfg(env, name, **kw):
     return TrainConfig(**(values | kw))
 
 
-MODES = ["ce", "kd", "cat", "online-catkd"]
+MODES = ["ce", "dkd", "cat", "online-catkd"]  # kd shares dkd's path (pipeline/train/step.py)
 STAGES = {"ops": "trivialaugment", "erase": 0.25, "mix": "cutmix:1.0"}  # the stage cache's
 
 
@@ -80,9 +80,10 @@ def _mode_cfg(env, mode):
         extra["cache"] = None
     if mode == "ce":  # also in the team's tracker (W&B offline)
         extra |= {"tracking": "wandb", "experiment": "catkd-tests"}
-    if mode == "kd":  # KD from a top-k cache's logits (the full cache's: test_train_parity)
-        extra["cache"] = env["topk_cache"]
-    return _cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, **extra)
+    if mode == "dkd":  # DKD from a top-k cache's logits (kd and the full cache's: test_train_parity)
+        extra |= {"cache": env["topk_cache"], "dkd_warmup": 2}
+    # one DataLoader process per rank is the two-worker run's; the others load in the loop
+    return _cfg(env, f"mode-{mode}", mode=mode, epochs=1, num_workers=1, loader_workers=0, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +100,16 @@ def runs(env):
             "catkd-topk",
             epochs=1,
             num_workers=1,
+            loader_workers=0,
             cache=env["topk_cache"],
             tracking="mlflow",
             tracking_uri=_mlflow_uri(env),
         ),
-        "catkd-stages": _cfg(env, "catkd-stages", epochs=1, num_workers=1, cache=env["stage_cache"], **STAGES),
+        "catkd-stages": _cfg(
+            env, "catkd-stages", epochs=1, num_workers=1, loader_workers=0, cache=env["stage_cache"], **STAGES
+        ),
         "resume-first": _cfg(env, "resume", epochs=1, num_workers=1),
-        "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, lr=1e12),
+        "diverges": _cfg(env, "diverges", mode="ce", cache=None, epochs=1, num_workers=1, loader_workers=0, lr=1e12),
     }
     os.environ["WANDB_MODE"] = "offline"  # no account, no network: the run folder only
 
@@ -170,7 +174,7 @@ def test_every_mode_runs(runs, mode):
     terms = {k for k in history[0] if k.startswith("train_")}
     expected = {
         "ce": {"train_ce"},
-        "kd": {"train_ce", "train_kd"},
+        "dkd": {"train_ce", "train_dkd"},
         "cat": {"train_cat"},
         "online-catkd": {"train_ce", "train_cat"},
     }[mode]

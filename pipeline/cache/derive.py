@@ -48,6 +48,7 @@ from pipeline.cache.identity import CacheIdentity, check_topk, parse_storage
 from pipeline.cache.layout import decode_stored, encode_targets, read_arrays, stored_arrays
 from pipeline.cache.reader import TargetCache
 from pipeline.record_batches import RecordBatcher
+from pipeline.settings import check_fields
 from pipeline.storage import check_location, filesystem, join
 
 SHARDS_IN_FLIGHT_PER_CPU = 2  # a task mostly waits on storage (read the source shard, write its own)
@@ -62,6 +63,11 @@ class DeriveConfig:
     resolution: int | None = None  # a divisor of the source's r it serves exactly (default: its r)
     progress: bool = True
     orphan_lease_s: float = 3600.0  # as a build's: a folder younger than this may be a live writer's
+
+    def __post_init__(self) -> None:
+        check_fields(self, at_least={"num_views": 1, "resolution": 1, "orphan_lease_s": 0})
+        if self.storage is not None:
+            parse_storage(self.storage)
 
 
 def plan(cfg: DeriveConfig, source: TargetCache) -> CacheIdentity:
