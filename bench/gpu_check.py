@@ -53,7 +53,7 @@ sys.path.insert(0, ROOT)
 from bench.imagenet_like import make_folder  # noqa: E402
 from catkd.losses import teacher_cam_targets  # noqa: E402
 from catkd.models import build_model, checkpoint_payload, load_checkpoint  # noqa: E402
-from pipeline.cache.commit import build_settings, commit_shard, write_manifest  # noqa: E402
+from pipeline.cache.commit import commit_shard, write_build_manifest  # noqa: E402
 from pipeline.cache.config import CacheBuildConfig, expected_identity  # noqa: E402
 from pipeline.cache.feed import render_chunks  # noqa: E402
 from pipeline.cache.identity import file_sha256  # noqa: E402
@@ -183,16 +183,7 @@ def build(cfg: CacheBuildConfig, spec: AugmentSpec, workers: int) -> tuple[str, 
         records = {j: future.result() for j, future in commits.items()}
     seconds = time.perf_counter() - start
     fs, root = filesystem(url)
-    write_manifest(
-        fs,
-        root,
-        identity,
-        index.num_samples,
-        [records[j] for j in range(len(index.shards))],
-        teacher_weights=cfg.weights,
-        data=cfg.data,
-        build=build_settings(cfg),
-    )
+    write_build_manifest(fs, root, identity, index, cfg, records)
     return (
         url,
         index.num_samples * cfg.num_views / seconds,

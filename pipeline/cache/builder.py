@@ -46,12 +46,11 @@ from catkd.models.hub_env import hub_env
 from pipeline.cache.commit import (
     DONE_BATCH_DIR,
     MANIFEST,
-    build_settings,
     commit_shard,
     done_records,
     remove_orphans,
     start_cache,
-    write_manifest,
+    write_build_manifest,
 )
 from pipeline.cache.config import CacheBuildConfig, expected_identity
 from pipeline.cache.feed import FeedChunk, render_chunks
@@ -116,17 +115,7 @@ def build_cache(cfg: CacheBuildConfig, timing: BuildTiming | None = None) -> str
     remove_orphans(fs, root, records, cfg.orphan_lease_s)
     if resumed and todo:  # a resumed or repaired cache: say how much was redone
         print(f"[cache] rebuilt {len(todo)} of {len(index.shards)} shards")
-    write_manifest(
-        fs,
-        root,
-        identity,
-        index.num_samples,
-        [records[j] for j in range(len(index.shards))],
-        teacher_weights=cfg.weights,
-        data=cfg.data,
-        build=build_settings(cfg),
-        cam_size=teacher_cam_size(teacher, cfg.augment_spec().size),
-    )
+    write_build_manifest(fs, root, identity, index, cfg, records, teacher_cam_size(teacher, cfg.augment_spec().size))
     print(f"[cache] {identity.cache_id}: {total_views} views of {index.num_samples} samples -> {url}")
     timing.ended_at = time.time()
     if timing.teachers:

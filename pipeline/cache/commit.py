@@ -41,6 +41,7 @@ import torch
 from pipeline.cache.identity import CacheIdentity
 from pipeline.cache.layout import write_group
 from pipeline.cache.teacher import CacheBuildError
+from pipeline.data.shard_format import ShardIndex
 from pipeline.record_batches import read_batched, remove_batches
 from pipeline.storage import create_exclusive, filesystem, join, list_folder, read_many, write_atomic
 
@@ -222,15 +223,33 @@ def _versions() -> dict[str, str]:
     }
 
 
-def build_settings(cfg: CacheBuildConfig) -> dict[str, Any]:
-    """How a build computed its targets, as its manifest records them."""
-    return {
-        "precision": cfg.precision,
-        "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
-        "channels_last": cfg.channels_last,
-        "batch_size": cfg.batch_size,
-        "chunk_views": cfg.chunk_views,  # with batch_size, what a bitwise-equal rebuild batches by
-    }
+def write_build_manifest(
+    fs,
+    root: str,
+    identity: CacheIdentity,
+    index: ShardIndex,
+    cfg: CacheBuildConfig,
+    records: dict[int, dict[str, Any]],
+    cam_size: tuple[int, int] | None = None,
+) -> None:
+    """A build's manifest: every data shard's record, and how the teacher computed them."""
+    write_manifest(
+        fs,
+        root,
+        identity,
+        index.num_samples,
+        [records[j] for j in range(len(index.shards))],
+        teacher_weights=cfg.weights,
+        data=cfg.data,
+        build={
+            "precision": cfg.precision,
+            "device": "cuda" if cfg.gpus_per_actor > 0 else "cpu",
+            "channels_last": cfg.channels_last,
+            "batch_size": cfg.batch_size,
+            "chunk_views": cfg.chunk_views,  # with batch_size, what a bitwise-equal rebuild batches by
+        },
+        cam_size=cam_size,
+    )
 
 
 def write_manifest(

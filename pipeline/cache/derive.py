@@ -109,9 +109,7 @@ def plan(cfg: DeriveConfig, source: TargetCache) -> CacheIdentity:
     )
 
 
-def derive_arrays(
-    arrays: dict[str, np.ndarray], source: CacheIdentity, target: CacheIdentity, head_weight: np.ndarray | None
-) -> dict[str, np.ndarray]:
+def derive_arrays(arrays: dict[str, np.ndarray], source: CacheIdentity, target: CacheIdentity) -> dict[str, np.ndarray]:
     """One data shard's stored arrays in the source's form -> in the target's: the first
     S' views, the maps pooled to r', re-encoded (``layout.encode_targets``, as a build
     encodes). A dense float32 source gives what a build of the target settings stores;
@@ -164,7 +162,7 @@ class ShardDeriver:
         source = self.source.with_records([record])
         j = record["shard"]
         arrays = read_arrays(source.store(j), dict.fromkeys(record["checksums"], slice(None)))
-        derived = derive_arrays(arrays, source.identity, self.target, source.head_weight)
+        derived = derive_arrays(arrays, source.identity, self.target)
         return commit_shard(self.url, j, record["first_id"], derived)
 
 

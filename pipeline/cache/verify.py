@@ -345,7 +345,7 @@ class ShardChecker:
             arrays = read_arrays(source.store(j), {name: slice(None) for name in source_record["checksums"]})
         except ArrayReadError as exc:
             return [f"{where}: its source's shard is unreadable ({exc}): derive from a sound source"]
-        derived = derive_arrays(arrays, source.identity, cache.identity, source.head_weight)
+        derived = derive_arrays(arrays, source.identity, cache.identity)
         return [
             f"{where}: array {name} differs from what {self.source.url} derives"
             for name, digest in array_checksums(derived).items()
