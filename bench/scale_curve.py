@@ -10,7 +10,13 @@ worker's RSS:
 
     shard_fresh, shard_resume (index lost: every shard complete), shard_rerun (complete),
     build_fresh, build_resume (manifest lost: every shard complete), build_rerun,
-    info, verify (--samples 1)
+    info, verify (--samples 1),
+    train_start (``catkd train`` on the cache, stopped at its first batch),
+    sweep_resolve (``catkd sweep`` of six trials, stopped once every value is checked)
+
+A run that asks only for later stages makes the data and the cache first without
+recording them. The two stopped stages' wall time is the time to the line that stops
+them, and their requests are those made up to it.
 
 The marginal cost of a shard is the slope of wall time between two sizes (the fixed cost
 of starting Ray cancels). ``--tree`` runs another checkout's code (a git worktree of an
@@ -41,6 +47,8 @@ import io
 import json
 import os
 import pickle
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,7 +75,14 @@ STAGES = (
     "build_rerun",
     "info",
     "verify",
+    "train_start",
+    "sweep_resolve",
 )
+# What a stage needs made first: the data, then the cache (made, not measured, when the
+# run does not ask for those stages' figures).
+PREPARES = ("shard_fresh", "build_fresh")
+# The lines that end the stopped stages (run_stage's stop_at).
+STOP_AT = {"train_start": "[train] start: first batch", "sweep_resolve": "[sweep] resolve: "}
 # Run in the checkout under test: catkd's own main, then this process's peak RSS.
 WRAPPER = (
     "import resource, sys\n"
@@ -126,8 +141,18 @@ class RaySampler:
         self._thread.join()
 
 
-def run_stage(tree: str, env: dict[str, str], s3: SlowS3, args: list[str], limit_mb: float | None = None) -> dict:
-    """One catkd command in ``tree``: its wall time, requests, driver and worker peaks."""
+def run_stage(
+    tree: str,
+    env: dict[str, str],
+    s3: SlowS3,
+    args: list[str],
+    limit_mb: float | None = None,
+    stop_at: str | None = None,
+) -> dict:
+    """One catkd command in ``tree``: its wall time, requests, driver and worker peaks.
+    With ``stop_at`` (a line's start), the command is stopped (SIGTERM: catkd's clean stop)
+    once it prints that line, and the wall time is the time to that line: a training's
+    start-up to its first batch, a sweep's checks up to its first trial."""
     s3.reset()
     start, server_cpu = time.perf_counter(), time.process_time()
     proc = subprocess.Popen(
@@ -139,17 +164,36 @@ def run_stage(tree: str, env: dict[str, str], s3: SlowS3, args: list[str], limit
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reached: list[float] = []  # the time of stop_at's line, once it is printed
+
+    def read_stdout() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_at and not reached and line.startswith(stop_at):
+                reached.append(time.perf_counter() - start)
+                reached_cpu.append(time.process_time())
+                requests.update(s3.counts())  # what it took to get there, not the stop's
+                proc.send_signal(signal.SIGTERM)
+
+    requests: dict[str, int] = {}
+    reached_cpu: list[float] = []
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
     with RaySampler(limit_mb, lambda: os.killpg(proc.pid, 9)) as sampler:
-        out, err = proc.communicate()
-    wall = time.perf_counter() - start
+        err = proc.stderr.read()
+        proc.wait()
+        reader.join()
+    wall = reached[0] if reached else time.perf_counter() - start
+    out = "".join(lines)
     # The S3 server runs in this process: its CPU time is the server's work, which a real
     # object store does on its own machines (moto spends milliseconds of Python a request).
-    server_cpu = time.process_time() - server_cpu
+    server_cpu = (reached_cpu[0] if reached_cpu else time.process_time()) - server_cpu
     driver = next((float(line.split()[3]) for line in err.splitlines() if line.startswith("[scale] driver peak")), None)
     result = {
         "wall_s": round(wall, 3),
         "server_cpu_s": round(server_cpu, 3),
-        "requests": s3.counts(),
+        "requests": requests or s3.counts(),
         "driver_peak_mb": driver,
         "worker_peak_mb": round(sampler.peak_mb, 1),
         "worker_peak_process": sampler.peak_name,
@@ -157,7 +201,10 @@ def run_stage(tree: str, env: dict[str, str], s3: SlowS3, args: list[str], limit
     }
     if sampler.stopped:
         result["stopped"] = f"a Ray worker went beyond {limit_mb:.0f} MB"
-    elif proc.returncode not in (0, 1):  # verify exits 1 when it finds problems
+    elif stop_at and not reached:
+        ended = f"catkd {' '.join(args)} ended ({proc.returncode}) before printing {stop_at!r}"
+        raise RuntimeError(f"{ended}:\n{err[-3000:]}\n{out[-2000:]}")
+    elif not reached and proc.returncode not in (0, 1):  # verify exits 1 when it finds problems
         raise RuntimeError(f"catkd {' '.join(args)} failed ({proc.returncode}):\n{err[-3000:]}\n{out[-1000:]}")
     return result
 
@@ -211,15 +258,18 @@ def shard_curve(args, s3: SlowS3, env: dict[str, str], results: Results) -> None
         build = ["cache", "build", "--data", data, "--teacher", "resnet8", "--weights", f"s3://{BUCKET}/teacher.pth"]
         build += ["--root", caches, "--num-views", "2", "--no-progress"]
 
-        steps = _steps(fs, data, caches, shard, build)
+        steps = _steps(fs, data, caches, shard, build, args.work)
         if all(results.get(args.label, "sizes", str(size), stage) is not None for stage in args.stages):
             continue  # done; a size cut short is run again whole (the server's objects went with it)
-        for stage in args.stages:
+        recorded = [stage for stage in STAGES if stage in args.stages]
+        for stage in [stage for stage in PREPARES if stage not in recorded] + recorded:
             before, command = steps[stage]
             if before:
                 before()
             command = command() if callable(command) else command
-            figures = run_stage(args.tree, env, s3, command)
+            figures = run_stage(args.tree, env, s3, command, stop_at=STOP_AT.get(stage))
+            if stage not in recorded:
+                continue
             figures["requests_per_shard"] = round(sum(figures["requests"].values()) / size, 2)
             results.put(figures, args.label, "sizes", str(size), stage)
             print(
@@ -230,8 +280,27 @@ def shard_curve(args, s3: SlowS3, env: dict[str, str], results: Results) -> None
             )
 
 
-def _steps(fs, data: str, caches: str, shard: list[str], build: list[str]) -> dict:
+def _steps(fs, data: str, caches: str, shard: list[str], build: list[str], work: str) -> dict:
     """stage -> (what to do first, or None; the command, or a function that makes it)."""
+    # A training as a user starts one on the cache, stopped at its first batch. Its batch
+    # and shuffle buffer are two of these 2-image shards: at ImageNet's 1,000-image shards
+    # the default buffer (2,048 samples) fills from three shards, where here it would
+    # take a thousand, which would measure reading, not the start-up.
+    runs = os.path.join(work, "runs")
+    train = ["mode=catkd", "student=resnet8", f"data={data}", "epochs=1", "batch_size=4", "shuffle_buffer=4"]
+    train += ["num_workers=1", "loader_workers=0", f"storage_path={runs}", "test_split=train"]  # the data has one split
+
+    def train_command() -> list[str]:
+        shutil.rmtree(runs, ignore_errors=True)
+        return ["train", *train, f"cache={cache_url()}", "name=start"]
+
+    def sweep_command() -> list[str]:
+        # Each value is checked against the data and the cache before the first trial.
+        path = os.path.join(work, "sweep.yaml")
+        with open(path, "w") as f:
+            json.dump({"sweep": {"space": {"mode": ["kd", "dkd", "catkd"], "seed": [0, 1]}, "scheduler": "none"}}, f)
+        shutil.rmtree(runs, ignore_errors=True)
+        return ["sweep", path, *train, f"cache={cache_url()}", "name=resolve"]
 
     def cache_url() -> str:
         fs.invalidate_cache()
@@ -252,6 +321,8 @@ def _steps(fs, data: str, caches: str, shard: list[str], build: list[str]) -> di
         "build_rerun": (None, build),
         "info": (None, lambda: ["cache", "info", cache_url()]),
         "verify": (None, lambda: ["cache", "verify", cache_url(), "--samples", "1"]),
+        "train_start": (None, train_command),
+        "sweep_resolve": (None, sweep_command),
     }
 
 

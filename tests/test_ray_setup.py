@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -80,6 +81,9 @@ def test_two_trainings_at_once_share_one_ray_and_log_cleanly(tmp_path):
         lines = [line for line in output.splitlines() if line.strip()]
         assert [line for line in lines if not OWN_LINE.match(line) or RAY_LINE.search(line)] == [], output[-3000:]
         assert output.count(" 1 worker(s) started; rank 0 on cpu") == 1, output[-3000:]
+        # the start-up a user waits through, said once, before the first epoch's line
+        first = re.search(r"\[train\] run\d: first batch (\d+\.\d) s after the workers started", output)
+        assert first and output.index(first[0]) < output.index("[train] epoch 1/2"), output[-3000:]
     addresses = {
         line.split()[3] for output in outputs for line in output.splitlines() if line.startswith("[ray] local Ray")
     }

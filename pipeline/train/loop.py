@@ -75,6 +75,7 @@ def _quiet_ray_train() -> None:
 
 
 def train_loop(config: dict[str, Any]) -> None:
+    worker_start = time.perf_counter()
     os.environ.update(config.get("env", {}))  # the driver's hub and tracker settings
     cfg = TrainConfig(**config["cfg"])
     console: Console = config.get("console") or Console()
@@ -138,7 +139,10 @@ def train_loop(config: dict[str, Any]) -> None:
     tracker = open_tracker(cfg, run_tags(cfg, targets.identity if targets is not None else None)) if rank == 0 else None
     for epoch in range(start_epoch, cfg.epochs):
         train_stream.set_epoch(epoch)
-        progress = _Progress(console, rank, epoch, cfg.epochs, train_stream.steps_per_epoch(cfg.loader_workers))
+        steps = train_stream.steps_per_epoch(cfg.loader_workers)
+        # The first epoch this worker group runs reports when its first batch arrived.
+        started = worker_start if epoch == start_epoch else None
+        progress = _Progress(console, rank, epoch, cfg.epochs, steps, cfg.name, started)
         metrics = _train_epoch(
             cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight, num_classes
         )
@@ -178,12 +182,31 @@ def _inputs(
 
 
 class _Progress:
-    """A rate line from rank 0 every ``every_s`` seconds within a long epoch."""
+    """A rate line from rank 0 every ``every_s`` seconds within a long epoch, and, in the
+    first epoch a worker group runs, one line when its first batch arrives: on object
+    storage far away, the start-up (index, cache manifest, first shards) is what a user
+    waits through before any rate line."""
 
-    def __init__(self, console: Console, rank: int, epoch: int, epochs: int, steps: int, every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        console: Console,
+        rank: int,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        name: str = "",
+        worker_start: float | None = None,
+        every_s: float = 30.0,
+    ) -> None:
         self.console, self.active, self.epoch, self.epochs, self.steps = console, rank == 0, epoch, epochs, steps
-        self.every_s = every_s
+        self.name, self.worker_start, self.every_s = name, worker_start, every_s
         self.start = self.last = time.perf_counter()
+
+    def first_batch(self) -> None:
+        if self.active and self.worker_start is not None:
+            waited = time.perf_counter() - self.worker_start
+            self.console.say(f"[train] {self.name}: first batch {waited:.1f} s after the workers started")
+            self.worker_start = None
 
     def step(self, step: int, images: int) -> None:
         now = time.perf_counter()
@@ -213,6 +236,8 @@ def _train_epoch(
     start = last = time.perf_counter()
     for step, batch in enumerate(loader):
         wait += time.perf_counter() - last
+        if step == 0:
+            progress.first_batch()
         x = _inputs(cfg, batch, spec, device, fallbacks)
         labels = batch["label"].to(device, non_blocking=True)
         ce_labels = _mixed_labels(batch, labels, num_classes, device) if "lam" in batch else labels
