@@ -7,10 +7,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tarfile
+import time
 
 import pytest
 import torch
@@ -331,45 +333,88 @@ def test_damaged_shard_on_s3_is_named_and_repaired_alone(s3, s3_cache):
     assert SECRET not in repair.stdout + repair.stderr + rebuild.stdout + rebuild.stderr
 
 
-def test_a_sweep_on_s3_keeps_everything_there_and_a_rerun_resumes(s3, s3_data, s3_cache, tmp_path):
-    """catkd sweep with storage_path on the object store: Tune's experiment state, every
-    trial's run and the report land there, and rerunning the same command restores the
-    sweep from there without running a finished trial again. The trials are also runs of
-    one MLflow experiment (a local SQLite store), named after the sweep."""
+def test_sweep_on_s3_stops_lagging_trials_and_resumes_from_there_after_its_driver_is_killed(
+    s3, s3_data, s3_cache, tmp_path
+):
+    """A 4-trial ASHA sweep over beta, two trials at a time, with storage_path on the
+    object store: its driver is killed once the first trial has finished; the same
+    command restores the experiment from the store without rerunning that trial, ASHA
+    stops at least one trial early, and the rest finish. Tune's state, every trial's run
+    and the report are on the store; the trials are runs of one MLflow experiment (a
+    local SQLite store) named after the sweep."""
     import mlflow
 
     env, fs = s3
     url, _ = s3_cache
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     command = [
+        sys.executable,
+        "-m",
+        "pipeline.cli",
         "sweep",
         *_one_epoch_from(url),
+        "epochs=2",
         "cpus_per_worker=1",
         "storage_path=s3://catkd-bucket/sweeps",
-        "name=s3sweep",
+        "name=beta",
         "tracking=mlflow",
         f"tracking_uri={tracking}",
+        # The total loss grows with beta (CE + beta x CAT), so ranking by it makes ASHA's
+        # decisions certain: a trial reaching the rung after a lower beta's is stopped.
         "--space",
-        "beta=grid:1,4",
-        "--scheduler",
-        "none",
+        "beta=grid:0.5,8,32,64",
+        "--metric",
+        "train_loss",
+        "--mode",
+        "min",
+        "--max-concurrent",
+        "2",
     ]
-    first = _catkd(env, *command)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert (first.stdout + first.stderr).count(": started") == 2
-    summary = json.loads(fs.cat_file("catkd-bucket/sweeps/s3sweep/sweep.json"))
-    assert sorted(row["params"]["beta"] for row in summary["trials"]) == [1.0, 4.0]
-    assert all(row["status"] == "finished" and row["epochs"] == 1 for row in summary["trials"])
-    for row in summary["trials"]:
-        assert fs.exists(f"catkd-bucket/sweeps/s3sweep/{row['trial']}/metrics.jsonl")
-    assert fs.cat_file("catkd-bucket/sweeps/s3sweep/sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    client = mlflow.MlflowClient(tracking_uri=tracking)
-    tracked = client.search_runs([client.get_experiment_by_name("s3sweep").experiment_id])
-    assert sorted(r.data.params["beta"] for r in tracked) == ["1.0", "4.0"]
-    assert all(r.info.status == "FINISHED" and r.data.metrics.get("test_top1") is not None for r in tracked)
-    assert all("student_cam.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in tracked)
-    rerun = _catkd(env, *command)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=ROOT
+    )
+    lines, deadline = [], time.time() + 300
+    while not any(line.endswith(": finished") for line in lines):
+        line = proc.stdout.readline().decode()
+        assert line and time.time() < deadline, "".join(lines)[-3000:]
+        lines.append(line.rstrip())
+    first = next(line for line in lines if line.endswith(": finished")).split()[1].rstrip(":")
+    # Two trials shared the machine: both had started before the first one finished.
+    assert sum(line.endswith(": started") for line in lines) >= 2, "\n".join(lines)
+    time.sleep(3)  # Tune records its state every second (pipeline.train.sweep.STATE_PERIOD_S)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
     output = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0 and "resuming" in output, output[-3000:]
-    assert ": started" not in output, output[-3000:]  # both trials had finished: none runs again
-    assert SECRET not in first.stdout + first.stderr + output
+    assert rerun.returncode == 0, output[-3000:]
+    assert "resuming" in output and f"{first}: started" not in output, output[-3000:]
+    summary = json.loads(fs.cat_file("catkd-bucket/sweeps/beta/sweep.json"))
+    trials = {row["trial"]: row for row in summary["trials"]}
+    assert len(trials) == 4 and summary["metric"] == "train_loss"
+    statuses = [row["status"] for row in trials.values()]
+    assert "stopped" in statuses and "finished" in statuses and "failed" not in statuses, output[-3000:]
+    assert trials[first]["status"] == "finished" and trials[first]["params"]["beta"] in (0.5, 8.0)
+    # The rungs' records from before the restart were replayed (ResumableASHA): the high
+    # betas that reached the rung afterwards were compared with them and stopped.
+    by_beta = {row["params"]["beta"]: row["status"] for row in trials.values()}
+    assert by_beta[32.0] == "stopped" and by_beta[64.0] == "stopped", output[-3000:]
+    for row in trials.values():
+        assert row["epochs"] >= 1 and row["images_per_s"] > 0 and row["cat_after_epoch_1"] > 0
+        assert row["beta_cat_after_epoch_1"] == pytest.approx(row["params"]["beta"] * row["cat_after_epoch_1"])
+        assert row["status"] == "stopped" or row["epochs"] == 2
+        assert fs.exists(f"catkd-bucket/sweeps/beta/{row['trial']}/metrics.jsonl")
+    assert "stopped@1" in output and "beta*CAT ep 1" in output
+    assert fs.cat_file("catkd-bucket/sweeps/beta/sweep.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    tracked = client.search_runs([client.get_experiment_by_name("beta").experiment_id])
+    # A trial that ran its last epoch ended by itself (its student exported, its run
+    # closed); one the scheduler stopped early is closed by the sweep's driver as KILLED.
+    status = {str(row["params"]["beta"]): row["status"] for row in trials.values()}
+    assert {r.data.params["beta"]: r.info.status for r in tracked} == {
+        beta: {"finished": "FINISHED", "stopped": "KILLED"}[end] for beta, end in status.items()
+    }
+    done = [r for r in tracked if r.info.status == "FINISHED"]
+    assert all(r.data.metrics.get("test_top1") is not None for r in done)
+    assert all("student_cam.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in done)
+    assert SECRET not in "\n".join(lines) + output

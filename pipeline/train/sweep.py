@@ -36,7 +36,7 @@ from pipeline.train.config import LOGIT_METHODS, TrainConfig
 from pipeline.train.run import ResumeError, cpus_per_worker, resolve, train
 from pipeline.train.search_space import Dimension, check_against, grid_size, parse_space, space_items
 from pipeline.train.sweep_report import report, run_history, trial_rows
-from pipeline.train.tracking import with_tracking_uri
+from pipeline.train.tracking import close_stopped_run, with_tracking_uri
 
 
 @dataclass
@@ -132,6 +132,10 @@ def run_sweep(base: TrainConfig, sweep: SweepConfig) -> list[dict[str, Any]]:
         )
     grid = tuner.fit()
     rows = trial_rows(grid, base, dims, sweep)
+    for row in rows:
+        if row["status"] == "stopped":
+            trial = dataclasses.asdict(base) | row["params"] | {"name": join(base.name, row["trial"])}
+            close_stopped_run(TrainConfig(**trial))
     report(rows, base, dims, sweep, folder)
     return rows
 
@@ -249,6 +253,10 @@ def _scheduler(base: TrainConfig, dims: list[Dimension], sweep: SweepConfig) -> 
         max_t=epochs,
         grace_period=min(sweep.grace_period, epochs),
         reduction_factor=sweep.reduction_factor,
+        # A trial that reaches the last epoch ends by itself, exporting its student and
+        # closing its tracker run; ASHA's default stops it at its last report instead,
+        # before either (its rungs all lie below max_t, so nothing else changes).
+        stop_last_trials=False,
     )
 
 

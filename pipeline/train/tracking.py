@@ -98,7 +98,9 @@ class Tracker:
     def end_of_training(self) -> None:
         """Rank 0's last call; the driver closes the run after adding its artifacts."""
 
-    def finish(self, failed: bool = False) -> None:
+    def finish(self, status: str = "finished") -> None:
+        """Close the run as ``status``: finished, failed, or stopped (early, by a sweep's
+        scheduler)."""
         raise NotImplementedError
 
 
@@ -110,6 +112,10 @@ def open_tracker(cfg: TrainConfig, tags: dict[str, str] | None = None) -> Tracke
     if cfg.tracking == "wandb":
         return WandbTracker(cfg, tags)
     return None
+
+
+# catkd's ends of a run as MLflow's run statuses
+MLFLOW_STATUS = {"finished": "FINISHED", "failed": "FAILED", "stopped": "KILLED"}
 
 
 class MlflowTracker(Tracker):
@@ -143,8 +149,8 @@ class MlflowTracker(Tracker):
     def log_artifact(self, path: str) -> None:
         self.client.log_artifact(self.run_id, path)
 
-    def finish(self, failed: bool = False) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+    def finish(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=MLFLOW_STATUS[status])
 
 
 def _mlflow_experiment(cfg: TrainConfig):
@@ -208,8 +214,9 @@ class WandbTracker(Tracker):
     def end_of_training(self) -> None:
         self.run.finish()  # one process holds a W&B run at a time: the driver reopens it
 
-    def finish(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+    def finish(self, status: str = "finished") -> None:
+        self.run.summary["catkd_status"] = status  # W&B's own states have no "stopped early"
+        self.run.finish(exit_code=1 if status == "failed" else 0)
 
 
 # W&B settings a worker needs from the driver (never a key: that is the cluster's own)
@@ -268,4 +275,19 @@ def _log_run_end(cfg: TrainConfig, exported: dict[str, str], failed: bool) -> No
             student = {"student": local["student_cam.pt"]}
             render_cam_report(cfg.data, student, picture, split=cfg.test_split, spec=cfg.spec, limit=64)
             tracker.log_artifact(picture)
-    tracker.finish(failed)
+    tracker.finish("failed" if failed else "finished")
+
+
+def close_stopped_run(cfg: TrainConfig) -> None:
+    """On a sweep's driver: the tracker run of a trial its scheduler stopped early (Tune
+    ends such a trial's process, so the trial never closed it itself) closed as stopped."""
+    if cfg.tracking == "none":
+        return
+    try:
+        tracker = open_tracker(cfg)
+        assert tracker is not None
+        tracker.finish("stopped")
+    except Exception as exc:  # as log_run_end: a tracker that fails costs a line, not the sweep
+        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        line = f"[sweep] {cfg.name}: {cfg.tracking}: the run was not closed ({type(exc).__name__}: {text})"
+        print(line, file=sys.stderr)
