@@ -287,10 +287,12 @@ def run_plan(
     order: Callable[[str, str], tuple],
     tag: str,
     started: float,
+    pair: Callable[[list[dict]], list[dict]] | None = None,
 ) -> None:
     """Every run of ``plan`` (``student(*run)`` gives its row), ``concurrent`` at a time;
     ``summary`` gets each row as it ends, its runs sorted by (seed, ``order``), grouped
-    by seed and paired against the ``base`` value of ``variant``, and results.json is
+    by seed and paired against the ``base`` value of ``variant`` in the same mode (or by
+    ``pair``, a study's own pairing of its runs), and results.json is
     rewritten then (with the seconds since ``started``, a perf_counter reading), so a
     killed study keeps what finished."""
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
@@ -300,7 +302,7 @@ def run_plan(
             runs.append(future.result())
             runs.sort(key=lambda r: (r["seed"], order(r["mode"], r[variant])))
             summary["groups"] = seed_groups(runs, variant, order)
-            summary["paired_differences"] = paired_against(runs, variant, base, order)
+            summary["paired_differences"] = pair(runs) if pair else paired_against(runs, variant, base, order)
             summary["seconds"] = time.perf_counter() - started
             (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
             print(f"[{tag}] {len(runs)}/{len(plan)} runs done", flush=True)
