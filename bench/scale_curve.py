@@ -486,7 +486,7 @@ def plot(results: Results) -> None:
     if not any(results.get(label, "sizes") for label in results.data):
         return  # nothing measured against shard count yet
     stages = STAGES
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+    fig, axes = plt.subplots(2, (len(stages) + 1) // 2, figsize=(4 * ((len(stages) + 1) // 2), 7), sharex=True)
     for ax, stage in zip(axes.flat, stages, strict=False):
         for label, block in sorted(results.data.items()):
             sizes = sorted(int(n) for n, row in block.get("sizes", {}).items() if stage in row)
@@ -559,7 +559,9 @@ def markdown(results: Results) -> str:
             lines.append(
                 f"| {stage} | {walls} | {last['requests_per_shard']:.2f} | {marginal} | {server} | "
                 + " | ".join(extrapolated)
-                + f" | {last['driver_peak_mb'] or 0:.0f} | {last['worker_peak_mb']:.0f} |"
+                # a stopped stage's driver ends at once (catkd's clean stop): no peak printed
+                + f" | {format(last['driver_peak_mb'], '.0f') if last['driver_peak_mb'] else '-'}"
+                + f" | {last['worker_peak_mb']:.0f} |"
             )
         lines.append("")
     classes = [
