@@ -246,11 +246,13 @@ def log_run_end(cfg: TrainConfig, exported: dict[str, str], *, failed: bool = Fa
     try:
         _log_run_end(cfg, exported, failed)
     except Exception as exc:  # the tracker's clients raise many types (network, store, auth)
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        print(
-            f"[train] {cfg.name}: {cfg.tracking}: the run's artifacts were not logged ({type(exc).__name__}: {text})",
-            file=sys.stderr,
-        )
+        _say_tracker_failed(f"[train] {cfg.name}: {cfg.tracking}: the run's artifacts were not logged", exc)
+
+
+def _say_tracker_failed(what: str, exc: Exception) -> None:
+    """One line on stderr: what was not done, and the tracker client's error, first line."""
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    print(f"{what} ({type(exc).__name__}: {text})", file=sys.stderr)
 
 
 def _log_run_end(cfg: TrainConfig, exported: dict[str, str], failed: bool) -> None:
@@ -288,6 +290,4 @@ def close_stopped_run(cfg: TrainConfig) -> None:
         assert tracker is not None
         tracker.finish("stopped")
     except Exception as exc:  # as log_run_end: a tracker that fails costs a line, not the sweep
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        line = f"[sweep] {cfg.name}: {cfg.tracking}: the run was not closed ({type(exc).__name__}: {text})"
-        print(line, file=sys.stderr)
+        _say_tracker_failed(f"[sweep] {cfg.name}: {cfg.tracking}: the run was not closed", exc)
