@@ -21,7 +21,6 @@ reused. About two hours on a 2-core CPU machine with the defaults (24 runs).
 from __future__ import annotations
 
 import shlex
-import statistics
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
+import study_report  # noqa: E402
 from study_report import _std, regenerate  # noqa: E402
 
 from pipeline.train.run import train  # noqa: E402
@@ -100,27 +100,7 @@ def groups(runs: list[dict]) -> list[dict]:
 def paired(runs: list[dict]) -> list[dict]:
     """Per seed, each method's final top-1 minus KD's of that seed (same initial weights,
     data order and views: only the loss differs)."""
-    final = {(r["method"], r["seed"]): r["test_top1"] for r in runs}
-    rows = []
-    others = {(r["mode"], r["method"]) for r in runs if r["method"] != BASE}
-    for mode, method in sorted(others, key=lambda m: _order(*m)):
-        seeds = sorted(s for m, s in final if m == method and (BASE, s) in final)
-        if not seeds:
-            continue
-        diffs = {str(s): final[(method, s)] - final[(BASE, s)] for s in seeds}
-        values = list(diffs.values())
-        rows.append(
-            {
-                "mode": mode,
-                "method": method,
-                "per_seed": diffs,
-                "mean": statistics.mean(values),
-                "std": study.spread(values),
-                "positive": sum(v > 0 for v in values),
-                "seeds": len(values),
-            }
-        )
-    return rows
+    return study.paired_against(runs, "method", BASE, _order, within_mode=False)
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -185,7 +165,7 @@ def run_methods_study(cfg: MethodsStudyConfig, command: str = "") -> dict:
 
     # paired across methods (each against kd), not within a mode as the other studies pair
     study.run_plan(
-        plan, student, summary, out, cfg.concurrent, "method", BASE, _order, "methods", setup.started, pair=paired
+        plan, student, summary, out, cfg.concurrent, "method", BASE, _order, "methods", setup.started, within_mode=False
     )
     study.finish(summary, out, TABLES, "methods.png", plot)
     return summary
@@ -201,20 +181,12 @@ def accuracy_table(summary: dict) -> str:
         lines.append(
             f"| `{g['method']}` | {len(g['top1'])} | **{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |"
         )
-    t = summary["teacher"]
-    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."]
+    lines += ["", study_report.teacher_line(summary)]
     return "\n".join(lines)
 
 
 def paired_table(summary: dict) -> str:
-    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
-    for row in summary["paired_differences"]:
-        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
-        lines.append(
-            f"| `{row['method']}` - `{BASE}` | {per_seed} | **{row['mean']:+.2f}** | {_std(row['std'])} | "
-            f"{row['positive']} of {row['seeds']} |"
-        )
-    return "\n".join(lines)
+    return study_report.paired_table(summary, lambda row: f"`{row['method']}` - `{BASE}`")
 
 
 TABLES = {"accuracy": accuracy_table, "paired": paired_table}

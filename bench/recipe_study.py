@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
+import study_report  # noqa: E402
 from study_report import _std, regenerate  # noqa: E402
 
 from pipeline.data.stages import MIX_KINDS, parse_stages  # noqa: E402
@@ -178,20 +179,12 @@ def accuracy_table(summary: dict) -> str:
             f"| `{g['mode']}` | {g['recipe']} | {len(g['top1'])} | **{g['top1_mean']:.2f}** | "
             f"{_std(g['top1_std'])} | {per_seed} | {fit:.2f} |"
         )
-    t = summary["teacher"]
-    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."]
+    lines += ["", study_report.teacher_line(summary)]
     return "\n".join(lines)
 
 
 def paired_table(summary: dict) -> str:
-    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
-    for row in summary["paired_differences"]:
-        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
-        lines.append(
-            f"| `{row['mode']}` {row['recipe']} - `{row['mode']}` plain | {per_seed} | **{row['mean']:+.2f}** | "
-            f"{_std(row['std'])} | {row['positive']} of {row['seeds']} |"
-        )
-    return "\n".join(lines)
+    return study_report.paired_table(summary, lambda row: f"`{row['mode']}` {row['recipe']} - `{row['mode']}` plain")
 
 
 TABLES = {"accuracy": accuracy_table, "paired": paired_table}

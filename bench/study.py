@@ -241,17 +241,22 @@ def seed_groups(runs: list[dict], variant: str, order: Callable[[str, str], tupl
     ]
 
 
-def paired_against(runs: list[dict], variant: str, base: str, order: Callable[[str, str], tuple]) -> list[dict]:
+def paired_against(
+    runs: list[dict], variant: str, base: str, order: Callable[[str, str], tuple], within_mode: bool = True
+) -> list[dict]:
     """Per (mode, ``variant`` value other than ``base``) and seed: its final top-1 minus
     the same mode's ``base`` run of that seed (same initial weights and data order: only
-    the variant differs)."""
-    final = {(r["mode"], r[variant], r["seed"]): r["test_top1"] for r in runs}
+    the variant differs). With ``within_mode`` false, ``base`` is one run per seed whatever
+    its mode (the methods study: every method against kd)."""
+    group = (lambda mode: mode) if within_mode else (lambda mode: None)
+    final = {(group(r["mode"]), r[variant], r["seed"]): r["test_top1"] for r in runs}
     rows = []
-    for mode, value in sorted({(m, v) for m, v, _ in final if v != base}, key=lambda mv: order(*mv)):
-        seeds = sorted(seed for m, v, seed in final if (m, v) == (mode, value) and (mode, base, seed) in final)
+    for mode, value in sorted({(r["mode"], r[variant]) for r in runs if r[variant] != base}, key=lambda mv: order(*mv)):
+        g = group(mode)
+        seeds = sorted(seed for m, v, seed in final if (m, v) == (g, value) and (g, base, seed) in final)
         if not seeds:
             continue
-        diffs = {str(seed): final[(mode, value, seed)] - final[(mode, base, seed)] for seed in seeds}
+        diffs = {str(seed): final[(g, value, seed)] - final[(g, base, seed)] for seed in seeds}
         values = list(diffs.values())
         rows.append(
             {
@@ -287,12 +292,11 @@ def run_plan(
     order: Callable[[str, str], tuple],
     tag: str,
     started: float,
-    pair: Callable[[list[dict]], list[dict]] | None = None,
+    within_mode: bool = True,
 ) -> None:
     """Every run of ``plan`` (``student(*run)`` gives its row), ``concurrent`` at a time;
     ``summary`` gets each row as it ends, its runs sorted by (seed, ``order``), grouped
-    by seed and paired against the ``base`` value of ``variant`` in the same mode (or by
-    ``pair``, a study's own pairing of its runs), and results.json is
+    by seed and paired against the ``base`` value of ``variant`` (``paired_against``), and results.json is
     rewritten then (with the seconds since ``started``, a perf_counter reading), so a
     killed study keeps what finished."""
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
@@ -302,7 +306,7 @@ def run_plan(
             runs.append(future.result())
             runs.sort(key=lambda r: (r["seed"], order(r["mode"], r[variant])))
             summary["groups"] = seed_groups(runs, variant, order)
-            summary["paired_differences"] = pair(runs) if pair else paired_against(runs, variant, base, order)
+            summary["paired_differences"] = paired_against(runs, variant, base, order, within_mode)
             summary["seconds"] = time.perf_counter() - started
             (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
             print(f"[{tag}] {len(runs)}/{len(plan)} runs done", flush=True)

@@ -15,6 +15,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 MODE_NAMES = {
@@ -51,6 +52,25 @@ def accuracy(summary: dict) -> str:
         f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same {summary['data']['test_images']:,} test "
         "images.",
     ]
+    return "\n".join(lines)
+
+
+def teacher_line(summary: dict) -> str:
+    """The line under a sub-study's accuracy table."""
+    t = summary["teacher"]
+    return f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."
+
+
+def paired_table(summary: dict, label: Callable[[dict], str]) -> str:
+    """A sub-study's paired differences (``study.paired_against``'s rows), one line each,
+    named by ``label(row)``."""
+    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
+    for row in summary["paired_differences"]:
+        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
+        lines.append(
+            f"| {label(row)} | {per_seed} | **{row['mean']:+.2f}** | {_std(row['std'])} | "
+            f"{row['positive']} of {row['seeds']} |"
+        )
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
+import study_report  # noqa: E402
 from cache_read import imagenet_sizes  # noqa: E402
 from study_report import _std, regenerate  # noqa: E402
 
@@ -164,20 +165,12 @@ def accuracy_table(summary: dict) -> str:
             f"| `{g['mode']}` | {storage_label(g['storage'])} | {stored:,.0f} | {len(g['top1'])} | "
             f"**{g['top1_mean']:.2f}** | {_std(g['top1_std'])} | {per_seed} |"
         )
-    t = summary["teacher"]
-    lines += ["", f"Teacher `{t['arch']}`: {t['test_top1']:.2f}% top-1 on the same test images."]
+    lines += ["", study_report.teacher_line(summary)]
     return "\n".join(lines)
 
 
 def paired_table(summary: dict) -> str:
-    lines = ["| difference (same seed) | per seed | mean | std | seeds where positive |", "|---|---|---:|---:|---:|"]
-    for row in summary["paired_differences"]:
-        per_seed = ", ".join(f"{v:+.2f} (seed {s})" for s, v in row["per_seed"].items())
-        lines.append(
-            f"| `{row['mode']}` {row['storage']} - `{row['mode']}` full | {per_seed} | **{row['mean']:+.2f}** | "
-            f"{_std(row['std'])} | {row['positive']} of {row['seeds']} |"
-        )
-    return "\n".join(lines)
+    return study_report.paired_table(summary, lambda row: f"`{row['mode']}` {row['storage']} - `{row['mode']}` full")
 
 
 def sizes_table(summary: dict) -> str:
