@@ -6,12 +6,17 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
 SESSION_CPUS = 4
+# Any local Ray the suite starts is its own, never one a user's commands share (a study
+# in the background holding that one's CPUs would starve the suite's tasks). Commands the
+# tests start as subprocesses inherit it and join the suite's.
+os.environ["CATKD_RAY_DIR"] = tempfile.mkdtemp(prefix="catkd-suite-ray-")
 
 # Nothing in the suite downloads: pretrained weights come from hub caches the tests make
 # (tests/test_pretrained.py). Set before any hub client is imported, which reads it once.
@@ -20,14 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
-    """The session's local Ray, never one a user's commands share: commands the tests
-    start as subprocesses join it (CATKD_RAY_DIR is inherited)."""
+    """The session's local Ray (its own CATKD_RAY_DIR, set above)."""
     import ray
 
     from pipeline.ray_setup import init_ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ["CATKD_RAY_DIR"] = str(tmp_path_factory.mktemp("ray"))
     # Ray Train's controller polls its workers every 2 s by default, so each of the
     # suite's many short trainings waited up to a poll to start and another to finish.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
@@ -49,19 +52,18 @@ def _save(img: Image.Image, path: str, fmt: str) -> None:
 @pytest.fixture(scope="session")
 def shapes_64(tmp_path_factory) -> str:
     """Shards of 24 training images of 64 x 64 in two shards (and 8 to test): data for
-    ImageNet-spec teachers and students (timm, hub names). Read only."""
+    ImageNet-spec teachers and students (timm, hub names). Read only. Written by a local
+    thread pool: the fast tests that read it start no Ray."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.data.shard_writer import ShardConfig, shard_dataset
 
     data = str(tmp_path_factory.mktemp("shapes64") / "shapes")
-    shard_dataset(
-        ShardConfig(
-            "synthetic:shapes",
-            data,
-            samples_per_shard=12,
-            synthetic={"train_samples": 24, "test_samples": 8, "image_size": 64, "seed": 3},
-            progress=False,
+    synthetic = {"train_samples": 24, "test_samples": 8, "image_size": 64, "seed": 3}
+    with ThreadPoolExecutor(2) as pool:
+        shard_dataset(
+            ShardConfig("synthetic:shapes", data, samples_per_shard=12, synthetic=synthetic, progress=False), pool
         )
-    )
     return data
 
 

@@ -21,7 +21,14 @@ K8S = os.path.join(ROOT, "docker", "k8s")
 IMAGE_ROOT = "/opt/catkd"  # the image's WORKDIR, where docker/Dockerfile copies the project
 SECRET, SECRET_KEY = "catkd-ray-token", "auth_token"  # KubeRay's authOptions.secretName wants this key
 CLAIM = "catkd-shared"
-MANIFESTS = {"shared-pvc.yaml", "raycluster.yaml", "rayjob-cache.yaml", "rayjob-distill.yaml"}
+MANIFESTS = {
+    "shared-pvc.yaml",
+    "raycluster.yaml",
+    "rayjob-cache.yaml",
+    "rayjob-distill.yaml",
+    "rayjob-distill-elastic.yaml",
+}
+ELASTIC_JOB = "catkd-distill-elastic"
 RAY_KINDS = {"RayCluster", "RayJob"}
 
 
@@ -103,7 +110,7 @@ def test_the_manifests_are_the_expected_kinds():
         assert doc["kind"] in RAY_KINDS | {"PersistentVolumeClaim"}, (file, doc["kind"])
         assert doc["apiVersion"] == ("ray.io/v1" if doc["kind"] in RAY_KINDS else "v1"), (file, doc["apiVersion"])
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", doc["metadata"]["name"]), doc["metadata"]
-    assert len(_of_kind("RayCluster")) == 1 and len(_of_kind("RayJob")) == 2
+    assert len(_of_kind("RayCluster")) == 1 and len(_of_kind("RayJob")) == 3
     names = [doc["metadata"]["name"] for _, doc in docs]
     assert len(names) == len(set(names))
 
@@ -122,7 +129,7 @@ def test_shared_claim_is_read_write_many_and_mounted_at_shared_on_every_containe
 
 def test_cluster_specs_have_what_kuberay_requires():
     specs = _cluster_specs()
-    assert len(specs) == 3
+    assert len(specs) == 4
     for name, spec in specs:
         assert spec["rayVersion"] == _ray_pin(), name  # authOptions needs it, and it must be the image's Ray
         assert spec["authOptions"] == {"mode": "token", "secretName": SECRET}, name
@@ -143,7 +150,7 @@ def test_cluster_specs_have_what_kuberay_requires():
 
 def test_every_container_runs_the_image_with_resources_and_token_authentication():
     containers = _containers()
-    assert len(containers) == 6  # a head and a worker group in each of the three cluster specs
+    assert len(containers) == 8  # a head and a worker group in each of the four cluster specs
     for where, _, container in containers:
         assert container["image"] == "catkd:gpu", where
         limits = container["resources"]["limits"]
@@ -168,7 +175,7 @@ def test_rayjobs_run_on_the_rayclusters_spec_and_clean_up():
         runtime_env = yaml.safe_load(f)
     for job in _of_kind("RayJob"):
         spec = job["spec"]
-        assert spec["rayClusterSpec"] == cluster["spec"], job["metadata"]["name"]
+        assert _fixed_form(spec["rayClusterSpec"]) == cluster["spec"], job["metadata"]["name"]
         assert spec["shutdownAfterJobFinishes"] is True
         assert isinstance(spec["ttlSecondsAfterFinished"], int) and spec["ttlSecondsAfterFinished"] > 0
         assert spec["submissionMode"] in {"K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"}
@@ -177,13 +184,40 @@ def test_rayjobs_run_on_the_rayclusters_spec_and_clean_up():
         assert env["env_vars"] == runtime_env["env_vars"]  # the same job environment as `ray job submit`
 
 
+def _fixed_form(spec: dict[str, Any]) -> dict[str, Any]:
+    """An elastic job's cluster spec as raycluster.yaml has it: without the autoscaler and
+    with the GPU group's replica range set back to raycluster.yaml's fixed 4."""
+    spec = {key: value for key, value in spec.items() if key not in ("enableInTreeAutoscaling", "autoscalerOptions")}
+    fixed = {"replicas": 4, "minReplicas": 4, "maxReplicas": 4}
+    return spec | {"workerGroupSpecs": [group | fixed for group in spec["workerGroupSpecs"]]}
+
+
+def test_the_elastic_job_asks_for_what_its_worker_group_ranges_over():
+    """min_workers and num_workers are the GPU group's minReplicas and maxReplicas (one GPU
+    a pod), the autoscaler adds the pods between, and lost nodes are retried without limit."""
+    from pipeline.cli import build_parser
+    from pipeline.train.config import load_config
+
+    (job,) = [doc for doc in _of_kind("RayJob") if doc["metadata"]["name"] == ELASTIC_JOB]
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["enableInTreeAutoscaling"] is True
+    (group,) = spec["workerGroupSpecs"]
+    module, args = _entrypoint(job)
+    parsed = build_parser("train").parse_args([*_stage_command(module), *args])
+    cfg = load_config(_local(parsed.config), parsed.overrides)
+    per_pod = _gpus(group["template"]["spec"]["containers"][0])
+    assert cfg.elastic and cfg.use_gpu and cfg.max_failures == -1
+    assert (cfg.min_workers, cfg.num_workers) == (group["minReplicas"] * per_pod, group["maxReplicas"] * per_pod)
+    assert group["replicas"] == group["minReplicas"]
+
+
 def test_the_image_holds_the_project_where_the_jobs_look_for_it():
     with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
         lines = [line.strip() for line in f]
     assert f"WORKDIR {IMAGE_ROOT}" in lines and "COPY jobs ./jobs" in lines
 
 
-@pytest.mark.parametrize("name", ["catkd-cache", "catkd-distill"])
+@pytest.mark.parametrize("name", ["catkd-cache", "catkd-distill", ELASTIC_JOB])
 def test_rayjob_entrypoint_names_an_existing_stage_config_and_settings(name: str):
     from pipeline.cli import build_parser
 

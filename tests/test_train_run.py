@@ -215,8 +215,9 @@ def test_topk_cache_refuses_what_it_does_not_hold(env, override, message):
 
 
 def test_runs_that_can_never_start_are_refused_at_once(env):
-    """On catkd's own local Ray nothing can add nodes: a GPU run on a cluster without GPUs
-    is refused in seconds, naming what was asked and what the cluster has."""
+    """On catkd's own local Ray nothing can add nodes: a GPU run on a cluster without GPUs,
+    or an elastic run whose minimum never fits, is refused in seconds, naming what was
+    asked and what the cluster has."""
     import time
 
     from pipeline.ray_setup import ImpossibleRequestError
@@ -226,6 +227,9 @@ def test_runs_that_can_never_start_are_refused_at_once(env):
         train(_cfg(env, "gpu-nowhere", use_gpu=True, num_workers=1, renderer="cpu", decoder="cpu"))
     with pytest.raises(ImpossibleRequestError, match="asks for 2 x \\{CPU: 64\\}.* CPU in all"):
         train(_cfg(env, "cpus-nowhere", cpus_per_worker=64))
+    # an elastic run needs only its minimum to fit, and is refused when even that never can
+    with pytest.raises(ImpossibleRequestError, match=r"\(elastic, at least min_workers\) asks for 3 x \{CPU: 64\}"):
+        train(_cfg(env, "elastic-nowhere", cpus_per_worker=64, num_workers=8, min_workers=3))
     assert time.monotonic() - start < 30
 
 

@@ -26,6 +26,23 @@ MODES = ("ce", *CACHED_MODES, *ONLINE_MODES)
 LOGIT_METHODS = ("kd", "dkd", "dist")  # the methods that read only the teacher's logits
 
 
+@dataclass(frozen=True)
+class WorldBatch:
+    """How a run's global batch is split at one world size (TrainConfig.batch_for)."""
+
+    world: int
+    per_worker: int
+    lr_scale: float  # the global batch used over the one configured (1.0 where it divides)
+
+    @property
+    def global_batch(self) -> int:
+        return self.per_worker * self.world
+
+    @property
+    def kept(self) -> bool:
+        return self.lr_scale == 1.0
+
+
 @dataclass
 class TrainConfig:
     # Every field is a key=value override; `catkd train --help` lists them with these
@@ -105,7 +122,11 @@ class TrainConfig:
     lr_base_batch: int = 256  # the global batch lr is meant for (lr_scaling=linear)
     seed: int = 0  # initial weights, data order and shuffling
     # execution
-    num_workers: int = 1  # Ray Train workers (ranks)
+    num_workers: int = 1  # Ray Train workers (ranks); with min_workers, the most an elastic run grows to
+    # elastic: start once this many workers fit, grow to num_workers as capacity comes,
+    # shrink after a lost node (Ray Train V2 elastic scaling); 0: exactly num_workers
+    min_workers: int = 0
+    resize_check_s: float = 60.0  # an elastic run's check for capacity to grow into, in seconds
     use_gpu: bool = False  # one GPU per worker
     loader_workers: int = 2  # DataLoader processes per rank (they persist across epochs)
     cpus_per_worker: int = 0  # CPUs Ray reserves per rank; 0: loader_workers + 1 (capped at what a local Ray has)
@@ -129,6 +150,7 @@ class TrainConfig:
                 "epochs": 1,
                 "batch_size": 1,
                 "num_workers": 1,
+                "min_workers": 0,
                 "loader_workers": 0,
                 "cpus_per_worker": 0,
                 "resolution": 1,
@@ -181,6 +203,13 @@ class TrainConfig:
             self.ce_weight = 0.0  # CAT only: no labels used
         if self.logit_std and self.method not in ("kd", "dkd"):
             raise ConfigError(f"logit_std: standardises the logits of kd and dkd; mode {self.mode} has no KD term")
+        if self.min_workers > self.num_workers:
+            raise ConfigError(
+                f"min_workers: an elastic run grows from min_workers to num_workers, got min_workers="
+                f"{self.min_workers} > num_workers={self.num_workers}"
+            )
+        if self.resize_check_s < 0:
+            raise ConfigError(f"resize_check_s: must not be negative, got {self.resize_check_s}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1):
             raise ConfigError(f"warmup_epochs: must be in 0..epochs-1, got {self.warmup_epochs}")
 
@@ -222,8 +251,23 @@ class TrainConfig:
         return self.augment_spec().normalized_by(*(own or (base.mean, base.std)))
 
     @property
+    def elastic(self) -> bool:
+        """Whether the run's world size may change (min_workers set below num_workers)."""
+        return 0 < self.min_workers < self.num_workers
+
+    @property
     def global_batch(self) -> int:
+        """The global batch the configuration asks for: batch_size per worker at num_workers
+        (an elastic run's full size); an elastic run keeps it at every size it can."""
         return self.batch_size * self.num_workers
+
+    def batch_for(self, world: int) -> WorldBatch:
+        """Per-worker batch and learning-rate scale at world size ``world``. The global
+        batch stays ``global_batch`` where ``world`` divides it; otherwise each worker takes
+        the nearest whole share (so the global batch is the nearest multiple of ``world``)
+        and the learning rate is scaled by the same ratio (the linear scaling rule)."""
+        per_worker = max(1, round(self.global_batch / world))
+        return WorldBatch(world, per_worker, per_worker * world / self.global_batch)
 
     @property
     def peak_lr(self) -> float:
@@ -255,6 +299,8 @@ RESUMABLE = (
     "loader_workers",
     "cpus_per_worker",
     "max_failures",
+    "min_workers",  # an elastic run keeps the recipe (global batch, learning rate) at every size
+    "resize_check_s",
     "storage_path",
     "name",
     "verbose",

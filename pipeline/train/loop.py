@@ -27,19 +27,25 @@ from pipeline.data.loader import ReaderConfig, ShardStream, make_loader
 from pipeline.data.views import normalize_batch, renormalize
 from pipeline.storage import filesystem, is_local, join, write_atomic
 from pipeline.train.checkpoint import load_training_state, save_training_state, unwrap
-from pipeline.train.config import ONLINE_MODES, TrainConfig
+from pipeline.train.config import ONLINE_MODES, TrainConfig, WorldBatch
 from pipeline.train.step import cached_targets, live_targets, loss_terms
 from pipeline.train.tracking import open_tracker, run_tags
 from pipeline.weights import read_weights
 
 
 def _reader(
-    cfg: TrainConfig, split: str, train: bool, rank: int, world: int, targets: TargetCache | None = None
+    cfg: TrainConfig,
+    split: str,
+    train: bool,
+    rank: int,
+    world: int,
+    batch_size: int,
+    targets: TargetCache | None = None,
 ) -> ShardStream:
     reader_cfg = ReaderConfig(
         data=cfg.data,
         split=split,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         train=train,
         spec=cfg.augment_spec(),
         num_views=cfg.num_views,
@@ -93,16 +99,18 @@ def train_loop(config: dict[str, Any]) -> None:
     # CAT-KD epoch slowed from 40 s to minutes once small gradients went subnormal).
     torch.set_flush_denormal(True)
     targets = TargetCache(cfg.cache) if cfg.needs_cache else None
-    train_stream = _reader(cfg, cfg.train_split, True, rank, world, targets)
+    # The epoch's shard plan and the per-worker batch follow the world size this worker
+    # group runs with (an elastic run's changes at each resize); the global batch stays.
+    batch = cfg.batch_for(world)
+    train_stream = _reader(cfg, cfg.train_split, True, rank, world, batch.per_worker, targets)
     num_classes = train_stream.index.num_classes
     spec = train_stream.cfg.spec
 
     model = build_pretrained(cfg.student, num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=cfg.peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    peak_lr = cfg.peak_lr * batch.lr_scale
+    optimizer = torch.optim.SGD(model.parameters(), lr=peak_lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     # Warm-up, then step decay or cosine (TrainConfig.lr_factor), stepped once per epoch.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cfg.lr_factor)
     start_epoch, history = 0, []
@@ -113,11 +121,10 @@ def train_loop(config: dict[str, Any]) -> None:
         model.load_state_dict(state["model"]["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _rescale_lr(optimizer, scheduler, peak_lr)  # the checkpoint's was for its own world size
         start_epoch, history = state["epoch"], state["history"]
     if rank == 0:
-        # After a lost worker or node, or on a rerun: the user sees where training picks up.
-        started = f"resuming after epoch {start_epoch} of {cfg.epochs}" if checkpoint else "started"
-        console.say(f"[train] {cfg.name}: {world} worker(s) {started}; rank 0 on {device}")
+        _say_start(console, cfg, world, batch, start_epoch, history, bool(checkpoint), device)
     model = ray.train.torch.prepare_model(model)
     if cfg.compile:
         model = torch.compile(model)
@@ -131,7 +138,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     head = targets.head_weight if targets is not None else None  # the features form only
     head_weight = torch.from_numpy(head).to(device) if head is not None else None
-    test_stream = _reader(cfg, cfg.test_split, False, rank, world)
+    test_stream = _reader(cfg, cfg.test_split, False, rank, world, batch.per_worker)
     # Loader workers persist across epochs; the epoch reaches them through the stream's
     # shared-memory epoch counter (ShardStream.set_epoch).
     train_loader = make_loader(train_stream, cfg.loader_workers, pin_memory=device.type == "cuda")
@@ -143,13 +150,15 @@ def train_loop(config: dict[str, Any]) -> None:
         # The first epoch this worker group runs reports when its first batch arrived.
         started = worker_start if epoch == start_epoch else None
         progress = _Progress(console, rank, epoch, cfg.epochs, steps, cfg.name, started)
+        lr = optimizer.param_groups[0]["lr"]
         metrics = _train_epoch(
             cfg, model, teacher, train_loader, optimizer, spec, device, rank, progress, head_weight, num_classes
         )
         scheduler.step()
         _use_rank0_buffers(model)
         metrics |= _evaluate(cfg, model, test_loader, spec, device)
-        metrics |= {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        # the learning rate the epoch trained with, and the world it ran on (elastic runs resize)
+        metrics |= {"epoch": epoch + 1, "lr": lr, "world_size": world, "global_batch": batch.global_batch}
         history.append(metrics)
         with tempfile.TemporaryDirectory() as folder:
             if rank == 0:
@@ -162,6 +171,46 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder) if rank == 0 else None)
     if tracker is not None:
         tracker.end_of_training()
+
+
+def _rescale_lr(optimizer: torch.optim.Optimizer, scheduler, peak_lr: float) -> None:
+    """The schedule's peak learning rate set to ``peak_lr``, at the epoch it stands at
+    (a checkpoint made at another world size holds that size's peak)."""
+    scheduler.base_lrs = [peak_lr for _ in scheduler.base_lrs]
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = peak_lr * factor
+
+
+def _say_start(
+    console: Console,
+    cfg: TrainConfig,
+    world: int,
+    batch: WorldBatch,
+    start_epoch: int,
+    history: list[dict[str, Any]],
+    resumed: bool,
+    device: torch.device,
+) -> None:
+    """Rank 0's line as a worker group starts: where training picks up (after a lost
+    worker or node, or on a rerun), as a resize when the world size changed since the
+    last epoch (one line per resize), and the batch rule where the global batch cannot
+    be kept at this size."""
+    before = history[-1].get("world_size") if history else None
+    if before is not None and before != world:
+        why = "workers lost" if world < before else "capacity returned"
+        console.say(
+            f"[train] {cfg.name}: resized {before} -> {world} workers at epoch {start_epoch + 1} ({why}); "
+            f"resuming from epoch {start_epoch}'s checkpoint"
+        )
+    else:
+        started = f"resuming after epoch {start_epoch} of {cfg.epochs}" if resumed else "started"
+        console.say(f"[train] {cfg.name}: {world} worker(s) {started}; rank 0 on {device}")
+    if not batch.kept:
+        console.say(
+            f"[train] {cfg.name}: {world} workers cannot share the global batch {cfg.global_batch} evenly: "
+            f"{batch.per_worker} per worker (global {batch.global_batch}), learning rate x {batch.lr_scale:.4g}"
+        )
 
 
 # Steps between checks of the device-side non-finite flag (each check is one host sync).
@@ -278,6 +327,7 @@ def _train_epoch(
         "train_top5": 100 * totals[len(names) + 1] / world_seen,
         "images_per_s": world_seen / (totals[-1] / world),
         "data_wait_fraction": totals[-2] / totals[-1],
+        "train_samples": world_seen,  # samples read by all ranks (with the padding that evens their steps)
     }
     if spec.decoder == "nvjpeg":
         metrics["host_decoded"] = float(host_decoded.sum())  # images nvJPEG did not decode
@@ -331,7 +381,7 @@ def _evaluate(cfg, model, loader, spec, device) -> dict[str, float]:
 
 
 def _format(metrics: dict[str, float], epochs: int) -> str:
-    keys = [k for k in metrics if k not in ("epoch", "lr")]
+    keys = [k for k in metrics if k not in ("epoch", "lr", "world_size", "global_batch")]
     return f"[train] epoch {metrics['epoch']}/{epochs}  " + "  ".join(f"{k} {metrics[k]:.4g}" for k in keys)
 
 

@@ -189,7 +189,10 @@ def train(cfg: TrainConfig, callbacks: Sequence[UserCallback] = ()) -> dict[str,
     init_ray(verbose=cfg.verbose)
     storage = cfg.storage_path
     resources = {"CPU": cpus_per_worker(cfg)} | ({"GPU": 1} if cfg.use_gpu else {})
-    check_request_fits(resources, cfg.num_workers, f"catkd train {cfg.name}")
+    if cfg.elastic:  # it starts once min_workers fit: only those must ever fit
+        check_request_fits(resources, cfg.min_workers, f"catkd train {cfg.name} (elastic, at least min_workers)")
+    else:
+        check_request_fits(resources, cfg.num_workers, f"catkd train {cfg.name}")
     with Relay(waiting=lambda: _waiting_line(cfg, resources)) as console:
         try:
             result = _fit(cfg, resources, console, callbacks)
@@ -226,8 +229,9 @@ def worker_user_error(error: BaseException) -> BaseException:
 
 def _waiting_line(cfg: TrainConfig, resources: dict[str, float]) -> str:
     free = {k: v for k, v in ray.available_resources().items() if k in resources}
+    wanted = f"at least {cfg.min_workers} (up to {cfg.num_workers})" if cfg.elastic else str(cfg.num_workers)
     return (
-        f"[train] {cfg.name}: still waiting for {cfg.num_workers} worker(s) x {resources}; "
+        f"[train] {cfg.name}: still waiting for {wanted} worker(s) x {resources}; "
         f"this Ray cluster has {free or 'none of that'} free (other runs may hold it, or an autoscaler is adding nodes)"
     )
 
@@ -239,7 +243,7 @@ def _fit(
         train_loop,
         # the driver's hub and tracker settings, for workers started without them
         train_loop_config={"cfg": asdict(cfg), "console": console, "env": hub_env() | tracker_env()},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources),
+        scaling_config=_scaling(cfg, resources),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=cfg.storage_path,
@@ -249,6 +253,20 @@ def _fit(
         ),
     )
     return trainer.fit()
+
+
+def _scaling(cfg: TrainConfig, resources: dict[str, float]) -> ScalingConfig:
+    """A fixed worker group, or an elastic one (Ray Train V2): it starts once min_workers
+    fit, asks for num_workers, restarts smaller from the latest checkpoint after a lost
+    node and larger when capacity returns (looked for every resize_check_s)."""
+    if not cfg.elastic:
+        return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    return ScalingConfig(
+        num_workers=(cfg.min_workers, cfg.num_workers),
+        use_gpu=cfg.use_gpu,
+        resources_per_worker=resources,
+        elastic_resize_monitor_interval_s=cfg.resize_check_s,
+    )
 
 
 def export_student(cfg: TrainConfig, state: dict[str, Any]) -> dict[str, str]:
