@@ -30,9 +30,8 @@ from pathlib import Path
 from typing import Any
 
 # Ray Train's health check every 0.5 s instead of 2 s: a removed node is noticed at once.
-# After a node is lost, Ray's autoscaling coordinator counts its CPUs until its next tick
-# (every 20 s), so the controller may first try the old size and wait this long for it
-# (60 s by default) before starting with the workers that fit.
+# Should the controller still try a size the cluster no longer has, it waits this long
+# for it (60 s by default) before starting with the workers that fit.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
 
@@ -112,6 +111,8 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
             registered = _checkpoints_registered(cfg.storage_path, cfg.name)
             if drill.added_at is None and history and registered:
                 workers.append(cluster.add_node(num_cpus=1))  # capacity returns
+                cluster.wait_for_nodes()
+                _coordinator_sees_the_cluster()
                 drill.added_at = time.time() - start
                 drill.events.append(f"node added after epoch {history[-1]['epoch']}")
             grown = [h for h in history if h.get("world_size") == 2]
@@ -123,6 +124,8 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
                     time.sleep(0.3)  # into the next epoch
                     cluster.remove_node(victim)
                     workers.remove(victim)
+                    _wait_until_dead(victim.node_id)
+                    _coordinator_sees_the_cluster()
                     drill.removed_at = time.time() - start
                     drill.events.append(f"node removed after epoch {grown[-1]['epoch']}")
             time.sleep(0.1)
@@ -133,6 +136,26 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
     if failure:
         raise failure[0]
     return outcome, drill
+
+
+def _wait_until_dead(node_id: str, timeout_s: float = 30) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+        time.sleep(0.2)
+
+
+def _coordinator_sees_the_cluster() -> None:
+    """Make Ray's autoscaling coordinator, whose reservations Ray Train's elastic policy
+    reads, take the cluster as it is now: what its next tick (every 20 s) would do. The
+    drill's epochs take seconds, so without this a run could finish before Ray notices a
+    node joined; after a loss, the controller would first wait for the lost node's CPUs
+    (docs/training.md, "Elastic runs"). A private Ray API: a harness's, not catkd's."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("catkd-drill", recompute=True), timeout=60)
 
 
 def _written_at(cfg: TrainConfig) -> float:
