@@ -29,12 +29,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-# Ray Train's health check every 0.5 s instead of 2 s: a removed node is noticed at once.
-# Should the controller still try a size the cluster no longer has, it waits this long
-# for it (60 s by default) before starting with the workers that fit.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # headless
@@ -80,9 +74,18 @@ class Drill:
     events: list[str] = field(default_factory=list)
 
 
+# Ray Train's health check every 0.5 s instead of 2 s: a removed node is noticed at once.
+# Should the controller still try a size the cluster no longer has, it waits this long
+# for it (60 s by default) before starting with the workers that fit.
+CLUSTER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}
+
+
 def start_cluster(nodes: int) -> tuple[Cluster, list[Any]]:
     """A head with no CPUs (the driver and Ray Train's controller; no training worker
     lands there) and ``nodes`` one-CPU nodes, each room for one training worker."""
+    # The cluster's processes (Ray Train's controller among them) inherit this environment.
+    for key, value in CLUSTER_ENV.items():
+        os.environ.setdefault(key, value)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     workers = [cluster.add_node(num_cpus=1) for _ in range(nodes)]
     cluster.wait_for_nodes()
