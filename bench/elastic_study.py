@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -86,11 +87,44 @@ def start_cluster(nodes: int) -> tuple[Cluster, list[Any]]:
     # The cluster's processes (Ray Train's controller among them) inherit this environment.
     for key, value in CLUSTER_ENV.items():
         os.environ.setdefault(key, value)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(nodes)]
-    cluster.wait_for_nodes()
+    for attempt in range(1, STARTS + 1):
+        before = _children()
+        cluster = Cluster()
+        try:
+            cluster.add_node(num_cpus=0)  # the head
+            workers = [cluster.add_node(num_cpus=1) for _ in range(nodes)]
+            cluster.wait_for_nodes()
+            break
+        except Exception as exc:  # Ray gives a node 30 s to register, fixed: a loaded machine misses it
+            if "timed out during startup" not in str(exc) or attempt == STARTS:
+                raise
+            print(f"[elastic] a node of the local cluster did not start in time ({attempt}/{STARTS}); again")
+            cluster.shutdown()
+            for pid in _children() - before:  # a head that failed is not the cluster's to stop
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     ray.init(address=cluster.address)
     return cluster, workers
+
+
+STARTS = 3  # tries to bring up the local cluster
+
+
+def _children() -> set[int]:
+    """This process's child processes (a Ray node's processes are started as such)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == os.getpid():
+                found.add(int(entry))
+    return found
 
 
 def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, Any], Drill]:
