@@ -10,6 +10,7 @@ fixed run trains with two workers throughout, the same global batch.
 
     .venv/bin/python bench/elastic_study.py ../shared/data/cifar10-jpeg.tar.gz --out outputs/elastic \\
         --teacher-weights ../shared/data/teachers/cifar10_resnet20.pt
+    .venv/bin/python bench/elastic_study.py --report outputs/elastic/results.json --doc docs/training.md
     .venv/bin/python bench/elastic_study.py --drill DATA CACHE STORAGE NAME   # one drill, one JSON line
 
 The data, teacher and cache are bench/study.py's (same subset, teacher, student and
@@ -41,6 +42,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/study.py, run as a script
 import study  # noqa: E402
+from study_report import regenerate  # noqa: E402
 
 from pipeline.train.config import TrainConfig  # noqa: E402
 from pipeline.train.run import train  # noqa: E402
@@ -320,6 +322,27 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def epochs_table(summary: dict[str, Any]) -> str:
+    """The first elastic run's metrics.jsonl, epoch by epoch: the world it ran on, its
+    global batch and learning rate, what it read, where it got to."""
+    run = next(r for r in summary["runs"] if r["kind"] == "elastic")
+    lines = [
+        f"`{run['name']}`: {'; '.join(run['drill']['events'])}.",
+        "",
+        "| epoch | world_size | global_batch | lr | train_samples | test_top1 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for h in run["history"]:
+        lines.append(
+            f"| {h['epoch']} | {h['world_size']} | {h['global_batch']} | {h['lr']:.4g} | {h['train_samples']:.0f} "
+            f"| {h['test_top1']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"comparison": table, "epochs": epochs_table}
+
+
 def plot(summary: dict[str, Any], path: Path) -> None:
     """Test top-1 per epoch of every run, elastic runs' epochs marked with their world size."""
     fig, (curves, sizes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=[3, 1])
@@ -374,6 +397,9 @@ def run_elastic_study(cfg: ElasticStudyConfig, command: str) -> dict[str, Any]:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--drill"]:
         main_drill(sys.argv[2:])
+    elif "--report" in sys.argv:  # tables only, from a finished run's JSON (docs/training.md's blocks)
+        i = sys.argv.index("--report")
+        sys.exit(regenerate(sys.argv[1:i] + sys.argv[i + 1 :], TABLES, "elastic", __doc__.splitlines()[0]))
     else:
         run_elastic_study(
             study.parse_args(sys.argv[1:], ElasticStudyConfig, __doc__),

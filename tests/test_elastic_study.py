@@ -44,3 +44,14 @@ def test_groups_and_table():
     table = elastic_study.table({"groups": groups, "runs": runs}).splitlines()
     assert table[2] == "| fixed | 2 | 61.00 ± 1.41 | 60.00, 62.00 | 2 2 2 |"
     assert table[3] == "| elastic | 2 | 60.25 ± 1.77 | 59.00, 61.50 | 1 2 1 |"
+
+
+def test_the_epochs_table_is_the_first_elastic_runs_record():
+    history = [
+        {"epoch": 1, "world_size": 1, "global_batch": 64, "lr": 0.05, "train_samples": 2000.0, "test_top1": 30.0},
+        {"epoch": 2, "world_size": 2, "global_batch": 64, "lr": 0.05, "train_samples": 2000.0, "test_top1": 41.25},
+    ]
+    run = {"name": "elastic-seed0", "kind": "elastic", "history": history, "drill": {"events": ["a", "b"]}}
+    lines = elastic_study.epochs_table({"runs": [{"kind": "fixed"}, run]}).splitlines()
+    assert lines[0] == "`elastic-seed0`: a; b."
+    assert lines[4:] == ["| 1 | 1 | 64 | 0.05 | 2000 | 30.00 |", "| 2 | 2 | 64 | 0.05 | 2000 | 41.25 |"]
