@@ -45,13 +45,16 @@ class _Lines:
         return self.lines.pop(run, [])
 
 
-_actors: dict[str, Any] = {}  # by Ray job: a driver that reconnects gets a new one
+# By Ray job and the driver's node: a driver that reconnects gets a new one, also where
+# it connects to another cluster, whose first job has the same id as the last one's had
+# (a handle from the old cluster would crash Ray's core worker when sent).
+_actors: dict[tuple[str, str], Any] = {}
 _actors_lock = threading.Lock()
 
 
 def _lines_actor() -> Any:
     context = ray.get_runtime_context()
-    job = context.get_job_id()
+    job = (context.get_job_id(), context.get_node_id())
     with _actors_lock:
         if job not in _actors:
             # On the driver's own node: the relay must outlive the loss of any worker node
