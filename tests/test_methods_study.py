@@ -90,3 +90,21 @@ def test_groups_differences_against_kd_and_tables():
     }
     assert "| `catkd r=4` | 2 | **74.75** | 0.35 | 74.50, 75.00 |" in methods_study.accuracy_table(summary)
     assert "| `catkd r=4` - `kd` | +4.50 (seed 0), +4.00 (seed 1) | **+4.25** |" in methods_study.paired_table(summary)
+
+
+def test_docs_results_methods_tables_are_generated_from_the_committed_json():
+    """docs/RESULTS.md's methods tables are exactly what the committed JSON gives, and its
+    groups and paired differences are those of its own runs."""
+    import json
+
+    from study_report import update_document
+
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10_methods.json").read_text())
+    assert summary["complete"] and {r["seed"] for r in summary["runs"]} == {0, 1}
+    assert all(len(r["history"]) == summary["settings"]["epochs"] for r in summary["runs"])
+    assert {r["method"] for r in summary["runs"]} == {g["method"] for g in summary["groups"]}
+    assert methods_study.groups(summary["runs"]) == summary["groups"]
+    assert methods_study.paired(summary["runs"]) == summary["paired_differences"]
+    doc = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert "<!-- methods:accuracy -->" in doc and "<!-- methods:paired -->" in doc
+    assert update_document(doc, summary, methods_study.TABLES, "methods") == doc
