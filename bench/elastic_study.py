@@ -309,7 +309,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def table(summary: dict[str, Any]) -> str:
     lines = [
-        "| run | seeds | test top-1 (mean ± std) | per seed | world size per epoch (seed 0) |",
+        "| run | seeds | test top-1 (mean ± std) | per seed | world size per epoch (first seed) |",
         "|---|---|---|---|---|",
     ]
     for row in summary["groups"]:
@@ -319,7 +319,7 @@ def table(summary: dict[str, Any]) -> str:
             f"| {row['kind']} | {row['seeds']} | {row['mean']:.2f}{std} | {', '.join(f'{v:.2f}' for v in row['top1'])} "
             f"| {' '.join(map(str, sizes))} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
 
 
 def epochs_table(summary: dict[str, Any]) -> str:
@@ -389,7 +389,7 @@ def run_elastic_study(cfg: ElasticStudyConfig, command: str) -> dict[str, Any]:
             summary["groups"] = summarize(summary["runs"])
             path.write_text(json.dumps(summary, indent=1))
     plot(summary, setup.out / "elastic.png")
-    (setup.out / "results.md").write_text(table(summary))
+    (setup.out / "results.md").write_text(table(summary) + "\n")
     print("\n" + table(summary))
     return summary
 

@@ -55,3 +55,24 @@ def test_the_epochs_table_is_the_first_elastic_runs_record():
     lines = elastic_study.epochs_table({"runs": [{"kind": "fixed"}, run]}).splitlines()
     assert lines[0] == "`elastic-seed0`: a; b."
     assert lines[4:] == ["| 1 | 1 | 64 | 0.05 | 2000 | 30.00 |", "| 2 | 2 | 64 | 0.05 | 2000 | 41.25 |"]
+
+
+def test_docs_training_elastic_tables_are_generated_from_the_committed_json():
+    """docs/training.md's elastic tables are exactly what the committed JSON gives: every
+    elastic run resized (a grow, then a shrink), every fixed run kept two workers."""
+    import json
+
+    from study_report import update_document
+
+    summary = json.loads((ROOT / "docs" / "results" / "cifar10_elastic.json").read_text())
+    for run in summary["runs"]:
+        sizes = run["world_sizes"]
+        assert len(sizes) == summary["settings"]["epochs"]
+        if run["kind"] == "fixed":
+            assert set(sizes) == {2}
+        else:
+            assert sizes[0] == 1 and 2 in sizes and sizes[-1] == 1, sizes
+    assert elastic_study.summarize(summary["runs"]) == summary["groups"]
+    doc = (ROOT / "docs" / "training.md").read_text()
+    assert "<!-- elastic:epochs -->" in doc and "<!-- elastic:comparison -->" in doc
+    assert update_document(doc, summary, elastic_study.TABLES, "elastic") == doc
