@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def ray_local(tmp_path_factory):
+def ray_local():
     """The session's local Ray (its own CATKD_RAY_DIR, set above)."""
     import ray
 

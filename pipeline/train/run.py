@@ -258,11 +258,10 @@ def _fit(
 def _scaling(cfg: TrainConfig, resources: dict[str, float]) -> ScalingConfig:
     """A fixed worker group, or an elastic one (Ray Train V2): it starts once min_workers
     fit, asks for num_workers, restarts smaller from the latest checkpoint after a lost
-    node and larger when capacity returns (looked for every resize_check_s)."""
-    if not cfg.elastic:
-        return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+    node and larger when capacity returns (looked for every resize_check_s, which a fixed
+    group never does)."""
     return ScalingConfig(
-        num_workers=(cfg.min_workers, cfg.num_workers),
+        num_workers=(cfg.min_workers, cfg.num_workers) if cfg.elastic else cfg.num_workers,
         use_gpu=cfg.use_gpu,
         resources_per_worker=resources,
         elastic_resize_monitor_interval_s=cfg.resize_check_s,
