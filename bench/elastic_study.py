@@ -112,6 +112,7 @@ def start_cluster(nodes: int) -> tuple[Cluster, list[Any]]:
 
 
 STARTS = 3  # tries to bring up the local cluster
+LOOK_AGAIN_S = 3.0  # how often the drill has Ray's coordinator look at a grown cluster again
 
 
 def _children() -> set[int]:
@@ -134,7 +135,7 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
     fresh local cluster; returns train()'s result and what the drill did."""
     cluster, workers = start_cluster(1)
     drill, outcome, failure = Drill(), {}, []
-    start = time.time()
+    start = looked = time.time()
 
     def run() -> None:
         try:
@@ -151,10 +152,17 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
             if drill.added_at is None and history and registered:
                 workers.append(cluster.add_node(num_cpus=1))  # capacity returns
                 cluster.wait_for_nodes()
+                _wait_for_cpus(workers[-1].node_id)
                 _coordinator_sees_the_cluster()
-                drill.added_at = time.time() - start
+                looked = time.time()
+                drill.added_at = looked - start
                 drill.events.append(f"node added after epoch {history[-1]['epoch']}")
             grown = [h for h in history if h.get("world_size") == 2]
+            if drill.added_at is not None and not grown and time.time() - looked > LOOK_AGAIN_S:
+                # A node's resources can reach Ray's view after the node registered: until
+                # the run has grown, the coordinator looks again every few seconds.
+                _coordinator_sees_the_cluster()
+                looked = time.time()
             if drill.removed_at is None and grown and registered >= _written_at(cfg):
                 # Every one-CPU node hosts a worker now: lose one, as a reclaimed spot node.
                 free = available_resources_per_node()
@@ -175,6 +183,15 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
     if failure:
         raise failure[0]
     return outcome, drill
+
+
+def _wait_for_cpus(node_id: str, timeout_s: float = 30) -> None:
+    """Until Ray's node table shows the node's CPUs (they may come after its registration)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not any(
+        n["NodeID"] == node_id and n["Alive"] and n["Resources"].get("CPU") for n in ray.nodes()
+    ):
+        time.sleep(0.2)
 
 
 def _wait_until_dead(node_id: str, timeout_s: float = 30) -> None:
