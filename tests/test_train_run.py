@@ -337,6 +337,24 @@ def test_a_sweep_over_values_its_cache_cannot_serve_is_refused_before_any_trial(
     assert not (env["base"] / "runs" / "sweep-r").exists()
 
 
+def test_a_sweep_of_elastic_trials_runs_each_on_ray_train_elastic_scaling(env):
+    """Each trial of a sweep may be elastic (1 to 2 workers here): the sweep runs as many
+    at once as fit at their full size (2 on the session's 4 CPUs), and each keeps the
+    global batch of its full size at whatever size it ran."""
+    from pipeline.train.sweep import SweepConfig, run_sweep
+
+    base = _cfg(env, "sweep-elastic", epochs=1, min_workers=1, num_workers=2, resize_check_s=1.0, loader_workers=0)
+    rows = run_sweep(base, SweepConfig(space=["beta=grid:0.5,2"], scheduler="none"))
+    assert sorted((r["params"]["beta"], r["status"]) for r in rows) == [(0.5, "finished"), (2.0, "finished")]
+    for row in rows:
+        folder = env["base"] / "runs" / "sweep-elastic" / row["trial"]
+        saved = json.loads((folder / "run_config.json").read_text())
+        assert (saved["min_workers"], saved["num_workers"]) == (1, 2)
+        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [h["epoch"] for h in history] == [1] and history[0]["global_batch"] == 32, history
+        assert history[0]["world_size"] in (1, 2) and history[0]["train_samples"] >= 96
+
+
 PAPER_CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "paper", "*.yaml")))
 
 
