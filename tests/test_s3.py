@@ -243,6 +243,38 @@ def test_two_concurrent_cache_builds_on_s3_stay_consistent(s3, s3_cache, s3_serv
     assert s3_server.count_of("GET", "manifest.json") == 1, s3_server.counts()
 
 
+def test_verify_reads_a_small_shard_whole_and_a_large_one_by_its_sampled_samples(s3, s3_cache, s3_server, monkeypatch):
+    """A verify check of one cache shard, counted request by request: the group's
+    metadata and each array in one concurrent round, then the data shard: whole when it
+    is small (one GET), else the drawn samples' offsets and then their bytes."""
+    import numpy as np
+
+    from pipeline.cache import verify
+    from pipeline.cache.reader import TargetCache
+    from pipeline.weights import read_weights
+
+    for key, value in s3_server.env().items():  # this process reads the store as the commands do
+        monkeypatch.setenv(key, value)
+    url, _ = s3_cache
+    cache = TargetCache(url)
+    weights, _ = read_weights(cache.identity.teacher_arch, cache.manifest["teacher_weights"])
+    checker = verify.ShardChecker(url, cache.manifest, sample_views=2, weights=weights, seed=0)
+    j = sorted(cache.records)[1]
+    record = cache.records[j]
+    assert checker.check(j, record) == []  # the first check also loads the teacher and the data index
+    rng = np.random.default_rng([0, j])
+    draws = [(rng.integers(2), int(rng.integers(record["count"]))) for _ in range(2)]  # (view, sample), as drawn
+    drawn = {k for _, k in draws}
+    metadata_and_arrays = 1 + len(record["checksums"])
+    s3_server.reset()
+    assert checker.check(j, record) == []
+    assert s3_server.counts() == {"GET": metadata_and_arrays + 1}, s3_server.counts()  # no HEAD
+    monkeypatch.setattr(verify, "WHOLE_SHARD_BYTES", 0)  # as an ImageNet shard (~110 MB) is read
+    s3_server.reset()
+    assert checker.check(j, record) == []
+    assert s3_server.counts() == {"GET": metadata_and_arrays + 1 + len(drawn)}, s3_server.counts()
+
+
 def test_bad_credentials_are_a_clear_error(tmp_path):
     """moto enforces credentials when started with INITIAL_NO_AUTH_ACTION_COUNT=0."""
     with socket.socket() as s:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from catkd.errors import CatkdError
-from pipeline.storage import filesystem, join, write_atomic
+from pipeline.storage import cat_sized, filesystem, join, write_atomic
 
 # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they still
 # work and are the fastest decoders we have, so the per-call warning is silenced here.
@@ -291,7 +291,7 @@ def load_shard(url: str, index: ShardIndex, info: ShardInfo) -> list[Sample]:
     fs, root = filesystem(url)
     path = join(root, info.name)
     try:
-        data = fs.cat_file(path)
+        data = cat_sized(fs, path, info.bytes)
     except FileNotFoundError:
         raise ShardError(f"{path}: shard listed in {index_name(index.split)} is missing") from None
     samples = list(decode_shard(data, path))  # a damaged tar names its sample here
