@@ -32,6 +32,9 @@ the fix needed more than the machine).
     git worktree add /tmp/catkd-before 17459ec
     .venv/bin/python bench/scale_curve.py --tree /tmp/catkd-before --label before --sizes 36 216
     .venv/bin/python bench/scale_curve.py --classes 21841 1000 --label after
+    git worktree add /tmp/catkd-prev ed46e8b   # verify, before and after on the same data:
+    .venv/bin/python bench/scale_curve.py --sizes 200 800 2000 --stages verify --label verify-after \
+        --compare-tree /tmp/catkd-prev --compare-label verify-before
     .venv/bin/python bench/scale_curve.py --manifest 14000 --label after
     .venv/bin/python bench/scale_curve.py --listing 200000 --label after
     .venv/bin/python bench/scale_curve.py --plot --markdown
@@ -81,6 +84,8 @@ STAGES = (
 # What a stage needs made first: the data, then the cache (made, not measured, when the
 # run does not ask for those stages' figures).
 PREPARES = ("shard_fresh", "build_fresh")
+# Stages that only read: --compare-tree runs them with another checkout on the same data.
+READ_ONLY = ("info", "verify")
 # The lines that end the stopped stages (run_stage's stop_at).
 STOP_AT = {"train_start": "[train] start: first batch", "sweep_resolve": "[sweep] resolve: "}
 # Run in the checkout under test: catkd's own main, then this process's peak RSS.
@@ -267,17 +272,24 @@ def shard_curve(args, s3: SlowS3, env: dict[str, str], results: Results) -> None
             if before:
                 before()
             command = command() if callable(command) else command
+            if stage in recorded and stage in READ_ONLY and args.compare_tree:
+                # the other checkout first, on the same data and cache: side by side
+                _record(results, args.compare_label, size, stage, run_stage(args.compare_tree, env, s3, command))
             figures = run_stage(args.tree, env, s3, command, stop_at=STOP_AT.get(stage))
             if stage not in recorded:
                 continue
-            figures["requests_per_shard"] = round(sum(figures["requests"].values()) / size, 2)
-            results.put(figures, args.label, "sizes", str(size), stage)
-            print(
-                f"[scale] {args.label} {size:>6} shards {stage:<13} {figures['wall_s']:8.1f} s  "
-                f"{figures['requests_per_shard']:7.2f} requests/shard {figures['requests']}  "
-                f"driver {figures['driver_peak_mb']} MB, largest worker {figures['worker_peak_mb']:.0f} MB",
-                flush=True,
-            )
+            _record(results, args.label, size, stage, figures)
+
+
+def _record(results: Results, label: str, size: int, stage: str, figures: dict) -> None:
+    figures["requests_per_shard"] = round(sum(figures["requests"].values()) / size, 2)
+    results.put(figures, label, "sizes", str(size), stage)
+    print(
+        f"[scale] {label} {size:>6} shards {stage:<13} {figures['wall_s']:8.1f} s  "
+        f"{figures['requests_per_shard']:7.2f} requests/shard {figures['requests']}  "
+        f"driver {figures['driver_peak_mb']} MB, largest worker {figures['worker_peak_mb']:.0f} MB",
+        flush=True,
+    )
 
 
 def _steps(fs, data: str, caches: str, shard: list[str], build: list[str], work: str) -> dict:
@@ -623,12 +635,17 @@ def main() -> None:
     parser.add_argument("--delay-ms", type=float, default=20.0)
     parser.add_argument("--tree", default=ROOT, help="the checkout whose catkd runs")
     parser.add_argument("--label", default="after")
+    parser.add_argument(
+        "--compare-tree", help="another checkout: its info and verify run just before, on the same data"
+    )
+    parser.add_argument("--compare-label", default="before")
     parser.add_argument("--max-rss-gb", type=float, default=8.0)
     parser.add_argument("--work", default=os.path.join(ROOT, "outputs", "scale_curve"))
     parser.add_argument("--plot", action="store_true", help="only draw the picture and print the slopes")
     parser.add_argument("--markdown", action="store_true", help="print docs/scale.md's tables")
     args = parser.parse_args()
     args.tree = os.path.abspath(args.tree)
+    args.compare_tree = args.compare_tree and os.path.abspath(args.compare_tree)
     os.makedirs(args.work, exist_ok=True)
     results = Results()
     if not args.plot:
