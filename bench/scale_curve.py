@@ -499,12 +499,15 @@ def plot(results: Results) -> None:
         return  # nothing measured against shard count yet
     stages = STAGES
     fig, axes = plt.subplots(2, (len(stages) + 1) // 2, figsize=(4 * ((len(stages) + 1) // 2), 7), sharex=True)
+    colors = {label: f"C{i}" for i, label in enumerate(sorted(results.data))}  # one colour a label in every panel
     for ax, stage in zip(axes.flat, stages, strict=False):
         for label, block in sorted(results.data.items()):
             sizes = sorted(int(n) for n, row in block.get("sizes", {}).items() if stage in row)
             if sizes:
                 walls = [block["sizes"][str(n)][stage]["wall_s"] for n in sizes]
-                ax.plot(sizes, walls, "o-", label=label)
+                ax.plot(sizes, walls, "o-", label=label, color=colors[label])
+        if ax.get_lines():
+            ax.legend(fontsize=7)
         ax.set_title(stage)
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)  # linear: the fixed cost (Ray's start) and the growth both show
@@ -513,7 +516,6 @@ def plot(results: Results) -> None:
         ax.set_xlabel("data shards")
     for ax in axes[:, 0]:
         ax.set_ylabel("wall time (s)")
-    axes.flat[0].legend()
     delay = next((b.get("delay_ms") for b in results.data.values() if b.get("delay_ms")), 20)
     fig.suptitle(f"catkd stage wall time against shard count, S3 on loopback at {delay} ms a request")
     fig.tight_layout()
