@@ -112,7 +112,10 @@ def start_cluster(nodes: int) -> tuple[Cluster, list[Any]]:
 
 
 STARTS = 3  # tries to bring up the local cluster
-LOOK_AGAIN_S = 3.0  # how often the drill has Ray's coordinator look at a grown cluster again
+LOOK_AGAIN_S = 1.0  # how often the drill has Ray's coordinator look at a grown cluster again
+# Room for a grow (the node seen, the group restarted: several of these short epochs on a
+# loaded machine) and then a shrink that lands before the last epoch ends.
+DRILL_EPOCHS = 20
 
 
 def _children() -> set[int]:
@@ -226,9 +229,9 @@ def drill_config(data: str, cache: str, storage: str, name: str, **fields: Any) 
         data=data,
         cache=cache,
         student="resnet8",
-        epochs=12,  # room for a grow (up to 20 s for Ray to see the new node) and a shrink
+        epochs=DRILL_EPOCHS,
         batch_size=8,
-        lr_decay_epochs=[9],
+        lr_decay_epochs=[15],
         num_workers=2,
         min_workers=1,
         resize_check_s=1.0,

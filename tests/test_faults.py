@@ -66,12 +66,12 @@ def test_elastic_run_grows_when_a_node_joins_and_shrinks_when_one_is_lost(env):
     outcome = json.loads(lines[-1])
     assert outcome["added_at"] and outcome["removed_at"], outcome
     # no completed epoch lost, none counted twice
-    assert outcome["epochs"] == list(range(1, 13)), result.stdout[-3000:] + result.stderr[-3000:]
+    assert outcome["epochs"] == list(range(1, 21)), result.stdout[-3000:] + result.stderr[-3000:]
     sizes = outcome["world_sizes"]
     grown = sizes.index(2)
     assert sizes[0] == 1 and sizes[-1] == 1 and 1 in sizes[grown:], sizes
     # every epoch read the 160 training samples once at either size, with the same global batch
-    assert outcome["train_samples"] == [160] * 12 and outcome["global_batch"] == [16] * 12
+    assert outcome["train_samples"] == [160] * 20 and outcome["global_batch"] == [16] * 20
     assert outcome["exported"] == ["student_cam.pt", "student_classifier.pt"]
     history = [json.loads(line) for line in open(os.path.join(storage, "elastic", "metrics.jsonl"))]
     assert [h["world_size"] for h in history] == sizes

@@ -321,9 +321,12 @@ def test_wandb_offline_run_folder_holds_the_metrics_and_the_student(env, runs):
     result = _result(runs, "mode-ce")
     folders = sorted(glob.glob(str(env["base"] / "runs" / "mode-ce" / "wandb" / "offline-run-*")))
     rows = [row for folder in folders for row in wandb_history(glob.glob(f"{folder}/run-*.wandb")[0])]
+    # which run folders there were, and their files, should this ever fail again (it did once
+    # in a full suite on a loaded machine, with no history rows, and passed alone)
+    seen = {os.path.basename(f): sorted(os.listdir(f)) for f in folders}
     assert [(int(r["epoch"]), float(r["test_top1"])) for r in rows] == [
         (h["epoch"], pytest.approx(h["test_top1"])) for h in result["history"]
-    ]
+    ], seen
     saved = {os.path.basename(p) for folder in folders for p in glob.glob(f"{folder}/files/*")}
     assert {"student_cam.pt", "metrics.jsonl", "student_cams.png"} <= saved
 
