@@ -155,7 +155,7 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
             if drill.added_at is None and history and registered:
                 workers.append(cluster.add_node(num_cpus=1))  # capacity returns
                 cluster.wait_for_nodes()
-                _wait_for_cpus(workers[-1].node_id)
+                _wait_for_node(workers[-1].node_id, up=True)
                 _coordinator_sees_the_cluster()
                 looked = time.time()
                 drill.added_at = looked - start
@@ -163,7 +163,7 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
             grown = [h for h in history if h.get("world_size") == 2]
             if drill.added_at is not None and not grown and time.time() - looked > LOOK_AGAIN_S:
                 # A node's resources can reach Ray's view after the node registered: until
-                # the run has grown, the coordinator looks again every few seconds.
+                # the run has grown, the coordinator looks again every LOOK_AGAIN_S.
                 _coordinator_sees_the_cluster()
                 looked = time.time()
             if drill.removed_at is None and grown and registered >= _written_at(cfg):
@@ -174,7 +174,7 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
                     time.sleep(0.3)  # into the next epoch
                     cluster.remove_node(victim)
                     workers.remove(victim)
-                    _wait_until_dead(victim.node_id)
+                    _wait_for_node(victim.node_id, up=False)
                     _coordinator_sees_the_cluster()
                     drill.removed_at = time.time() - start
                     drill.events.append(f"node removed after epoch {grown[-1]['epoch']}")
@@ -188,18 +188,15 @@ def resize_drill(cfg: TrainConfig, timeout_s: float = 600) -> tuple[dict[str, An
     return outcome, drill
 
 
-def _wait_for_cpus(node_id: str, timeout_s: float = 30) -> None:
-    """Until Ray's node table shows the node's CPUs (they may come after its registration)."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and not any(
-        n["NodeID"] == node_id and n["Alive"] and n["Resources"].get("CPU") for n in ray.nodes()
-    ):
-        time.sleep(0.2)
+def _wait_for_node(node_id: str, up: bool, timeout_s: float = 30) -> None:
+    """Until Ray's node table shows the node alive with its CPUs (they may come after its
+    registration), or (``up`` False) no longer alive."""
 
+    def seen() -> bool:  # alive, and with its CPUs when waiting for it to come up
+        return any(n["NodeID"] == node_id and n["Alive"] and (not up or n["Resources"].get("CPU")) for n in ray.nodes())
 
-def _wait_until_dead(node_id: str, timeout_s: float = 30) -> None:
     deadline = time.time() + timeout_s
-    while time.time() < deadline and any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
+    while time.time() < deadline and seen() != up:
         time.sleep(0.2)
 
 

@@ -247,8 +247,6 @@ def test_verify_reads_a_small_shard_whole_and_a_large_one_by_its_sampled_samples
     """A verify check of one cache shard, counted request by request: the group's
     metadata and each array in one concurrent round, then the data shard: whole when it
     is small (one GET), else the drawn samples' offsets and then their bytes."""
-    import numpy as np
-
     from pipeline.cache import verify
     from pipeline.cache.reader import TargetCache
     from pipeline.weights import read_weights
@@ -262,9 +260,7 @@ def test_verify_reads_a_small_shard_whole_and_a_large_one_by_its_sampled_samples
     j = sorted(cache.records)[1]
     record = cache.records[j]
     assert checker.check(j, record) == []  # the first check also loads the teacher and the data index
-    rng = np.random.default_rng([0, j])
-    draws = [(rng.integers(2), int(rng.integers(record["count"]))) for _ in range(2)]  # (view, sample), as drawn
-    drawn = {k for _, k in draws}
+    drawn = {k for _, k in checker.draws(j, cache.identity.num_views, record["count"])}
     metadata_and_arrays = 1 + len(record["checksums"])
     s3_server.reset()
     assert checker.check(j, record) == []

@@ -375,6 +375,12 @@ class ShardChecker:
         }
         return decode_view(one, form, cache.head_weight, cache.identity.num_classes)
 
+    def draws(self, j: int, num_views: int, count: int) -> list[tuple[int, int]]:
+        """The (view, sample) pairs of data shard ``j`` that are recomputed: the same for
+        every verify with this seed."""
+        rng = np.random.default_rng([self.seed, j])
+        return [(int(rng.integers(num_views)), int(rng.integers(count))) for _ in range(self.sample_views)]
+
     def _recompute(self, cache: TargetCache, j: int, arrays: dict[str, np.ndarray]) -> list[str]:
         """``sample_views`` random (sample, view) pairs of data shard ``j``, recomputed and
         compared with its ``arrays``."""
@@ -385,8 +391,7 @@ class ShardChecker:
         tolerance = TOLERANCE[parse_storage(ident.storage)[0]] + PRECISION_TOLERANCE[ident.precision]
         logit_tolerance = TOLERANCE["float16"] + PRECISION_TOLERANCE[ident.precision]
         info = index.shards[j]
-        rng = np.random.default_rng([self.seed, j])
-        draws = [(int(rng.integers(ident.num_views)), int(rng.integers(info.count))) for _ in range(self.sample_views)]
+        draws = self.draws(j, ident.num_views, info.count)
         # Only the drawn samples' bytes, where the shard job stored their offsets and no
         # partner is needed; a mixing spec's partners (or an older shard) need it whole,
         # and so does a small shard: whole, it is one request where its offsets and then
